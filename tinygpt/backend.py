@@ -1,0 +1,250 @@
+"""Which array library holds tensor data: NumPy on the CPU, CuPy on a CUDA GPU.
+
+This is the only module that knows which library is in use. Everything above it asks
+for the array module of an array (`xp = backend_of(x)`) and writes one line of code
+that runs on NumPy and on CuPy alike.
+
+Three backends, named by device:
+  "cpu"    NumPy.
+  "cuda"   CuPy (install with `pip install -e ".[cuda12]"` or `".[cuda13]"`).
+  "strict" NumPy wrapped so that it refuses what CuPy refuses (implicit conversion to a
+           NumPy array, mixing with raw NumPy arrays). Tests use it to prove that code
+           written on a laptop will also run on a GPU. See `tinygpt/strict.py`.
+
+The backend also owns the library's random numbers (one seeded generator per backend,
+all reseeded by `manual_seed`) and the default floating-point dtype.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+DEVICES = ("cpu", "cuda", "strict")
+_CUDA_INSTALL_HINT = 'pip install -e ".[cuda12]" (CUDA 12) or pip install -e ".[cuda13]" (CUDA 13)'
+
+
+class Backend:
+    """One array library: its module `xp`, its random generator, and the few helpers
+    whose spelling differs between NumPy and CuPy.
+
+    Random numbers for initialisation are drawn on the host by one seeded NumPy
+    generator per backend, then moved to the device: the same seed gives the same
+    weights on every device. Dropout masks are drawn where the data lives."""
+
+    def __init__(self, device: str, xp: Any, seed: int):
+        self.device = device
+        self.xp = xp
+        self.seed(seed)
+
+    def seed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def random_seed(self) -> int:
+        """A fresh seed drawn from this backend's generator."""
+        return int(self.rng.integers(0, 2**63 - 1))
+
+    def randn(self, shape: tuple[int, ...], dtype):
+        return self.from_host(self.rng.standard_normal(shape, dtype=np.float64).astype(dtype))
+
+    def uniform(self, shape: tuple[int, ...], seed: int):
+        """Uniform [0, 1) float32 numbers that depend only on `seed` and `shape`.
+
+        Dropout draws its mask from here with a seed it remembers, so that backward can
+        rebuild the mask instead of keeping it in memory."""
+        return self.from_host(np.random.default_rng(seed).random(shape, dtype=np.float32))
+
+    def index_add(self, target, index, values) -> None:
+        """target[index] += values, adding repeated indices once per occurrence.
+
+        (Plain `target[index] += values` keeps only one of the repeats.)"""
+        self.xp.add.at(target, index, values)
+
+    def to_host(self, array) -> np.ndarray:
+        return array.copy()
+
+    def from_host(self, array: np.ndarray):
+        """A copy of host array `array` on this backend's device."""
+        return self.xp.array(array)
+
+
+class CupyBackend(Backend):
+    def uniform(self, shape, seed):
+        return self.xp.random.RandomState(seed).random_sample(shape, dtype=self.xp.float32)
+
+    def index_add(self, target, index, values) -> None:
+        import cupyx
+
+        cupyx.scatter_add(target, index, values)
+
+    def to_host(self, array) -> np.ndarray:
+        return array.get()
+
+
+class StrictBackend(Backend):
+    def to_host(self, array) -> np.ndarray:
+        return array.get()
+
+
+# ----------------------------------------------------------------------------- state
+
+_backends: dict[str, Backend] = {}
+_seed = 0
+_default_device: str | None = None
+_default_dtype = np.dtype(np.float32)
+
+
+def _load_cupy():
+    try:
+        import cupy
+    except ImportError as e:
+        raise RuntimeError(f"CUDA was requested but CuPy is not installed ({e}). Install it with: {_CUDA_INSTALL_HINT}") from e
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CuPy raises its own CUDARuntimeError when no driver is present
+        raise RuntimeError(f"CUDA was requested and CuPy is installed, but no CUDA GPU is usable: {e}") from e
+    if count == 0:
+        raise RuntimeError("CUDA was requested and CuPy is installed, but no CUDA GPU is visible")
+    return cupy
+
+
+def get_backend(device: str) -> Backend:
+    """The backend of a device name ("cpu", "cuda" or "strict"), created on first use."""
+    if device not in _backends:
+        if device == "cpu":
+            _backends[device] = Backend("cpu", np, _seed)
+        elif device == "cuda":
+            _backends[device] = CupyBackend("cuda", _load_cupy(), _seed)
+        elif device == "strict":
+            from tinygpt import strict
+
+            _backends[device] = StrictBackend("strict", strict.xp, _seed)
+        else:
+            raise ValueError(f"unknown device {device!r}; expected one of {DEVICES}")
+    return _backends[device]
+
+
+def cuda_available() -> tuple[bool, str]:
+    """(True, "") when CuPy and a GPU are usable, else (False, the reason)."""
+    try:
+        get_backend("cuda")
+        return True, ""
+    except RuntimeError as e:
+        return False, str(e)
+
+
+def device_of(array) -> str:
+    """The device name of a backend array."""
+    if isinstance(array, np.ndarray):
+        return "cpu"
+    module = type(array).__module__
+    if module.startswith("cupy"):
+        return "cuda"
+    if module == "tinygpt.strict":
+        return "strict"
+    raise TypeError(f"expected a numpy, cupy or strict array, got {type(array).__name__}")
+
+
+def backend_of(array):
+    """The array module (numpy, cupy, or the strict wrapper) that holds `array`."""
+    return get_backend(device_of(array)).xp
+
+
+def is_array(obj) -> bool:
+    try:
+        device_of(obj)
+        return True
+    except TypeError:
+        return False
+
+
+# ------------------------------------------------------------------ defaults and seeds
+
+def default_device() -> str:
+    global _default_device
+    if _default_device is None:
+        set_default_device(os.environ.get("TINYGPT_DEVICE", "cpu"))
+    return _default_device
+
+
+def set_default_device(device: str) -> None:
+    """Where new tensors live: "cpu" (NumPy), "cuda" (CuPy) or "strict" (tests)."""
+    global _default_device
+    get_backend(device)  # fails here, with the reason, if the device is unusable
+    _default_device = device
+
+
+def default_dtype() -> np.dtype:
+    return _default_dtype
+
+
+def set_default_dtype(dtype) -> None:
+    """The dtype of new floating-point tensors: float32 (default) or float64."""
+    global _default_dtype
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"default dtype must be float32 or float64, got {dtype}")
+    _default_dtype = dtype
+
+
+def manual_seed(seed: int) -> None:
+    """Seed every random generator the library uses, on every backend."""
+    global _seed
+    _seed = int(seed)
+    for backend in _backends.values():
+        backend.seed(_seed)
+
+
+def get_rng_state() -> dict:
+    """The state of every backend's generator (for checkpoints, and to restore after gradcheck)."""
+    return {"seed": _seed, "backends": {name: b.rng.bit_generator.state for name, b in _backends.items()}}
+
+
+def set_rng_state(state: dict) -> None:
+    manual_seed(state["seed"])
+    for name, bit_state in state["backends"].items():
+        get_backend(name).rng.bit_generator.state = bit_state
+
+
+# ------------------------------------------------------------------ moving data
+
+def to_host(array) -> np.ndarray:
+    """A NumPy copy (or view, on the CPU) of any backend array."""
+    return get_backend(device_of(array)).to_host(array)
+
+
+def to_device(array, device: str):
+    """`array` (any backend, or anything NumPy accepts) as an array on `device`."""
+    if is_array(array):
+        if device_of(array) == device:
+            return array
+        array = to_host(array)
+    return get_backend(device).from_host(np.asarray(array))
+
+
+def index_add(target, index, values) -> None:
+    """target[index] += values with repeated indices all counted (scatter-add)."""
+    get_backend(device_of(target)).index_add(target, index, values)
+
+
+def as_dtype(dtype) -> np.dtype:
+    """Normalise "float32", np.float32, ... to a numpy dtype object (CuPy uses the same)."""
+    return np.dtype(dtype)
+
+
+def make_array(data, dtype=None, device: str | None = None):
+    """A new array on `device` holding a copy of array-like `data`. Floating-point data
+    takes the default dtype unless `dtype` says otherwise; integers and booleans keep theirs."""
+    if is_array(data):
+        device = device or device_of(data)
+        if dtype is None:
+            dtype = _default_dtype if data.dtype.kind == "f" else data.dtype
+        if device_of(data) == device:
+            return data.astype(dtype)  # astype copies
+        data = to_host(data)
+    else:
+        data = np.asarray(data)
+        if dtype is None:
+            dtype = _default_dtype if data.dtype.kind == "f" else data.dtype
+    return get_backend(device or default_device()).from_host(data.astype(dtype, copy=False))

@@ -1,0 +1,725 @@
+"""Tensor and reverse-mode automatic differentiation.
+
+A Tensor holds an array (`.data`, NumPy or CuPy) and, when it was produced by an
+operation on tensors that require gradients, the `Function` object that made it
+(`._ctx`). Those objects form a graph from the inputs to the output. `backward()`
+walks it once in reverse topological order, asks each Function for the gradient of
+the loss with respect to its inputs given the gradient with respect to its output
+(the chain rule, one node at a time), and adds what arrives at each leaf to `.grad`.
+
+Every small op below keeps its backward rule next to its forward. The big fused ops
+(layer norm, attention, cross-entropy, ...) live in `functional.py` on the same base.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+from tinygpt import backend
+from tinygpt.backend import backend_of, device_of, is_array
+
+_grad_enabled = True
+
+
+class no_grad:
+    """Context manager (and decorator) in which operations build no graph."""
+
+    def __enter__(self):
+        global _grad_enabled
+        self._previous, _grad_enabled = _grad_enabled, False
+
+    def __exit__(self, *exc):
+        global _grad_enabled
+        _grad_enabled = self._previous
+
+    def __call__(self, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with no_grad():
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled
+
+
+def unbroadcast(grad, shape: tuple[int, ...]):
+    """Undo broadcasting: sum `grad` down to `shape`.
+
+    If y = broadcast(x), each element of x was copied into several elements of y, so
+    dL/dx is the sum of dL/dy over those copies: over the leading axes that broadcasting
+    added, and over the axes where x had size 1."""
+    if grad.shape == tuple(shape):
+        return grad
+    extra = grad.ndim - len(shape)
+    axes = tuple(range(extra)) + tuple(i + extra for i, n in enumerate(shape) if n == 1 and grad.shape[i + extra] != 1)
+    return grad.sum(axis=axes).reshape(shape)
+
+
+def _broadcast_shape(op: str, a: tuple[int, ...], b: tuple[int, ...]) -> None:
+    for m, n in zip(reversed(a), reversed(b)):
+        if m != n and m != 1 and n != 1:
+            raise ValueError(f"{op}: shapes {a} and {b} cannot be broadcast together")
+
+
+class Function:
+    """One differentiable operation, written as a pair of static methods:
+
+        forward(ctx, *arrays, **options) -> array
+        backward(ctx, grad)              -> one gradient (or None) per tensor input
+
+    `ctx` is the Function instance: forward stores on it what backward needs
+    (`ctx.save_for_backward(...)`, or plain attributes for small things), and backward
+    may skip inputs whose `ctx.needs_input_grad[i]` is False."""
+
+    def __init__(self, inputs: Sequence["Tensor | None"]):
+        self.inputs = inputs
+        self.needs_input_grad = tuple(t is not None and t.requires_grad for t in inputs)
+        self.saved: tuple = ()
+
+    def save_for_backward(self, *arrays) -> None:
+        self.saved = arrays
+
+    @staticmethod
+    def forward(ctx, *args, **kwargs):
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *inputs: "Tensor | None", **options) -> "Tensor":
+        """Run forward on the inputs' arrays; link the result into the graph if needed."""
+        devices = {t.device for t in inputs if t is not None}
+        if len(devices) > 1:
+            raise RuntimeError(f"{cls.__name__}: expected all tensors on one device, got {' and '.join(sorted(devices))}")
+        ctx = cls(inputs)
+        data = cls.forward(ctx, *(None if t is None else t.data for t in inputs), **options)
+        if not is_array(data):  # NumPy reductions return scalars; keep a 0-d array of the same dtype
+            data = backend_of(next(t for t in inputs if t is not None).data).asarray(data)
+        requires_grad = _grad_enabled and any(ctx.needs_input_grad)
+        return Tensor(data, requires_grad=requires_grad, _ctx=ctx if requires_grad else None)
+
+
+class Tensor:
+    """An n-dimensional array that can record the operations applied to it."""
+
+    def __init__(self, data: Any, requires_grad: bool = False, _ctx: Function | None = None):
+        if not is_array(data):
+            data = backend.make_array(data)
+        if requires_grad and data.dtype.kind != "f":
+            raise TypeError(f"only floating-point tensors can require gradients, got dtype {data.dtype}")
+        self.data = data
+        self.requires_grad = requires_grad
+        self.grad: Tensor | None = None
+        self._ctx = _ctx
+        self._graph_freed = False
+        self._retains_grad = False
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def device(self) -> str:
+        return device_of(self.data)
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._ctx is None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        body = repr(self.numpy()).removeprefix("array(").removesuffix(")").replace("\n      ", "\n       ")
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        device = "" if self.device == "cpu" else f", device='{self.device}'"
+        return f"tensor({body}{device}{grad})"
+
+    # ------------------------------------------------------------------ host, device, graph
+    def numpy(self):
+        """A NumPy copy of the data, on the host."""
+        return backend.to_host(self.data)
+
+    def item(self) -> float | int | bool:
+        if self.size != 1:
+            raise ValueError(f"item() needs a tensor with one element, this one has shape {self.shape}")
+        return self.data.item()
+
+    def tolist(self) -> list:
+        return self.numpy().tolist()
+
+    def to(self, device_or_dtype) -> "Tensor":
+        """A copy on another device ("cpu", "cuda", "strict") or with another dtype."""
+        if device_or_dtype in backend.DEVICES:
+            return self if device_or_dtype == self.device else ToDevice.apply(self, device=device_or_dtype)
+        dtype = backend.as_dtype(device_or_dtype)
+        return self if dtype == self.dtype else Cast.apply(self, dtype=dtype)
+
+    def detach(self) -> "Tensor":
+        """The same data, cut from the graph."""
+        return Tensor(self.data)
+
+    def retain_grad(self) -> "Tensor":
+        """Keep `.grad` on this non-leaf tensor after backward (for inspection)."""
+        self._retains_grad = True
+        return self
+
+    # ------------------------------------------------------------------ backward
+    def backward(self, grad: "Tensor | Any | None" = None, retain_graph: bool = False) -> None:
+        """Accumulate d(self)/d(leaf) * grad into `.grad` of every leaf that requires grad.
+
+        `grad` is dL/d(self); it defaults to 1 for a one-element tensor. The graph is
+        freed as it is walked, so a second backward needs `retain_graph=True` the first time."""
+        if self._graph_freed:
+            raise RuntimeError("backward through a graph that has already been freed: call backward(retain_graph=True) the first time to walk it twice")
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad (no input of its graph has requires_grad=True)")
+        xp = backend_of(self.data)
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(f"backward() without a gradient needs a one-element output, this one has shape {self.shape}; pass grad=")
+            seed = xp.ones_like(self.data)
+        else:
+            seed = backend.make_array(grad.data if isinstance(grad, Tensor) else grad, dtype=self.dtype, device=self.device)
+            if seed.shape != self.data.shape:
+                raise ValueError(f"backward(): gradient shape {tuple(seed.shape)} does not match tensor shape {self.shape}")
+
+        grads = {id(self): seed}
+        for node in self._reverse_topological_order():
+            g = grads.pop(id(node), None)
+            if g is None:
+                continue
+            ctx = node._ctx
+            if ctx is None or node._retains_grad:
+                node._accumulate_grad(g)
+            if ctx is None:
+                continue
+            input_grads = ctx.backward(ctx, g)
+            if not isinstance(input_grads, tuple):
+                input_grads = (input_grads,)
+            for t, tg in zip(ctx.inputs, input_grads):
+                if t is None or tg is None or not t.requires_grad:
+                    continue
+                tg = unbroadcast(tg, t.shape)
+                grads[id(t)] = grads[id(t)] + tg if id(t) in grads else tg
+            if not retain_graph:  # free what backward saved, as soon as it is used
+                node._ctx, node._graph_freed = None, True
+
+    def _accumulate_grad(self, g) -> None:
+        if self.grad is None:
+            self.grad = Tensor(g.copy())  # own the memory: g may be shared with other nodes
+        else:
+            self.grad.data += g
+
+    def _reverse_topological_order(self) -> list["Tensor"]:
+        """Nodes from this output back to the leaves, each after all its consumers.
+
+        Iterative depth-first search, so graphs deeper than Python's recursion limit work."""
+        order, visited = [], set()
+        stack = [(self, False)]
+        while stack:
+            node, children_done = stack.pop()
+            if children_done:
+                order.append(node)
+                continue
+            if id(node) in visited:
+                continue
+            if node._graph_freed and node is not self:
+                raise RuntimeError("backward through a part of the graph that an earlier backward freed; use retain_graph=True in that earlier call")
+            visited.add(id(node))
+            stack.append((node, True))
+            if node._ctx is not None:
+                stack.extend((t, False) for t in node._ctx.inputs if t is not None and t.requires_grad and id(t) not in visited)
+        return order[::-1]
+
+    # ------------------------------------------------------------------ operators
+    def _lift(self, other) -> "Tensor":
+        """Python numbers become 0-d tensors of this tensor's dtype; arrays become tensors."""
+        if isinstance(other, Tensor):
+            return other
+        if is_array(other):
+            return Tensor(other)
+        xp = backend_of(self.data)
+        return Tensor(xp.asarray(other, dtype=self.dtype if self.dtype.kind == "f" else None))
+
+    def __add__(self, other): return Add.apply(self, self._lift(other))
+    def __radd__(self, other): return Add.apply(self._lift(other), self)
+    def __sub__(self, other): return Sub.apply(self, self._lift(other))
+    def __rsub__(self, other): return Sub.apply(self._lift(other), self)
+    def __mul__(self, other): return Mul.apply(self, self._lift(other))
+    def __rmul__(self, other): return Mul.apply(self._lift(other), self)
+    def __truediv__(self, other): return Div.apply(self, self._lift(other))
+    def __rtruediv__(self, other): return Div.apply(self._lift(other), self)
+    def __neg__(self): return Neg.apply(self)
+    def __pow__(self, exponent: float): return Pow.apply(self, exponent=exponent)
+
+    def __matmul__(self, other) -> "Tensor":
+        other = self._lift(other)
+        if self.ndim == 1 and other.ndim == 1:
+            return (self * other).sum()
+        if self.ndim == 1:  # (K,) @ (..., K, N): treat as a one-row matrix
+            return MatMul.apply(self.reshape(1, -1), other).reshape(*other.shape[:-2], other.shape[-1])
+        if other.ndim == 1:  # (..., M, K) @ (K,): treat as a one-column matrix
+            return MatMul.apply(self, other.reshape(-1, 1)).reshape(*self.shape[:-1])
+        return MatMul.apply(self, other)
+
+    def __rmatmul__(self, other): return self._lift(other) @ self
+
+    # comparisons give boolean tensors, outside the graph (they have no useful gradient)
+    def __lt__(self, other): return Tensor(self.data < self._lift(other).data)
+    def __le__(self, other): return Tensor(self.data <= self._lift(other).data)
+    def __gt__(self, other): return Tensor(self.data > self._lift(other).data)
+    def __ge__(self, other): return Tensor(self.data >= self._lift(other).data)
+
+    def __getitem__(self, index) -> "Tensor":
+        return GetItem.apply(self, index=_index_on_device(index, self.device))
+
+    def reshape(self, *shape) -> "Tensor":
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        return Reshape.apply(self, shape=shape)
+
+    def transpose(self, axis1: int, axis2: int) -> "Tensor":
+        return Transpose.apply(self, axis1=axis1, axis2=axis2)
+
+    def split(self, sizes: int | Sequence[int], axis: int = 0) -> list["Tensor"]:
+        """Pieces along `axis`: `sizes` is a piece size (the last may be shorter) or a list of sizes."""
+        n = self.shape[axis]
+        if isinstance(sizes, int):
+            sizes = [min(sizes, n - start) for start in range(0, n, sizes)]
+        if sum(sizes) != n:
+            raise ValueError(f"split sizes {list(sizes)} add up to {sum(sizes)}, but axis {axis} has size {n}")
+        pieces, start = [], 0
+        lead = (slice(None),) * (axis % self.ndim)
+        for size in sizes:
+            pieces.append(self[lead + (slice(start, start + size),)])
+            start += size
+        return pieces
+
+    def sum(self, axis=None, keepdims: bool = False) -> "Tensor":
+        return Sum.apply(self, axis=axis, keepdims=keepdims)
+
+    def mean(self, axis=None, keepdims: bool = False) -> "Tensor":
+        return self.sum(axis, keepdims) * (1.0 / _count(self.shape, axis))
+
+    def var(self, axis=None, keepdims: bool = False, ddof: int = 0) -> "Tensor":
+        """Variance, biased (ddof=0) by default as in NumPy and layer norm."""
+        centered = self - self.mean(axis, keepdims=True)
+        return (centered * centered).sum(axis, keepdims) * (1.0 / (_count(self.shape, axis) - ddof))
+
+    def max(self, axis=None, keepdims: bool = False) -> "Tensor":
+        return Max.apply(self, axis=axis, keepdims=keepdims)
+
+    def exp(self): return Exp.apply(self)
+    def log(self): return Log.apply(self)
+    def tanh(self): return Tanh.apply(self)
+    def sqrt(self): return Sqrt.apply(self)
+
+    def masked_fill(self, mask, value: float) -> "Tensor":
+        """`value` where `mask` is True, this tensor elsewhere."""
+        return where(mask, value, self)
+
+
+def _count(shape: tuple[int, ...], axis) -> int:
+    if axis is None:
+        axis = range(len(shape))
+    elif isinstance(axis, int):
+        axis = (axis,)
+    count = 1
+    for a in axis:
+        count *= shape[a]
+    return count
+
+
+def _index_on_device(index, device: str):
+    """Tensors, lists and host arrays inside an index become arrays on `device`."""
+    if isinstance(index, tuple):
+        return tuple(_index_on_device(i, device) for i in index)
+    if isinstance(index, Tensor):
+        index = index.data
+    if isinstance(index, list) or is_array(index):
+        return backend.to_device(index, device)
+    return index
+
+
+def _is_advanced(index) -> bool:
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(is_array(i) for i in parts)
+
+
+# ====================================================================== small ops
+
+class Add(Function):
+    """y = a + b.   dy/da = 1, dy/db = 1."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        _broadcast_shape("add", a.shape, b.shape)
+        return a + b
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad
+
+
+class Sub(Function):
+    """y = a - b.   dy/da = 1, dy/db = -1."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        _broadcast_shape("sub", a.shape, b.shape)
+        return a - b
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, -grad if ctx.needs_input_grad[1] else None
+
+
+class Mul(Function):
+    """y = a * b.   dy/da = b, dy/db = a."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        _broadcast_shape("mul", a.shape, b.shape)
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved
+        return (grad * b if ctx.needs_input_grad[0] else None,
+                grad * a if ctx.needs_input_grad[1] else None)
+
+
+class Div(Function):
+    """y = a / b.   dy/da = 1/b, dy/db = -a/b^2 = -y/b."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        _broadcast_shape("div", a.shape, b.shape)
+        y = a / b
+        ctx.save_for_backward(b, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        b, y = ctx.saved
+        grad_a = grad / b
+        return grad_a, -grad_a * y if ctx.needs_input_grad[1] else None
+
+
+class Neg(Function):
+    """y = -x.   dy/dx = -1."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return -x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class Pow(Function):
+    """y = x^p for a constant p.   dy/dx = p x^(p-1)."""
+
+    @staticmethod
+    def forward(ctx, x, exponent):
+        ctx.save_for_backward(x)
+        ctx.exponent = exponent
+        return x**exponent
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved
+        p = ctx.exponent
+        return grad * (p * x ** (p - 1))
+
+
+class Exp(Function):
+    """y = e^x.   dy/dx = e^x = y."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = backend_of(x).exp(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved
+        return grad * y
+
+
+class Log(Function):
+    """y = log x.   dy/dx = 1/x."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return backend_of(x).log(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved
+        return grad / x
+
+
+class Tanh(Function):
+    """y = tanh x.   dy/dx = 1 - tanh^2 x = 1 - y^2."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = backend_of(x).tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved
+        return grad * (1 - y * y)
+
+
+class Sqrt(Function):
+    """y = sqrt x.   dy/dx = 1 / (2 sqrt x) = 0.5 / y."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = backend_of(x).sqrt(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved
+        return grad * (0.5 / y)
+
+
+class MatMul(Function):
+    """Y = A @ B over the last two axes (leading axes broadcast).
+
+    dL/dA = dL/dY @ B^T and dL/dB = A^T @ dL/dY, since Y_ij = sum_k A_ik B_kj."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
+            raise ValueError(f"matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not align")
+        ctx.save_for_backward(a, b)
+        return a @ b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved
+        xp = backend_of(grad)
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = grad @ xp.swapaxes(b, -1, -2)
+        if ctx.needs_input_grad[1]:
+            if b.ndim == 2 and a.ndim > 2:
+                # a weight shared across a batch: fold the batch into rows, one (K, N) product
+                # instead of a (batch, K, N) stack that unbroadcast would sum
+                grad_b = a.reshape(-1, a.shape[-1]).T @ grad.reshape(-1, grad.shape[-1])
+            else:
+                grad_b = xp.swapaxes(a, -1, -2) @ grad
+        return grad_a, grad_b
+
+
+class Sum(Function):
+    """y = sum of x over `axis`.   Each x element contributes once: dL/dx = dL/dy, broadcast back."""
+
+    @staticmethod
+    def forward(ctx, x, axis, keepdims):
+        ctx.shape, ctx.axis, ctx.keepdims = x.shape, axis, keepdims
+        return x.sum(axis=axis, keepdims=keepdims)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xp = backend_of(grad)
+        if not ctx.keepdims and ctx.axis is not None:
+            grad = xp.expand_dims(grad, ctx.axis)
+        return xp.broadcast_to(grad, ctx.shape)
+
+
+class Max(Function):
+    """y = max of x over `axis`.
+
+    The maximum moves only with the elements that attain it: dy/dx_i = 1 for those
+    (split evenly when several tie), 0 for the rest."""
+
+    @staticmethod
+    def forward(ctx, x, axis, keepdims):
+        y = x.max(axis=axis, keepdims=True)
+        ctx.save_for_backward(x, y)
+        ctx.axis, ctx.keepdims = axis, keepdims
+        return y if keepdims else (y.reshape(()) if axis is None else y.squeeze(axis))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y = ctx.saved
+        if not ctx.keepdims:
+            grad = grad.reshape(y.shape)
+        is_max = x == y
+        return is_max * (grad / is_max.sum(axis=ctx.axis, keepdims=True))
+
+
+class Reshape(Function):
+    """y = x viewed with another shape.   dL/dx = dL/dy viewed with x's shape."""
+
+    @staticmethod
+    def forward(ctx, x, shape):
+        ctx.shape = x.shape
+        try:
+            return x.reshape(shape)
+        except ValueError:
+            raise ValueError(f"cannot reshape a tensor of shape {tuple(x.shape)} ({x.size} elements) to {shape}") from None
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.reshape(ctx.shape)
+
+
+class Transpose(Function):
+    """y = x with two axes swapped.   dL/dx = dL/dy with the same two axes swapped back."""
+
+    @staticmethod
+    def forward(ctx, x, axis1, axis2):
+        ctx.axes = (axis1, axis2)
+        return backend_of(x).swapaxes(x, axis1, axis2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return backend_of(grad).swapaxes(grad, *ctx.axes)
+
+
+class GetItem(Function):
+    """y = x[index].   Each y element is one x element, so dL/dx is zero except at the
+    selected places, which receive dL/dy; an element selected twice receives both
+    (scatter-add), which is why integer-array indices go through index_add."""
+
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.shape, ctx.dtype, ctx.index = x.shape, x.dtype, index
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = backend_of(grad).zeros(ctx.shape, dtype=ctx.dtype)
+        if _is_advanced(ctx.index):
+            backend.index_add(grad_x, ctx.index, grad)
+        else:
+            grad_x[ctx.index] = grad
+        return grad_x
+
+
+class Concatenate(Function):
+    """y = [x1, x2, ...] joined along `axis`.   dL/dxi is xi's own slice of dL/dy."""
+
+    @staticmethod
+    def forward(ctx, *xs, axis):
+        ctx.axis = axis
+        ctx.ends = [0]
+        for x in xs:
+            ctx.ends.append(ctx.ends[-1] + x.shape[axis])
+        return backend_of(xs[0]).concatenate(xs, axis=axis)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(backend_of(grad).split(grad, ctx.ends[1:-1], axis=ctx.axis))
+
+
+class Where(Function):
+    """y = a where cond else b.   dL/da = dL/dy where cond, 0 elsewhere; dL/db the other way round."""
+
+    @staticmethod
+    def forward(ctx, a, b, cond):
+        ctx.cond = cond
+        return backend_of(cond).where(cond, a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xp = backend_of(grad)
+        return (xp.where(ctx.cond, grad, 0) if ctx.needs_input_grad[0] else None,
+                xp.where(ctx.cond, 0, grad) if ctx.needs_input_grad[1] else None)
+
+
+class ToDevice(Function):
+    """y = x copied to another device.   dL/dx = dL/dy copied back."""
+
+    @staticmethod
+    def forward(ctx, x, device):
+        ctx.source = device_of(x)
+        return backend.to_device(x, device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return backend.to_device(grad, ctx.source)
+
+
+class Cast(Function):
+    """y = x in another dtype.   dL/dx = dL/dy in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.dtype = x.dtype
+        return x.astype(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.astype(ctx.dtype)
+
+
+# ====================================================================== creation
+
+def tensor(data, requires_grad: bool = False, dtype=None, device: str | None = None) -> Tensor:
+    """A new leaf tensor holding a copy of `data` (nested lists, NumPy/CuPy arrays, numbers,
+    or a Tensor). Floating-point data takes the default dtype (float32) unless `dtype` is given."""
+    if isinstance(data, Tensor):
+        data = data.data
+    return Tensor(backend.make_array(data, dtype=dtype, device=device), requires_grad=requires_grad)
+
+
+def _creation(fill: str):
+    def create(*shape, dtype=None, device: str | None = None, requires_grad: bool = False) -> Tensor:
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        b = backend.get_backend(device or backend.default_device())
+        dtype = backend.as_dtype(dtype or backend.default_dtype())
+        data = b.randn(shape, dtype) if fill == "randn" else getattr(b.xp, fill)(shape, dtype=dtype)
+        return Tensor(data, requires_grad=requires_grad)
+
+    create.__name__ = fill
+    create.__doc__ = f"A new tensor of the given shape filled by {fill} (shape as varargs or one tuple)."
+    return create
+
+
+zeros, ones, randn = _creation("zeros"), _creation("ones"), _creation("randn")
+
+
+def cat(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
+    """Join tensors along an existing axis."""
+    return Concatenate.apply(*tensors, axis=axis)
+
+
+def where(cond, a, b) -> Tensor:
+    """`a` where `cond` is True, else `b`; a and b are tensors or numbers."""
+    if isinstance(cond, Tensor):
+        cond = cond.data
+    like = a if isinstance(a, Tensor) else b
+    cond = backend.to_device(cond, like.device)
+    return Where.apply(like._lift(a), like._lift(b), cond=cond)
