@@ -1,0 +1,18 @@
+"""Host-side data: tokenizers (GPT-2 via tiktoken, characters, a byte-level BPE trainer) and
+next-token windows with a resumable batch loader. Plain NumPy; imports nothing else from tinygpt."""
+
+from .bpe import BPETokenizer, train_bpe
+from .char import CharTokenizer
+from .dataset import DataLoader, GPTDataset, create_dataloader, train_val_split
+from .gpt2 import gpt2_tokenizer
+
+__all__ = [
+    "gpt2_tokenizer",
+    "CharTokenizer",
+    "train_bpe",
+    "BPETokenizer",
+    "GPTDataset",
+    "DataLoader",
+    "create_dataloader",
+    "train_val_split",
+]
