@@ -236,8 +236,9 @@ def as_dtype(dtype) -> np.dtype:
 def make_array(data, dtype=None, device: str | None = None):
     """A new array on `device` holding a copy of array-like `data`. Floating-point data
     takes the default dtype unless `dtype` says otherwise; integers and booleans keep theirs."""
+    if device is None:  # device arrays stay where they are; host data goes to the default device
+        device = device_of(data) if is_array(data) and not isinstance(data, np.ndarray) else default_device()
     if is_array(data):
-        device = device or device_of(data)
         if dtype is None:
             dtype = _default_dtype if data.dtype.kind == "f" else data.dtype
         if device_of(data) == device:
@@ -247,4 +248,4 @@ def make_array(data, dtype=None, device: str | None = None):
         data = np.asarray(data)
         if dtype is None:
             dtype = _default_dtype if data.dtype.kind == "f" else data.dtype
-    return get_backend(device or default_device()).from_host(data.astype(dtype, copy=False))
+    return get_backend(device).from_host(data.astype(dtype, copy=False))

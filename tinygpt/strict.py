@@ -113,6 +113,8 @@ class StrictArray(NDArrayOperatorsMixin):
         return "strict_" + repr(self._a)
 
     def __getattr__(self, name):
+        if name.startswith("__"):  # no __array_interface__ and friends: they would leak the data to NumPy
+            raise AttributeError(name)
         attr = getattr(self._a, name)
         if callable(attr):
             return lambda *args, **kwargs: _wrap(attr(*_unwrap(args), **_unwrap(kwargs)))

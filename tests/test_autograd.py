@@ -1,0 +1,167 @@
+"""The backward engine: order, accumulation, broadcasting, freeing, errors."""
+import numpy as np
+import pytest
+
+import tinygpt as tg
+from conftest import host
+
+
+def test_tensor_used_twice_receives_both_gradients(device):
+    x = tg.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    y = (x * x + x * 3.0).sum()  # dy/dx = 2x + 3
+    y.backward()
+    np.testing.assert_allclose(host(x.grad), [5.0, -1.0, 9.0])
+
+
+def test_gradients_accumulate_across_backward_calls(device):
+    x = tg.tensor([2.0, 4.0], requires_grad=True)
+    (x * 3.0).sum().backward()
+    (x * x).sum().backward()  # 3 + 2x
+    np.testing.assert_allclose(host(x.grad), [7.0, 11.0])
+
+
+def test_two_leaves_fed_by_one_add_get_independent_gradient_buffers(device):
+    a = tg.tensor([1.0, 2.0], requires_grad=True)
+    b = tg.tensor([3.0, 4.0], requires_grad=True)
+    (a + b).sum().backward()
+    (a * 5.0).sum().backward()  # accumulates into a.grad only
+    np.testing.assert_allclose(host(a.grad), [6.0, 6.0])
+    np.testing.assert_allclose(host(b.grad), [1.0, 1.0])
+
+
+def test_broadcast_gradient_is_summed_back_to_input_shape(device):
+    a = tg.tensor(np.arange(6.0).reshape(2, 3), requires_grad=True)
+    b = tg.tensor([[10.0], [20.0]], requires_grad=True)  # (2, 1) broadcast over columns
+    c = tg.tensor([1.0, 2.0, 3.0], requires_grad=True)  # (3,) broadcast over rows
+    (a * b + c).sum().backward()
+    np.testing.assert_allclose(host(b.grad), [[0 + 1 + 2], [3 + 4 + 5]])
+    np.testing.assert_allclose(host(c.grad), [2.0, 2.0, 2.0])
+    assert b.grad.shape == (2, 1) and c.grad.shape == (3,)
+
+
+def test_deep_graph_of_100k_nodes_backpropagates_without_recursion(device):
+    x = tg.tensor([1.0], requires_grad=True)
+    y = x
+    for _ in range(100_000):
+        y = y + 1.0
+    y.sum().backward()
+    assert host(y)[0] == 100_001.0
+    assert host(x.grad)[0] == 1.0
+
+
+def test_backward_without_gradient_on_non_scalar_names_the_shape(device):
+    y = tg.randn(2, 3, requires_grad=True) * 2.0
+    with pytest.raises(RuntimeError, match=r"\(2, 3\)"):
+        y.backward()
+
+
+def test_non_scalar_backward_with_gradient_argument(device):
+    x = tg.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    (x * x).backward(tg.tensor([1.0, 0.5, -1.0]))
+    np.testing.assert_allclose(host(x.grad), [2.0, 2.0, -6.0])
+
+
+def test_second_backward_through_freed_graph_raises(device):
+    x = tg.randn(3, requires_grad=True)
+    y = (x.exp() * 2.0).sum()
+    y.backward()
+    with pytest.raises(RuntimeError, match="freed"):
+        y.backward()
+
+
+def test_backward_into_subgraph_freed_by_another_output_raises(device):
+    x = tg.randn(3, requires_grad=True)
+    shared = x.exp()
+    shared.sum().backward()
+    with pytest.raises(RuntimeError, match="freed"):
+        (shared * 2.0).sum().backward()
+
+
+def test_retain_graph_allows_a_second_backward(device):
+    x = tg.tensor([1.0, 2.0], requires_grad=True)
+    y = (x * x).sum()
+    y.backward(retain_graph=True)
+    y.backward()
+    np.testing.assert_allclose(host(x.grad), [4.0, 8.0])
+
+
+def test_backward_frees_saved_arrays(device):
+    x = tg.randn(4, requires_grad=True)
+    y = x.exp()
+    z = y.sum()
+    assert y._ctx is not None and y._ctx.saved
+    z.backward()
+    assert y._ctx is None and z._ctx is None
+
+
+def test_no_grad_builds_no_graph(device):
+    x = tg.randn(3, requires_grad=True)
+    with tg.no_grad():
+        y = x * 2.0
+    assert not y.requires_grad and y._ctx is None
+
+    @tg.no_grad()
+    def double(t):
+        return t * 2.0
+
+    assert not double(x).requires_grad
+    assert (x * 2.0).requires_grad  # grad mode is back on
+
+
+def test_ops_on_tensors_without_grad_record_nothing(device):
+    a, b = tg.randn(3), tg.randn(3)
+    c = a * b + 1.0
+    assert not c.requires_grad and c._ctx is None
+
+
+def test_input_that_does_not_require_grad_gets_no_gradient(device):
+    w = tg.randn(3, requires_grad=True)
+    x = tg.randn(3)
+    (w * x).sum().backward()
+    assert x.grad is None
+    np.testing.assert_allclose(host(w.grad), host(x))
+
+
+def test_detach_cuts_the_graph(device):
+    x = tg.tensor([3.0], requires_grad=True)
+    y = x * x.detach()  # d/dx = x (the detached factor is a constant)
+    y.backward()
+    np.testing.assert_allclose(host(x.grad), [3.0])
+
+
+def test_retain_grad_keeps_an_intermediate_gradient(device):
+    x = tg.tensor([1.0, 2.0], requires_grad=True)
+    h = (x * 3.0).retain_grad()
+    (h * h).sum().backward()
+    np.testing.assert_allclose(host(h.grad), 2 * host(h))
+
+
+def test_integer_indexing_with_repeats_scatter_adds(device):
+    x = tg.tensor([1.0, 2.0, 3.0, 4.0], requires_grad=True)
+    x[[0, 2, 2, 2]].sum().backward()
+    np.testing.assert_allclose(host(x.grad), [1.0, 0.0, 3.0, 0.0])
+
+
+def test_max_splits_gradient_evenly_between_ties(device):
+    x = tg.tensor([[1.0, 5.0, 5.0], [2.0, 0.0, 1.0]], requires_grad=True)
+    x.max(axis=1).sum().backward()
+    np.testing.assert_allclose(host(x.grad), [[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]])
+
+
+def test_requires_grad_on_integer_tensor_is_refused(device):
+    with pytest.raises(TypeError, match="int"):
+        tg.tensor([1, 2, 3], requires_grad=True)
+
+
+def test_backward_on_tensor_without_grad_is_refused(device):
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        tg.randn(1).backward()
+
+
+def test_to_device_and_dtype_are_differentiable(device):
+    x = tg.tensor([1.0, 2.0], requires_grad=True)
+    y = x.to("cpu").to("float64") * 2.0
+    assert y.dtype == np.float64 and y.device == "cpu"
+    y.sum().backward()
+    assert x.grad.device == device and x.grad.dtype == np.float32
+    np.testing.assert_allclose(host(x.grad), [2.0, 2.0])
