@@ -48,6 +48,9 @@ class Backend:
     def randn(self, shape: tuple[int, ...], dtype):
         return self.from_host(self.rng.standard_normal(shape, dtype=np.float64).astype(dtype))
 
+    def rand(self, shape: tuple[int, ...], dtype):
+        return self.from_host(self.rng.random(shape, dtype=np.float64).astype(dtype))
+
     def uniform(self, shape: tuple[int, ...], seed: int):
         """Uniform [0, 1) float32 numbers that depend only on `seed` and `shape`.
 
@@ -162,7 +165,6 @@ def is_array(obj) -> bool:
 # ------------------------------------------------------------------ defaults and seeds
 
 def default_device() -> str:
-    global _default_device
     if _default_device is None:
         set_default_device(os.environ.get("TINYGPT_DEVICE", "cpu"))
     return _default_device
