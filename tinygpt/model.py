@@ -1,0 +1,102 @@
+"""GPTModel (book chapter 4): token and position embeddings, a stack of transformer blocks,
+a final LayerNorm and a linear output head over the vocabulary.
+
+Initialisation follows GPT-2 (Radford et al., 2019, and its released code): every Linear
+and Embedding weight ~ N(0, 0.02), biases 0, LayerNorm scale 1 and shift 0, and the two
+projections that write into the residual stream (att.out_proj, ff.layers.2) ~ N(0,
+0.02 / sqrt(2 * n_layers)), so the stream's variance does not grow with depth. The output
+logits then start near 0 and the untrained loss near ln(vocab_size), every token about
+equally likely (10.8 for GPT-2's 50,257 tokens).
+"""
+from __future__ import annotations
+
+import math
+
+from tinygpt import backend, nn
+from tinygpt.tensor import Tensor
+
+GPT_CONFIG_124M = {
+    "vocab_size": 50257,     # GPT-2 BPE vocabulary
+    "context_length": 1024,  # longest input, in tokens
+    "emb_dim": 768,
+    "n_heads": 12,
+    "n_layers": 12,
+    "drop_rate": 0.1,
+    "qkv_bias": False,
+}
+
+GPT_PRESETS = {
+    "gpt2-small": {**GPT_CONFIG_124M},
+    "gpt2-medium": {**GPT_CONFIG_124M, "emb_dim": 1024, "n_layers": 24, "n_heads": 16},
+    "gpt2-large": {**GPT_CONFIG_124M, "emb_dim": 1280, "n_layers": 36, "n_heads": 20},
+    "gpt2-xl": {**GPT_CONFIG_124M, "emb_dim": 1600, "n_layers": 48, "n_heads": 25},
+}
+
+_REQUIRED = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: dict):
+        missing = [k for k in _REQUIRED if k not in cfg]
+        if missing:
+            raise KeyError(f"GPT config lacks {', '.join(missing)}")
+        self.cfg = dict(cfg)
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.Sequential(*[nn.TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = nn.LayerNorm(cfg["emb_dim"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+        self._init_weights()
+        if cfg.get("tie_weights", False):
+            self.out_head.weight = self.tok_emb.weight  # one Parameter, two uses
+
+    def _init_weights(self) -> None:
+        residual_std = 0.02 / math.sqrt(2 * self.cfg["n_layers"])
+        b = backend.get_backend(backend.default_device())
+        for name, p in self.named_parameters():
+            if name.endswith(("norm1.scale", "norm2.scale", "final_norm.scale")):
+                continue  # ones
+            if name.endswith((".bias", ".shift")):
+                p.data = b.xp.zeros(p.shape, dtype=p.dtype)
+                continue
+            std = residual_std if name.endswith(("att.out_proj.weight", "ff.layers.2.weight")) else 0.02
+            p.data = b.randn(p.shape, p.dtype) * std
+
+    def forward(self, idx) -> Tensor:
+        """Logits [B, T, vocab_size] for token ids idx [B, T]."""
+        ids = idx.data if isinstance(idx, Tensor) else idx
+        if ids.ndim != 2:
+            raise ValueError(f"expected token ids of shape (batch, tokens), got shape {tuple(ids.shape)}")
+        t = ids.shape[1]
+        if t > self.cfg["context_length"]:
+            raise ValueError(f"input has {t} tokens but context_length is {self.cfg['context_length']}")
+        positions = backend.get_backend(self.pos_emb.weight.device).xp.arange(t)
+        x = self.tok_emb(ids) + self.pos_emb(positions)  # [B,T,C] + [T,C]
+        x = self.drop_emb(x)
+        x = self.trf_blocks(x)
+        x = self.final_norm(x)
+        return self.out_head(x)  # [B,T,C] -> [B,T,V]
+
+
+def count_parameters(cfg: dict) -> int:
+    """The parameter count of GPTModel(cfg), from the config alone (tied weights count once)."""
+    return sum(count for _, count in parameter_table(cfg))
+
+
+def parameter_table(cfg: dict) -> list[tuple[str, int]]:
+    """(module, parameter count) rows for GPTModel(cfg), computed without building it."""
+    d, v, n = cfg["emb_dim"], cfg["vocab_size"], cfg["n_layers"]
+    attention = 3 * d * d + (3 * d if cfg["qkv_bias"] else 0) + d * d + d  # W_query/key/value, out_proj (+bias)
+    feed_forward = d * 4 * d + 4 * d + 4 * d * d + d                       # Linear(d, 4d), Linear(4d, d)
+    rows = [("tok_emb", v * d), ("pos_emb", cfg["context_length"] * d)]
+    for i in range(n):
+        rows += [(f"trf_blocks.{i}.att", attention), (f"trf_blocks.{i}.ff", feed_forward),
+                 (f"trf_blocks.{i}.norm1", 2 * d), (f"trf_blocks.{i}.norm2", 2 * d)]
+    rows += [("final_norm", 2 * d), ("out_head", 0 if cfg.get("tie_weights", False) else v * d)]
+    return rows
+
+
+def size_mb(num_parameters: int, bytes_per_parameter: int = 4) -> float:
+    """Memory of the weights in MB (1024^2 bytes), float32 by default."""
+    return num_parameters * bytes_per_parameter / 1024**2
