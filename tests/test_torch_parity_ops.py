@@ -45,20 +45,6 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, what: str, rtol: floa
     np.testing.assert_allclose(actual, expected, rtol=default_rtol if rtol is None else rtol, atol=atol, err_msg=what)
 
 
-# Engine bugs these tests expose. The markers are strict: a fix turns them into failures,
-# the signal to delete the marker.
-MAX_GRAD_UPCAST = ("tinygpt/ops.py Max.backward divides by is_max.sum(), an int64 count, "
-                   "so a float32 input gets a float64 gradient")
-NUMPY_SCALAR_GRAD = ("on NumPy a 0-d gradient times a 0-d array is a NumPy scalar; Tensor.backward passes it on "
-                     "and Sum.backward's backend_of(grad) raises TypeError: x.mean().backward() fails on cpu")
-SCALAR_LEAF_GRAD_DTYPE = ("on NumPy unbroadcast(grad, ()) returns a NumPy scalar, which Tensor._accumulate_grad wraps "
-                          "with Tensor(), taking the default dtype: a float64 0-d leaf gets a float32 gradient")
-
-
-def expect_engine_bug(request, reason: str) -> None:
-    request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 def check_parity(tg_fn, torch_fn, arrays, dtype, seed: int = 0) -> None:
     """Compare tg_fn on tinygpt leaves with torch_fn on torch leaves made from the same
     `arrays` (cast to `dtype`): outputs, then every leaf's gradient after backpropagating
@@ -240,9 +226,7 @@ BINARY_OPS = [operator.add, operator.sub, operator.mul, operator.truediv]
     ((1,), (3, 4)),
     ((), (3,)),
 ])
-def test_arithmetic_with_broadcasting_matches_torch(request, device, dtype, op, a_shape, b_shape):
-    if a_shape == () and dtype is np.float64 and device == "cpu":
-        expect_engine_bug(request, SCALAR_LEAF_GRAD_DTYPE)
+def test_arithmetic_with_broadcasting_matches_torch(device, dtype, op, a_shape, b_shape):
     rng = np.random.default_rng(10)
     check_parity(op, op, [normal(rng, a_shape), away_from_zero(rng, b_shape)], dtype)
 
@@ -294,11 +278,7 @@ def torch_reduction(name: str, x, axis, keepdims: bool):
 @pytest.mark.parametrize("x_shape, axis", [((2, 7, 12), None), ((2, 7, 12), 0), ((2, 7, 12), -1), ((2, 7, 12), (0, 2)),
                                            ((1, 5), 0), ((3, 1), 1)])
 @pytest.mark.parametrize("keepdims", [False, True], ids=["dropdims", "keepdims"])
-def test_reductions_match_torch(request, device, dtype, name, x_shape, axis, keepdims):
-    if name == "max" and dtype is np.float32:
-        expect_engine_bug(request, MAX_GRAD_UPCAST)
-    elif name in ("mean", "var") and axis is None and not keepdims and device == "cpu":
-        expect_engine_bug(request, NUMPY_SCALAR_GRAD)
+def test_reductions_match_torch(device, dtype, name, x_shape, axis, keepdims):
     rng = np.random.default_rng(14)
     check_parity(lambda x: getattr(x, name)(axis=axis, keepdims=keepdims),
                  lambda x: torch_reduction(name, x, axis, keepdims), [normal(rng, x_shape)], dtype)
@@ -306,9 +286,7 @@ def test_reductions_match_torch(request, device, dtype, name, x_shape, axis, kee
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("axis", [None, -1, 0])
-def test_max_splits_the_gradient_between_ties_like_torch_amax(request, device, dtype, axis):
-    if dtype is np.float32:
-        expect_engine_bug(request, MAX_GRAD_UPCAST)
+def test_max_splits_the_gradient_between_ties_like_torch_amax(device, dtype, axis):
     x = np.array([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [5.0, -1.0, 4.0, 5.0]])
     check_parity(lambda x: x.max(axis=axis), lambda x: torch_reduction("max", x, axis, False), [x], dtype)
 

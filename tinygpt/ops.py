@@ -231,7 +231,8 @@ class Max(Function):
         if not ctx.keepdims:
             grad = grad.reshape(y.shape)
         is_max = x == y
-        return is_max * (grad / is_max.sum(axis=ctx.axis, keepdims=True))
+        ties = is_max.sum(axis=ctx.axis, keepdims=True).astype(grad.dtype)  # an integer count would upcast
+        return is_max * (grad / ties)
 
 
 class Reshape(Function):

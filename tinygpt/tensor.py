@@ -213,6 +213,8 @@ class Tensor:
                 if t is None or tg is None or not t.requires_grad:
                     continue
                 tg = unbroadcast(tg, t.shape)
+                if not is_array(tg):  # NumPy turns 0-d results into scalars; keep arrays of t's dtype
+                    tg = xp.asarray(tg, dtype=t.dtype)
                 grads[id(t)] = grads[id(t)] + tg if id(t) in grads else tg
             if not retain_graph:  # free what backward saved, as soon as it is used
                 node._ctx, node._graph_freed = None, True
