@@ -134,7 +134,10 @@ class Sequential(Module):
             setattr(self, str(i), m)
 
     def __getitem__(self, i: int) -> Module:
-        return getattr(self, str(i % len(self)))
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} is out of range for {n} modules")
+        return getattr(self, str(i % n))
 
     def __len__(self) -> int:
         return sum(1 for v in vars(self).values() if isinstance(v, Module))
