@@ -10,10 +10,13 @@ from tinygpt.backend import backend_of, device_of, is_array
 from tinygpt.tensor import Function
 
 
+def _broadcastable(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return all(m == n or m == 1 or n == 1 for m, n in zip(reversed(a), reversed(b)))
+
+
 def _broadcast_shape(op: str, a: tuple[int, ...], b: tuple[int, ...]) -> None:
-    for m, n in zip(reversed(a), reversed(b)):
-        if m != n and m != 1 and n != 1:
-            raise ValueError(f"{op}: shapes {a} and {b} cannot be broadcast together")
+    if not _broadcastable(a, b):
+        raise ValueError(f"{op}: shapes {a} and {b} cannot be broadcast together")
 
 
 def _is_advanced(index) -> bool:
@@ -174,7 +177,7 @@ class MatMul(Function):
 
     @staticmethod
     def forward(ctx, a, b):
-        if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
+        if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2] or not _broadcastable(a.shape[:-2], b.shape[:-2]):
             raise ValueError(f"matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not align")
         ctx.save_for_backward(a, b)
         return a @ b

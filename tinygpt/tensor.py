@@ -269,6 +269,9 @@ class Tensor:
 
     def __matmul__(self, other) -> "Tensor":
         other = self._lift(other)
+        inner = other.shape[-2] if other.ndim > 1 else other.shape[0] if other.ndim else None
+        if self.ndim == 0 or self.shape[-1] != inner:
+            raise ValueError(f"matmul: shapes {self.shape} and {other.shape} do not align")
         if self.ndim == 1 and other.ndim == 1:
             return (self * other).sum()
         if self.ndim == 1:  # (K,) @ (..., K, N): treat as a one-row matrix
