@@ -28,3 +28,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def check_format(d: dict, fmt: str, version: int, what: str) -> None:
+    """Raise ValueError unless the JSON description `d` says it is `fmt` at `version`."""
+    if d.get("format") != fmt or d.get("version") != version:
+        raise ValueError(f"not a {what} description: format {d.get('format')!r} version "
+                         f"{d.get('version')!r}, expected {fmt!r} version {version}")

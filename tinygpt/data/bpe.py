@@ -34,7 +34,7 @@ from typing import Any
 import regex
 import tiktoken
 
-from ._files import atomic_write_text
+from ._files import atomic_write_text, check_format
 from .gpt2 import ENDOFTEXT, GPT2_PATTERN
 
 _FORMAT = "tinygpt-bpe"
@@ -122,11 +122,7 @@ class BPETokenizer:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BPETokenizer:
         """Inverse of `to_dict`; gives the same ids for every text."""
-        if d.get("format") != _FORMAT or d.get("version") != _VERSION:
-            raise ValueError(
-                f"not a BPE tokenizer description: format {d.get('format')!r} version "
-                f"{d.get('version')!r}, expected {_FORMAT!r} version {_VERSION}"
-            )
+        check_format(d, _FORMAT, _VERSION, "BPE tokenizer")
         return cls(
             tokens=[base64.b64decode(t) for t in d["tokens"]],
             special_tokens=d["special_tokens"],

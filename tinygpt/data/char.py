@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._files import atomic_write_text
+from ._files import atomic_write_text, check_format
 
 UNK = "<unk>"
 _FORMAT = "tinygpt-char"
@@ -80,11 +80,7 @@ class CharTokenizer:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CharTokenizer:
         """Inverse of `to_dict`; the ids come out exactly as they were."""
-        if d.get("format") != _FORMAT or d.get("version") != _VERSION:
-            raise ValueError(
-                f"not a char tokenizer description: format {d.get('format')!r} version "
-                f"{d.get('version')!r}, expected {_FORMAT!r} version {_VERSION}"
-            )
+        check_format(d, _FORMAT, _VERSION, "char tokenizer")
         chars: Sequence[str] = d["chars"]
         return cls(chars)
 
