@@ -53,6 +53,109 @@ def _info(args) -> int:
     return 0
 
 
+# A model small enough to learn something visible in a few minutes on 2 CPU cores.
+DEFAULT_MODEL = {"emb_dim": 128, "n_layers": 4, "n_heads": 4, "context_length": 128, "drop_rate": 0.1, "qkv_bias": False}
+
+
+def default_corpus() -> str:
+    """The reference text that ships with CPython (pydoc_data.topics): ~465,000 characters
+    of English about Python, present on any machine with Python and no download."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise RuntimeError("this Python has no pydoc_data module (the default training text); pass --data FILE") from None
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def _build_tokenizer(args, text: str):
+    from tinygpt.data import CharTokenizer, gpt2_tokenizer, train_bpe
+
+    if args.tokenizer == "char":
+        return CharTokenizer.from_text(text)
+    if args.tokenizer == "gpt2":
+        return gpt2_tokenizer(args.bpe_file)
+    return train_bpe(text, args.vocab_size)
+
+
+def _model_config(args, vocab_size: int) -> dict:
+    from tinygpt.model import GPT_PRESETS
+
+    cfg = dict(GPT_PRESETS[args.model]) if args.model else dict(DEFAULT_MODEL)
+    for key, value in (("emb_dim", args.emb_dim), ("n_layers", args.n_layers), ("n_heads", args.n_heads),
+                       ("context_length", args.context_length), ("drop_rate", args.dropout)):
+        if value is not None:
+            cfg[key] = value
+    cfg.update(vocab_size=vocab_size, qkv_bias=cfg["qkv_bias"] or args.qkv_bias, tie_weights=args.tie_weights)
+    return cfg
+
+
+def _train(args) -> int:
+    import json
+    from pathlib import Path
+
+    import tinygpt as tg
+    from tinygpt.checkpoint import load_checkpoint, resolve_checkpoint
+    from tinygpt.data import create_dataloader, encode_text, train_val_split
+    from tinygpt.model import GPTModel, size_mb
+    from tinygpt.optim import AdamW
+    from tinygpt.train import TrainConfig, Trainer, decay_groups, generate_and_print_sample
+
+    tg.set_default_device(args.device)
+    tg.manual_seed(args.seed)
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume, device=args.device, bpe_file=args.bpe_file)
+        run_dir = Path(args.resume) if (Path(args.resume) / "latest").exists() else resolve_checkpoint(args.resume).parent.parent
+        model, tokenizer, saved = checkpoint.model, checkpoint.tokenizer, checkpoint.trainer_state
+        data = saved["meta"]["data"]
+        config = TrainConfig(**{**saved["config"], **({"epochs": args.epochs} if args.epochs is not None else {}),
+                                "max_steps": args.max_steps if args.max_steps is not None else saved["config"]["max_steps"]})
+        print(f"resuming {checkpoint.path} at step {saved['step']}")
+    else:
+        run_dir = Path(args.out)
+        if (run_dir / "latest").exists():
+            print(f"{run_dir} already holds a training run; continue it with --resume {run_dir}, or pick another --out", file=sys.stderr)
+            return 2
+        data = {"path": args.data, "batch_size": args.batch_size, "stride": args.stride, "seed": args.seed, "train_ratio": 0.9}
+        default_run = args.data is None
+        config = TrainConfig(epochs=args.epochs if args.epochs is not None else (10 if not default_run else 100),
+                             max_steps=args.max_steps if args.max_steps is not None else (600 if default_run else None),
+                             lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, cosine=args.cosine,
+                             grad_clip=args.grad_clip, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
+                             start_context=args.start_context, sample_tokens=args.sample_tokens,
+                             checkpoint_every=args.checkpoint_every)
+    text = Path(data["path"]).read_text(encoding="utf-8") if data["path"] else default_corpus()
+    if not args.resume:
+        tokenizer = _build_tokenizer(args, text)
+        model = GPTModel(_model_config(args, tokenizer.n_vocab))
+    context = model.cfg["context_length"]
+    stride = data["stride"] or context
+    train_text, val_text = train_val_split(text, data["train_ratio"])
+    train_loader = create_dataloader(train_text, tokenizer, data["batch_size"], context, stride, shuffle=True, drop_last=True, seed=data["seed"])
+    val_loader = create_dataloader(val_text, tokenizer, data["batch_size"], context, stride, shuffle=False, drop_last=False, seed=data["seed"])
+    optimizer = AdamW(decay_groups(model, config.weight_decay), lr=config.lr, weight_decay=config.weight_decay)
+    trainer = Trainer(model, optimizer, train_loader, val_loader, tokenizer, config, out_dir=run_dir,
+                      progress=not args.no_progress, meta={"data": data})
+    if args.resume:
+        trainer.restore(saved, checkpoint.optimizer_state)
+
+    n = model.num_parameters()
+    tokens = len(encode_text(tokenizer, train_text))
+    print(f"data: {data['path'] or 'pydoc_data.topics (ships with Python)'}, {len(text):,} characters; "
+          f"{type(tokenizer).__name__} with {tokenizer.n_vocab:,} tokens; {tokens:,} training tokens")
+    print(f"model: {n:,} parameters ({size_mb(n):.1f} MB), {json.dumps({k: model.cfg[k] for k in ('emb_dim', 'n_layers', 'n_heads', 'context_length', 'drop_rate')})}")
+    print(f"training: {trainer.total_steps} steps of {data['batch_size']} x {context} tokens, lr {config.lr}, on {args.device}; "
+          f"checkpoints and loss history in {run_dir}/")
+    if trainer.state.step == 0:
+        generate_and_print_sample(model, tokenizer, config.start_context, config.sample_tokens, show=lambda t: print(f"sample before training: {t}"))
+    history = trainer.fit()
+    if history["val_loss"]:
+        print(f"loss: train {history['train_loss'][0]:.3f} -> {history['train_loss'][-1]:.3f}, "
+              f"val {history['val_loss'][0]:.3f} -> {history['val_loss'][-1]:.3f}")
+    generate_and_print_sample(model, tokenizer, config.start_context, config.sample_tokens, show=lambda t: print(f"sample after training: {t}"))
+    print(f"saved {resolve_checkpoint(run_dir)}; train further with: tinygpt train --resume {run_dir} --max-steps N")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinygpt", description="A GPT you can read: NumPy/CuPy engine with hand-written gradients.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +175,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="parameter counts and memory of a GPT preset, module by module")
     p.add_argument("--model", default="gpt2-small", choices=list(GPT_PRESETS))
     p.set_defaults(run=_info)
+
+    p = sub.add_parser("train", help="pretrain a GPT (default: a small character-level model on text that ships with Python)")
+    p.add_argument("--data", help="a UTF-8 text file (default: pydoc_data.topics, offline)")
+    p.add_argument("--tokenizer", default="char", choices=["char", "gpt2", "bpe"])
+    p.add_argument("--bpe-file", help="local GPT-2 ranks file for --tokenizer gpt2 offline (or TINYGPT_BPE_FILE)")
+    p.add_argument("--vocab-size", type=int, default=1024, help="vocabulary for --tokenizer bpe")
+    p.add_argument("--model", choices=list(GPT_PRESETS), help="a GPT-2 size (default: a small model, see --emb-dim ...)")
+    p.add_argument("--emb-dim", type=int)
+    p.add_argument("--n-layers", type=int)
+    p.add_argument("--n-heads", type=int)
+    p.add_argument("--context-length", type=int)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--qkv-bias", action="store_true")
+    p.add_argument("--tie-weights", action="store_true", help="share tok_emb and out_head weights")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--stride", type=int, help="window stride in tokens (default: the context length)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--cosine", action="store_true", help="cosine decay to 1e-6 after warmup")
+    p.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this")
+    p.add_argument("--epochs", type=int, help="default 10 (--data) or until --max-steps (default run)")
+    p.add_argument("--max-steps", type=int, help="default: none with --data, 600 for the default run")
+    p.add_argument("--eval-freq", type=int, default=100)
+    p.add_argument("--eval-iter", type=int, default=10)
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--start-context", default="The ")
+    p.add_argument("--sample-tokens", type=int, default=100)
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--out", default="runs/tinygpt", help="run directory for checkpoints and loss history")
+    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR exactly where it stopped")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_train)
     return parser
 
 

@@ -3,8 +3,9 @@ next-token windows with a resumable batch loader. Plain NumPy; imports nothing e
 
 from .bpe import BPETokenizer, train_bpe
 from .char import CharTokenizer
-from .dataset import DataLoader, GPTDataset, create_dataloader, train_val_split
+from .dataset import DataLoader, GPTDataset, create_dataloader, encode_text, train_val_split
 from .gpt2 import gpt2_tokenizer
+from .saving import load_tokenizer, save_tokenizer, tokenizer_from_dict, tokenizer_to_dict
 
 __all__ = [
     "gpt2_tokenizer",
@@ -15,4 +16,9 @@ __all__ = [
     "DataLoader",
     "create_dataloader",
     "train_val_split",
+    "encode_text",
+    "save_tokenizer",
+    "load_tokenizer",
+    "tokenizer_to_dict",
+    "tokenizer_from_dict",
 ]

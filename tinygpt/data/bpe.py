@@ -34,7 +34,7 @@ from typing import Any
 import regex
 import tiktoken
 
-from ._files import atomic_write_text, check_format
+from tinygpt.files import atomic_write_text, check_format
 from .gpt2 import ENDOFTEXT, GPT2_PATTERN
 
 _FORMAT = "tinygpt-bpe"

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._files import atomic_write_text, check_format
+from tinygpt.files import atomic_write_text, check_format
 
 UNK = "<unk>"
 _FORMAT = "tinygpt-char"

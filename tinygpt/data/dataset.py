@@ -115,6 +115,12 @@ class DataLoader:
             return np.arange(len(self.dataset))
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
 
+    def iter_epoch(self, epoch: int = 0) -> Iterator[Batch]:
+        """The batches of `epoch` without touching the loader's own position (for evaluation)."""
+        order = self.order(epoch)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield self.dataset.batch(order[start : start + self.batch_size])
+
     def __iter__(self) -> Iterator[Batch]:
         if self.position >= len(self):  # stopped right after an epoch's last batch
             self.epoch, self.position = self.epoch + 1, 0
@@ -154,7 +160,7 @@ def create_dataloader(
     `<|endoftext|>` in the text is encoded as the special token when `tok.encode` takes tiktoken's
     `allowed_special` keyword (GPT-2 and trained BPE tokenizers); other tokenizers get plain text.
     """
-    ids = _encode(tok, text)
+    ids = encode_text(tok, text)
     return DataLoader(GPTDataset(ids, max_length, stride), batch_size, shuffle, drop_last, seed)
 
 
@@ -166,7 +172,9 @@ def train_val_split(text_or_ids: T, train_ratio: float = 0.9) -> tuple[T, T]:
     return text_or_ids[:split], text_or_ids[split:]
 
 
-def _encode(tok: Encoder, text: str) -> list[int]:
+def encode_text(tok: Encoder, text: str) -> list[int]:
+    """`tok.encode(text)`, letting `<|endoftext|>` through as the special token where the
+    tokenizer supports it (tiktoken refuses special tokens in text by default)."""
     try:
         params = inspect.signature(tok.encode).parameters
     except (TypeError, ValueError):  # some callables have no introspectable signature

@@ -1,4 +1,4 @@
-"""Small file helpers shared by the tokenizers."""
+"""Small file helpers: atomic writes (temp file + rename) and format checks of JSON descriptions."""
 
 from __future__ import annotations
 
