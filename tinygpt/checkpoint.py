@@ -60,7 +60,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: GPTModel, toke
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     atomic_write_text(run_dir / "latest", f"checkpoints/{final.name}\n")
-    for old in sorted(p for p in parent.glob("step_*") if p.is_dir())[:-keep]:
+    for old in sorted((p for p in parent.glob("step_*") if p.is_dir()), key=lambda p: int(p.name[5:]))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

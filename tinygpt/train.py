@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from tinygpt import backend
 from tinygpt import functional as F
-from tinygpt.checkpoint import save_checkpoint
+from tinygpt.checkpoint import resolve_checkpoint, save_checkpoint
 from tinygpt.files import atomic_write_text
 from tinygpt.generate import generate_text_simple, text_to_token_ids, token_ids_to_text
 from tinygpt.optim import AdamW, clip_grad_norm, warmup_cosine_lr
@@ -41,9 +41,9 @@ def calc_loss_loader(data_loader, model, num_batches: int | None = None) -> floa
     """Mean loss over the first `num_batches` batches of the loader's first epoch (all when
     None). Reads batches without moving the loader's position, so evaluating mid-epoch does
     not disturb training."""
-    if len(data_loader) == 0:
-        return float("nan")
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    if num_batches <= 0:
+        return float("nan")
     batches = data_loader.iter_epoch(0) if hasattr(data_loader, "iter_epoch") else iter(data_loader)
     total = 0.0
     for _, (x, y) in zip(range(num_batches), batches):
@@ -53,7 +53,7 @@ def calc_loss_loader(data_loader, model, num_batches: int | None = None) -> floa
 
 def perplexity(loss: float) -> float:
     """exp(loss): the number of tokens the model is, in effect, choosing between."""
-    return math.exp(loss) if loss < 700 else math.inf
+    return math.inf if loss > 700 else math.exp(loss)  # exp overflows a float past ~709; nan stays nan
 
 
 def evaluate_model(model, train_loader, val_loader, eval_iter: int) -> tuple[float, float]:
@@ -168,6 +168,7 @@ class Trainer:
                     break
             self.save()
         finally:
+            self._stop_requested = False  # a stop ends this fit() only; calling fit() again continues
             _install_sigint(previous_handler)
             bar.close()
             self.show = show
@@ -179,8 +180,9 @@ class Trainer:
         self._stop_requested = True
 
     def _finished(self) -> bool:
-        c = self.config
-        return self.train_loader.epoch >= c.epochs or (c.max_steps is not None and self.state.step >= c.max_steps)
+        c, loader = self.config, self.train_loader
+        epochs_done = loader.epoch + (loader.position >= len(loader))  # a finished epoch not yet rolled over
+        return epochs_done >= c.epochs or (c.max_steps is not None and self.state.step >= c.max_steps)
 
     def _step(self, x, y) -> float:
         self._lr = self.learning_rate(self.state.step)
@@ -189,7 +191,8 @@ class Trainer:
         loss = calc_loss_batch(x, y, self.model)
         value = loss.item()
         if not math.isfinite(value):
-            where = f"the last good checkpoint is {self.out_dir / 'latest'}" if self.out_dir else "no checkpoint was written (no out_dir)"
+            saved = self.out_dir is not None and (self.out_dir / "latest").exists()
+            where = f"the last good checkpoint is {resolve_checkpoint(self.out_dir)}" if saved else "no checkpoint had been written yet"
             raise TrainingError(f"loss is {value} at step {self.state.step + 1} (epoch {self.train_loader.epoch + 1}); "
                                 f"training stopped and this step was not applied; {where}. Try a lower --lr or --grad-clip.")
         self.optimizer.zero_grad()
