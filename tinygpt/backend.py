@@ -46,17 +46,17 @@ class Backend:
         return int(self.rng.integers(0, 2**63 - 1))
 
     def randn(self, shape: tuple[int, ...], dtype):
-        return self.from_host(self.rng.standard_normal(shape, dtype=np.float64).astype(dtype))
+        return self.xp.asarray(self.rng.standard_normal(shape, dtype=np.float64).astype(dtype))
 
     def rand(self, shape: tuple[int, ...], dtype):
-        return self.from_host(self.rng.random(shape, dtype=np.float64).astype(dtype))
+        return self.xp.asarray(self.rng.random(shape, dtype=np.float64).astype(dtype))
 
     def uniform(self, shape: tuple[int, ...], seed: int):
         """Uniform [0, 1) float32 numbers that depend only on `seed` and `shape`.
 
         Dropout draws its mask from here with a seed it remembers, so that backward can
         rebuild the mask instead of keeping it in memory."""
-        return self.from_host(np.random.default_rng(seed).random(shape, dtype=np.float32))
+        return self.xp.asarray(np.random.default_rng(seed).random(shape, dtype=np.float32))
 
     def index_add(self, target, index, values) -> None:
         """target[index] += values, adding repeated indices once per occurrence.

@@ -54,7 +54,11 @@ def _info(args) -> int:
 
 
 # A model small enough to learn something visible in a few minutes on 2 CPU cores.
-DEFAULT_MODEL = {"emb_dim": 128, "n_layers": 4, "n_heads": 4, "context_length": 128, "drop_rate": 0.1, "qkv_bias": False}
+# Dropout is off: with 465,000 characters and a few minutes of training the model underfits.
+DEFAULT_MODEL = {"emb_dim": 128, "n_layers": 4, "n_heads": 4, "context_length": 128, "drop_rate": 0.0, "qkv_bias": False}
+# The default run's schedule: 600 steps, warmup then cosine decay from 2e-3 (measured best of
+# a few tries for this model: val loss 2.19 after 400 steps, against 2.33 at a constant 1e-3).
+DEFAULT_RUN = {"max_steps": 600, "lr": 2e-3, "warmup_steps": 30, "cosine": True}
 
 
 def default_corpus() -> str:
@@ -116,10 +120,11 @@ def _train(args) -> int:
             print(f"{run_dir} already holds a training run; continue it with --resume {run_dir}, or pick another --out", file=sys.stderr)
             return 2
         data = {"path": args.data, "batch_size": args.batch_size, "stride": args.stride, "seed": args.seed, "train_ratio": 0.9}
-        default_run = args.data is None
-        config = TrainConfig(epochs=args.epochs if args.epochs is not None else (10 if not default_run else 100),
-                             max_steps=args.max_steps if args.max_steps is not None else (600 if default_run else None),
-                             lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, cosine=args.cosine,
+        defaults = dict(DEFAULT_RUN) if args.data is None else {"max_steps": None, "warmup_steps": 0, "cosine": False,
+                                                                 "lr": 4e-4 if args.model else 2e-3}
+        chosen = {key: getattr(args, key) for key in defaults if getattr(args, key) is not None}
+        config = TrainConfig(epochs=args.epochs if args.epochs is not None else (10 if args.data else 100),
+                             **{**defaults, **chosen}, weight_decay=args.weight_decay,
                              grad_clip=args.grad_clip, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
                              start_context=args.start_context, sample_tokens=args.sample_tokens,
                              checkpoint_every=args.checkpoint_every)
@@ -191,10 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tie-weights", action="store_true", help="share tok_emb and out_head weights")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--stride", type=int, help="window stride in tokens (default: the context length)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3; 4e-4 with --model)")
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--cosine", action="store_true", help="cosine decay to 1e-6 after warmup")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 0; 30 for the default run)")
+    p.add_argument("--cosine", action=argparse.BooleanOptionalAction, help="cosine decay to 1e-6 after warmup (default: on for the default run)")
     p.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this")
     p.add_argument("--epochs", type=int, help="default 10 (--data) or until --max-steps (default run)")
     p.add_argument("--max-steps", type=int, help="default: none with --data, 600 for the default run")
