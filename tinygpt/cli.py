@@ -127,6 +127,7 @@ def _train(args) -> int:
                              **{**defaults, **chosen}, weight_decay=args.weight_decay,
                              grad_clip=args.grad_clip, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
                              start_context=args.start_context, sample_tokens=args.sample_tokens,
+                             sample_temperature=args.sample_temperature,
                              checkpoint_every=args.checkpoint_every)
     text = Path(data["path"]).read_text(encoding="utf-8") if data["path"] else default_corpus()
     if not args.resume:
@@ -151,12 +152,14 @@ def _train(args) -> int:
     print(f"training: {trainer.total_steps} steps of {data['batch_size']} x {context} tokens, lr {config.lr}, on {args.device}; "
           f"checkpoints and loss history in {run_dir}/")
     if trainer.state.step == 0:
-        generate_and_print_sample(model, tokenizer, config.start_context, config.sample_tokens, show=lambda t: print(f"sample before training: {t}"))
+        generate_and_print_sample(model, tokenizer, config.start_context, config.sample_tokens,
+                                  show=lambda t: print(f"sample before training: {t}"), temperature=config.sample_temperature)
     history = trainer.fit()
     if history["val_loss"]:
         print(f"loss: train {history['train_loss'][0]:.3f} -> {history['train_loss'][-1]:.3f}, "
               f"val {history['val_loss'][0]:.3f} -> {history['val_loss'][-1]:.3f}")
-    generate_and_print_sample(model, tokenizer, config.start_context, config.sample_tokens, show=lambda t: print(f"sample after training: {t}"))
+    generate_and_print_sample(model, tokenizer, config.start_context, config.sample_tokens,
+                              show=lambda t: print(f"sample after training: {t}"), temperature=config.sample_temperature)
     print(f"saved {resolve_checkpoint(run_dir)}; train further with: tinygpt train --resume {run_dir} --max-steps N")
     return 0
 
@@ -208,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--start-context", default="The ")
     p.add_argument("--sample-tokens", type=int, default=100)
+    p.add_argument("--sample-temperature", type=float, default=0.8, help="0 for greedy samples")
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", default="runs/tinygpt", help="run directory for checkpoints and loss history")

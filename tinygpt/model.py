@@ -63,20 +63,35 @@ class GPTModel(nn.Module):
             std = residual_std if name.endswith(("att.out_proj.weight", "ff.layers.2.weight")) else 0.02
             p.data = b.randn(p.shape, p.dtype) * std
 
-    def forward(self, idx) -> Tensor:
-        """Logits [B, T, vocab_size] for token ids idx [B, T]."""
+    def forward(self, idx, cache: nn.KVCache | None = None) -> Tensor:
+        """Logits [B, T, vocab_size] for token ids idx [B, T]. With a KV cache (see
+        new_cache), idx holds only tokens after the cached ones, at the following positions."""
         ids = idx.data if isinstance(idx, Tensor) else idx
         if ids.ndim != 2:
             raise ValueError(f"expected token ids of shape (batch, tokens), got shape {tuple(ids.shape)}")
-        t = ids.shape[1]
-        if t > self.cfg["context_length"]:
-            raise ValueError(f"input has {t} tokens but context_length is {self.cfg['context_length']}")
-        positions = backend.get_backend(self.pos_emb.weight.device).xp.arange(t)
+        start = cache.length if cache is not None else 0
+        end = start + ids.shape[1]
+        if end > self.cfg["context_length"]:
+            what = f"input has {ids.shape[1]} tokens" + (f" after {start} cached ones" if start else "")
+            raise ValueError(f"{what} but context_length is {self.cfg['context_length']}")
+        positions = backend.get_backend(self.pos_emb.weight.device).xp.arange(start, end)
         x = self.tok_emb(ids) + self.pos_emb(positions)  # [B,T,C] + [T,C]
         x = self.drop_emb(x)
-        x = self.trf_blocks(x)
+        if cache is None:
+            x = self.trf_blocks(x)
+        else:
+            for block, layer_cache in zip(self.trf_blocks, cache.layers):
+                x = block(x, layer_cache)
         x = self.final_norm(x)
         return self.out_head(x)  # [B,T,C] -> [B,T,V]
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> nn.KVCache:
+        """An empty KV cache for up to max_len (default context_length) tokens per row."""
+        c, w = self.cfg, self.tok_emb.weight
+        max_len = min(max_len or c["context_length"], c["context_length"])
+        head_dim = c["emb_dim"] // c["n_heads"]
+        return nn.KVCache([nn.LayerCache(batch_size, c["n_heads"], max_len, head_dim, w.device, w.dtype)
+                           for _ in range(c["n_layers"])])
 
 
 def count_parameters(cfg: dict) -> int:

@@ -249,11 +249,15 @@ class MultiHeadAttention(Module):
         b, t, _ = x.shape
         return x.reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B,T,d_out] -> [B,H,T,D]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: "LayerCache | None" = None) -> Tensor:
+        """With a cache (generation), x holds only the new tokens: their keys and values are
+        appended to the cache and their queries attend to everything cached so far."""
         b, t, _ = x.shape
         if t > self.context_length:
             raise ValueError(f"input has {t} tokens but context_length is {self.context_length}")
         q, k, v = self._heads(self.W_query(x)), self._heads(self.W_key(x)), self._heads(self.W_value(x))
+        if cache is not None:
+            k, v = cache.append(k, v)  # [B,H,t,D] -> [B,H,cached+t,D]
         context = F.scaled_dot_product_attention(q, k, v, causal=self.causal, dropout_p=self.dropout if self.training else 0.0)
         context = context.transpose(1, 2).reshape(b, t, self.d_out)  # [B,H,T,D] -> [B,T,d_out]
         return self.out_proj(context)
@@ -284,6 +288,37 @@ class TransformerBlock(Module):
         self.norm2 = LayerNorm(cfg["emb_dim"])
         self.drop_shortcut = Dropout(cfg["drop_rate"])
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+    def forward(self, x: Tensor, cache: "LayerCache | None" = None) -> Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class LayerCache:
+    """One attention layer's keys and values for the tokens seen so far, preallocated for
+    max_len tokens so that each generated token costs one small write, not a copy."""
+
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, device: str, dtype):
+        xp = backend.get_backend(device).xp
+        self.k = xp.zeros((batch, heads, max_len, head_dim), dtype=dtype)
+        self.v = xp.zeros((batch, heads, max_len, head_dim), dtype=dtype)
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} tokens; appending {k.shape[2]} to {start} would overflow it")
+        self.k[:, :, start:end] = k.data
+        self.v[:, :, start:end] = v.data
+        self.length = end
+        return Tensor(self.k[:, :, :end]), Tensor(self.v[:, :, :end])
+
+
+class KVCache:
+    """A LayerCache per transformer block (inference only: the cached arrays are not in any graph)."""
+
+    def __init__(self, layers: list[LayerCache]):
+        self.layers = layers
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length

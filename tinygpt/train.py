@@ -22,7 +22,7 @@ from tinygpt import backend
 from tinygpt import functional as F
 from tinygpt.checkpoint import resolve_checkpoint, save_checkpoint
 from tinygpt.files import atomic_write_text
-from tinygpt.generate import generate_text_simple, text_to_token_ids, token_ids_to_text
+from tinygpt.generate import generate, text_to_token_ids, token_ids_to_text
 from tinygpt.optim import AdamW, clip_grad_norm, warmup_cosine_lr
 from tinygpt.tensor import Tensor, no_grad
 
@@ -65,15 +65,20 @@ def evaluate_model(model, train_loader, val_loader, eval_iter: int) -> tuple[flo
         model.train()
 
 
-def generate_and_print_sample(model, tokenizer, start_context: str, max_new_tokens: int = 50, show: Callable = print) -> str:
-    """Greedy continuation of `start_context`, shown on one line; returns the text."""
-    model.eval()
+def generate_and_print_sample(model, tokenizer, start_context: str, max_new_tokens: int = 50, show: Callable = print,
+                              temperature: float = 0.0, top_k: int | None = None) -> str:
+    """A continuation of `start_context` (greedy, as in the book, unless temperature > 0),
+    shown on one line; returns the text. Sampling uses a fixed seed and leaves the library's
+    random streams as they were, so samples at successive evaluations are comparable and
+    training is not disturbed."""
+    rng_state = backend.get_rng_state()
+    backend.manual_seed(0)
     try:
-        context_size = model.pos_emb.weight.shape[0]
         idx = text_to_token_ids(start_context, tokenizer, device=model.tok_emb.weight.device)
-        text = token_ids_to_text(generate_text_simple(model, idx, max_new_tokens, context_size), tokenizer)
+        out = generate(model, idx, max_new_tokens, model.cfg["context_length"], temperature=temperature, top_k=top_k)
+        text = token_ids_to_text(out, tokenizer)
     finally:
-        model.train()
+        backend.set_rng_state(rng_state)
     show(text.replace("\n", " "))
     return text
 
@@ -95,6 +100,7 @@ class TrainConfig:
     eval_iter: int = 5               # batches per evaluation
     start_context: str = "Every effort moves you"
     sample_tokens: int = 50
+    sample_temperature: float = 0.0  # 0: greedy, as the book's samples
     checkpoint_every: int | None = None
 
 
@@ -213,7 +219,7 @@ class Trainer:
         self.show(f"step {self.state.step:>6}  tokens {self.state.tokens_seen:>9,}  train loss {train_loss:.3f}  "
                   f"val loss {val_loss:.3f}  (perplexity {perplexity(val_loss):.1f})")
         generate_and_print_sample(self.model, self.tokenizer, self.config.start_context, self.config.sample_tokens,
-                                  show=lambda text: self.show(f"  sample: {text}"))
+                                  show=lambda text: self.show(f"  sample: {text}"), temperature=self.config.sample_temperature)
         self.write_history()
         return train_loss, val_loss
 
