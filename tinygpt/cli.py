@@ -164,6 +164,47 @@ def _train(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    import time
+
+    import tinygpt as tg
+    from tinygpt.generate import generate, text_to_token_ids
+
+    tg.set_default_device(args.device)
+    if args.checkpoint:
+        from tinygpt.checkpoint import load_checkpoint
+
+        checkpoint = load_checkpoint(args.checkpoint, device=args.device, bpe_file=args.bpe_file)
+        model, tokenizer = checkpoint.model, checkpoint.tokenizer
+    else:
+        from tinygpt.data import gpt2_tokenizer
+        from tinygpt.pretrained import load_gpt2
+
+        model, tokenizer = load_gpt2(args.model, device=args.device), gpt2_tokenizer(args.bpe_file)
+    tg.manual_seed(args.seed)
+    prompt = text_to_token_ids(args.prompt, tokenizer)
+    new_ids: list[int] = []
+    shown = ""
+
+    def stream(column) -> None:  # decode everything so far: one token may be half a character
+        nonlocal shown
+        new_ids.append(int(column[0]))
+        text = tokenizer.decode(new_ids)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+
+    sys.stdout.write(args.prompt)
+    started = time.perf_counter()
+    generate(model, prompt, args.max_new_tokens, model.cfg["context_length"], temperature=args.temperature, top_k=args.top_k,
+             top_p=args.top_p, eos_id=getattr(tokenizer, "eot_token", None), use_cache=not args.no_cache, on_token=stream)
+    seconds = time.perf_counter() - started
+    sys.stdout.write(tokenizer.decode(new_ids)[len(shown):] + "\n")
+    print(f"[{len(new_ids)} tokens in {seconds:.1f} s, {len(new_ids) / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinygpt", description="A GPT you can read: NumPy/CuPy engine with hand-written gradients.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,6 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR exactly where it stopped")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_train)
+
+    p = sub.add_parser("generate", help="continue a prompt with GPT-2 or a model trained with `tinygpt train`")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded once) or a Hugging Face GPT-2 folder")
+    source.add_argument("--checkpoint", metavar="DIR", help="a run or checkpoint folder written by `tinygpt train`")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--bpe-file", help="local GPT-2 ranks file for offline use (or TINYGPT_BPE_FILE)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
+    p.set_defaults(run=_generate)
     return parser
 
 

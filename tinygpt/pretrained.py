@@ -1,0 +1,196 @@
+"""OpenAI's GPT-2 weights, in Hugging Face's layout, into GPTModel and back.
+
+A Hugging Face GPT-2 folder holds `config.json` (n_embd, n_layer, n_head, n_positions,
+vocab_size, ...) and `model.safetensors`. Its tensor names map onto the book's like this
+(i = block index; an optional "transformer." prefix is ignored):
+
+    wte.weight                 -> tok_emb.weight (and out_head.weight: GPT-2 ties them)
+    wpe.weight                 -> pos_emb.weight
+    h.i.ln_1.weight / .bias    -> trf_blocks.i.norm1.scale / .shift
+    h.i.attn.c_attn.weight     -> trf_blocks.i.att.W_query / W_key / W_value .weight
+    h.i.attn.c_attn.bias       -> ... .bias (the same three-way split)
+    h.i.attn.c_proj.*          -> trf_blocks.i.att.out_proj.*
+    h.i.ln_2.*                 -> trf_blocks.i.norm2.*
+    h.i.mlp.c_fc.*             -> trf_blocks.i.ff.layers.0.*
+    h.i.mlp.c_proj.*           -> trf_blocks.i.ff.layers.2.*
+    ln_f.weight / .bias        -> final_norm.scale / .shift
+
+GPT-2's linear layers are "Conv1D" modules that store weights as (in_features, out_features)
+and compute x @ W + b; ours store (out, in) and compute x @ W^T + b, so every matrix is
+transposed on the way in and out. c_attn holds query, key and value side by side along its
+output axis: columns [0, E) are the query, [E, 2E) the key, [2E, 3E) the value.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from tinygpt import backend
+from tinygpt.model import GPTModel
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+_HUB = "https://huggingface.co/openai-community/{name}/resolve/main/{file}"
+_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers some files carry; not weights
+
+
+def _block_map(i: int, emb: int) -> list[tuple[str, str, slice | None, bool]]:
+    """(our name, Hugging Face name, slice of the HF output axis, transpose?) for block i."""
+    ours, hf = f"trf_blocks.{i}.", f"h.{i}."
+    rows = [(ours + "norm1.scale", hf + "ln_1.weight", None, False), (ours + "norm1.shift", hf + "ln_1.bias", None, False)]
+    for j, part in enumerate(("W_query", "W_key", "W_value")):
+        cols = slice(j * emb, (j + 1) * emb)
+        rows += [(ours + f"att.{part}.weight", hf + "attn.c_attn.weight", cols, True),
+                 (ours + f"att.{part}.bias", hf + "attn.c_attn.bias", cols, False)]
+    rows += [(ours + "att.out_proj.weight", hf + "attn.c_proj.weight", None, True),
+             (ours + "att.out_proj.bias", hf + "attn.c_proj.bias", None, False),
+             (ours + "norm2.scale", hf + "ln_2.weight", None, False), (ours + "norm2.shift", hf + "ln_2.bias", None, False),
+             (ours + "ff.layers.0.weight", hf + "mlp.c_fc.weight", None, True), (ours + "ff.layers.0.bias", hf + "mlp.c_fc.bias", None, False),
+             (ours + "ff.layers.2.weight", hf + "mlp.c_proj.weight", None, True), (ours + "ff.layers.2.bias", hf + "mlp.c_proj.bias", None, False)]
+    return rows
+
+
+def _hf_shape(shape: tuple[int, ...], cols: slice | None, transpose: bool) -> tuple[int, ...]:
+    """The shape a tensor has in the HF file, given our parameter's shape."""
+    shape = tuple(shape[::-1]) if transpose else tuple(shape)
+    return shape if cols is None else shape[:-1] + (3 * shape[-1],)
+
+
+def weight_map(cfg: dict) -> list[tuple[str, str, slice | None, bool]]:
+    """The whole mapping for a config: (our name, HF name, HF output-axis slice, transpose?)."""
+    rows = [("tok_emb.weight", "wte.weight", None, False), ("pos_emb.weight", "wpe.weight", None, False)]
+    for i in range(cfg["n_layers"]):
+        rows += _block_map(i, cfg["emb_dim"])
+    return rows + [("final_norm.scale", "ln_f.weight", None, False), ("final_norm.shift", "ln_f.bias", None, False)]
+
+
+def config_from_hf(hf: dict, drop_rate: float = 0.0) -> dict:
+    return {"vocab_size": hf["vocab_size"], "context_length": hf.get("n_positions", hf.get("n_ctx")), "emb_dim": hf["n_embd"],
+            "n_heads": hf["n_head"], "n_layers": hf["n_layer"], "drop_rate": drop_rate, "qkv_bias": True, "tie_weights": True}
+
+
+def load_gpt2(name_or_dir: str | os.PathLike = "gpt2", device: str | None = None, drop_rate: float = 0.0,
+              cache_dir: str | os.PathLike | None = None) -> GPTModel:
+    """GPT-2 from a local Hugging Face-layout folder, or by name (gpt2, gpt2-medium, gpt2-large,
+    gpt2-xl) from the Hugging Face Hub, downloaded once into cache_dir (default
+    $TINYGPT_CACHE or ~/.cache/tinygpt). Tensors are copied in one at a time, so memory
+    stays near the model's own size."""
+    folder = Path(name_or_dir)
+    if not folder.is_dir():
+        if str(name_or_dir) not in GPT2_NAMES:
+            raise FileNotFoundError(f"{name_or_dir} is neither a folder nor one of {', '.join(GPT2_NAMES)}")
+        folder = download_gpt2(str(name_or_dir), cache_dir)
+    for needed in ("config.json", "model.safetensors"):
+        if not (folder / needed).exists():
+            raise FileNotFoundError(f"{folder} has no {needed}: expected a Hugging Face GPT-2 folder")
+    cfg = config_from_hf(json.loads((folder / "config.json").read_text()), drop_rate)
+    previous = backend.default_device()
+    backend.set_default_device(device or previous)
+    try:
+        model = GPTModel(cfg)
+    finally:
+        backend.set_default_device(previous)
+    _copy_weights(model, folder / "model.safetensors")
+    return model.eval()
+
+
+def _copy_weights(model: GPTModel, path: Path) -> None:
+    params = dict(model.named_parameters())
+    with safe_open(str(path), framework="numpy") as f:
+        names = {k.removeprefix("transformer."): k for k in f.keys()}
+        mapping = weight_map(model.cfg)
+        wanted = {hf for _, hf, _, _ in mapping}
+        problems = [f"missing {hf}" for hf in sorted(wanted - names.keys())]
+        problems += [f"unexpected {k}" for k in sorted(names.keys() - wanted)
+                     if not k.endswith(_BUFFERS) and k != "lm_head.weight"]
+        for ours, hf, cols, transpose in mapping:
+            if hf in names:
+                expected = _hf_shape(params[ours].shape, cols, transpose)
+                got = tuple(f.get_slice(names[hf]).get_shape())
+                if got != expected:
+                    problems.append(f"{hf} has shape {got}, expected {expected}")
+        if problems:
+            raise ValueError(f"{path} does not fit this GPT-2 config: " + "; ".join(sorted(set(problems))))
+        for ours, hf, cols, transpose in mapping:
+            array = f.get_tensor(names[hf])
+            if cols is not None:
+                array = array[..., cols]
+            p = params[ours]
+            p.data = backend.make_array(np.ascontiguousarray(array.T if transpose else array), dtype=p.dtype, device=p.device)
+
+
+def save_gpt2(model: GPTModel, out_dir: str | os.PathLike) -> Path:
+    """Write `model` as a Hugging Face GPT-2 folder (model.safetensors + config.json) that
+    load_gpt2 and transformers' GPT2LMHeadModel can read. GPT-2 ties its output head to the
+    token embedding, so an untied model is refused unless the two are equal. The folder is
+    written under a temporary name and renamed into place."""
+    cfg = model.cfg
+    if model.out_head.weight is not model.tok_emb.weight and \
+            not np.array_equal(model.out_head.weight.numpy(), model.tok_emb.weight.numpy()):
+        raise ValueError("GPT-2's layout ties out_head to tok_emb, but this model has a separate out_head; "
+                         "build it with tie_weights=True to export it")
+    params = dict(model.named_parameters())
+    tensors: dict[str, np.ndarray] = {}
+    for ours, hf, cols, transpose in weight_map(cfg):
+        array = params[ours].numpy() if ours in params else np.zeros(cfg["emb_dim"], dtype=np.float32)  # no qkv bias: zeros
+        array = array.T if transpose else array
+        if cols is None:
+            tensors[hf] = np.ascontiguousarray(array)
+        else:  # reassemble c_attn from the three parts
+            tensors.setdefault(hf, np.zeros(array.shape[:-1] + (3 * cfg["emb_dim"],), dtype=array.dtype))[..., cols] = array
+    hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg["vocab_size"],
+                 "n_positions": cfg["context_length"], "n_ctx": cfg["context_length"], "n_embd": cfg["emb_dim"],
+                 "n_layer": cfg["n_layers"], "n_head": cfg["n_heads"], "layer_norm_epsilon": 1e-5,
+                 "activation_function": "gelu_new", "resid_pdrop": cfg["drop_rate"], "embd_pdrop": cfg["drop_rate"],
+                 "attn_pdrop": cfg["drop_rate"], "bos_token_id": 50256, "eos_token_id": 50256}
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def download_gpt2(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Fetch config.json and model.safetensors of a GPT-2 size from the Hugging Face Hub into
+    the cache (once), with a progress bar; each file is downloaded to a temporary name and
+    renamed when complete."""
+    from tqdm import tqdm
+
+    if name not in GPT2_NAMES:
+        raise ValueError(f"unknown GPT-2 size {name!r}; expected one of {', '.join(GPT2_NAMES)}")
+    folder = Path(cache_dir or os.environ.get("TINYGPT_CACHE", Path.home() / ".cache" / "tinygpt")) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in ("config.json", "model.safetensors"):
+        target = folder / file
+        if target.exists():
+            continue
+        url = _HUB.format(name=name, file=file)
+        tmp = target.with_suffix(target.suffix + ".part")
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+                total = int(response.headers.get("Content-Length", 0)) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"{name}/{file}") as bar:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+            tmp.replace(target)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"could not download {url} ({e}); without network, pass a local folder holding "
+                               f"config.json and model.safetensors instead of {name!r}") from e
+    return folder
