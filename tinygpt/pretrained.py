@@ -149,7 +149,9 @@ def save_gpt2(model: GPTModel, out_dir: str | os.PathLike) -> Path:
                  "n_positions": cfg["context_length"], "n_ctx": cfg["context_length"], "n_embd": cfg["emb_dim"],
                  "n_layer": cfg["n_layers"], "n_head": cfg["n_heads"], "layer_norm_epsilon": 1e-5,
                  "activation_function": "gelu_new", "resid_pdrop": cfg["drop_rate"], "embd_pdrop": cfg["drop_rate"],
-                 "attn_pdrop": cfg["drop_rate"], "bos_token_id": 50256, "eos_token_id": 50256}
+                 "attn_pdrop": cfg["drop_rate"]}
+    if cfg["vocab_size"] > 50256:  # GPT-2's <|endoftext|>, only where the vocabulary has it
+        hf_config.update(bos_token_id=50256, eos_token_id=50256)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
@@ -184,10 +186,14 @@ def download_gpt2(name: str, cache_dir: str | os.PathLike | None = None) -> Path
         try:
             with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
                 total = int(response.headers.get("Content-Length", 0)) or None
+                received = 0
                 with tqdm(total=total, unit="B", unit_scale=True, desc=f"{name}/{file}") as bar:
                     while chunk := response.read(1 << 20):
                         out.write(chunk)
+                        received += len(chunk)
                         bar.update(len(chunk))
+            if total is not None and received != total:  # a closed connection reads as a normal end
+                raise OSError(f"the connection closed after {received:,} of {total:,} bytes")
             tmp.replace(target)
         except OSError as e:
             tmp.unlink(missing_ok=True)
