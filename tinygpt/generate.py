@@ -30,7 +30,7 @@ def generate_text_simple(model, idx, max_new_tokens: int, context_size: int):
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, vocab_size: int) -> None:
-    if temperature < 0:
+    if not temperature >= 0:  # also catches NaN
         raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
     if top_k is not None and not 1 <= top_k <= vocab_size:
         raise ValueError(f"top_k must be between 1 and the vocabulary size {vocab_size}, got {top_k}")
@@ -48,11 +48,12 @@ def sample_next(logits, temperature: float = 0.0, top_k: int | None = None, top_
     xp = backend.backend_of(logits)
     if temperature == 0.0:
         return logits.argmax(axis=-1)
-    z = logits.astype(xp.float64) / temperature  # float64: tiny temperatures give huge logits
+    z = logits.astype(xp.float64)
+    z -= z.max(axis=-1, keepdims=True)  # max first: the best token sits at 0 and exp never overflows,
+    z /= temperature                    # even when a tiny temperature sends the rest to -inf
     if top_k is not None:
         kth = xp.sort(z, axis=-1)[:, -top_k][:, None]
         z = xp.where(z < kth, -xp.inf, z)
-    z -= z.max(axis=-1, keepdims=True)  # exp never overflows; the best token has weight 1
     probs = xp.exp(z)
     probs /= probs.sum(axis=-1, keepdims=True)
     if top_p is not None:
@@ -86,6 +87,8 @@ def generate(model, idx, max_new_tokens: int, context_size: int, temperature: fl
     xp = backend.backend_of(model.tok_emb.weight.data)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if context_size < 1:
+        raise ValueError(f"context_size must be >= 1, got {context_size}")
     _check_sampling(temperature, top_k, top_p, model.cfg["vocab_size"])
     idx = backend.to_device(idx.data if isinstance(idx, Tensor) else idx, model.tok_emb.weight.device)
     if idx.ndim != 2 or idx.shape[1] == 0:
