@@ -16,6 +16,7 @@ all reseeded by `manual_seed`) and the default floating-point dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -175,6 +176,17 @@ def set_default_device(device: str) -> None:
     global _default_device
     get_backend(device)  # fails here, with the reason, if the device is unusable
     _default_device = device
+
+
+@contextlib.contextmanager
+def device_scope(device: str | None):
+    """Make `device` the default inside a with-block (None: leave it as it is)."""
+    previous = default_device()
+    set_default_device(device or previous)
+    try:
+        yield
+    finally:
+        set_default_device(previous)
 
 
 def default_dtype() -> np.dtype:

@@ -93,12 +93,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | None = None, bpe_file
     """The model (on `device`), tokenizer and saved training state of a checkpoint."""
     folder = resolve_checkpoint(path)
     config = json.loads((folder / "config.json").read_text())
-    previous = backend.default_device()
-    backend.set_default_device(device or previous)
-    try:
+    with backend.device_scope(device):
         model = GPTModel(config)
-    finally:
-        backend.set_default_device(previous)
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     trainer_state = json.loads((folder / "trainer_state.json").read_text()) if (folder / "trainer_state.json").exists() else None
     optimizer_state = None

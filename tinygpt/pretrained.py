@@ -91,12 +91,8 @@ def load_gpt2(name_or_dir: str | os.PathLike = "gpt2", device: str | None = None
         if not (folder / needed).exists():
             raise FileNotFoundError(f"{folder} has no {needed}: expected a Hugging Face GPT-2 folder")
     cfg = config_from_hf(json.loads((folder / "config.json").read_text()), drop_rate)
-    previous = backend.default_device()
-    backend.set_default_device(device or previous)
-    try:
+    with backend.device_scope(device):
         model = GPTModel(cfg)
-    finally:
-        backend.set_default_device(previous)
     _copy_weights(model, folder / "model.safetensors")
     return model.eval()
 
