@@ -17,7 +17,6 @@ from tinygpt.model import GPT_CONFIG_124M, GPTModel
 
 
 def tokens_per_second(run, new_tokens: int, repeats: int) -> float:
-    run()  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -36,6 +35,7 @@ def main() -> None:
     model = GPTModel({**GPT_CONFIG_124M, "qkv_bias": True, "tie_weights": True, "drop_rate": 0.0}).eval()
     prompt = np.random.default_rng(0).integers(0, 50257, (1, args.prompt_tokens))
     n = args.new_tokens
+    generate(model, prompt, 5, 1024)  # warm-up: first calls pay for allocation and caches
     rows = [("tinygpt, KV cache", tokens_per_second(lambda: generate(model, prompt, n, 1024, use_cache=True), n, args.repeats)),
             ("tinygpt, no cache", tokens_per_second(lambda: generate(model, prompt, n, 1024, use_cache=False), n, args.repeats))]
     try:
@@ -45,6 +45,8 @@ def main() -> None:
         torch.manual_seed(0)
         hf = GPT2LMHeadModel(GPT2Config()).eval()
         hf_prompt = torch.tensor(prompt)
+        with torch.no_grad():
+            hf.generate(hf_prompt, max_new_tokens=5, do_sample=False, pad_token_id=50256, attention_mask=torch.ones_like(hf_prompt))
         for cache in (True, False):
             def run(cache=cache):
                 with torch.no_grad():
