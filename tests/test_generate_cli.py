@@ -35,8 +35,6 @@ def char_checkpoint(tmp_path):
     tg.manual_seed(11)
     model = GPTModel({"vocab_size": tok.n_vocab, "context_length": 16, "emb_dim": 16, "n_heads": 2, "n_layers": 2,
                       "drop_rate": 0.0, "qkv_bias": False})
-    for p in model.parameters():  # GPT-2's init gives near-uniform logits; scale them up so tokens differ
-        p.data = p.data * 10
     save_checkpoint(tmp_path / "run", 1, model, tok)
     return tmp_path / "run"
 
@@ -77,7 +75,8 @@ def test_generate_from_a_training_checkpoint_streams_one_character_per_token(cha
     ids = generate(ck.model, text_to_token_ids("the ", ck.tokenizer), 12, ck.model.cfg["context_length"])
     expected = ck.tokenizer.decode(ids[0, 4:].tolist())
     assert writes[0] == "the "
-    assert writes[1:13] == list(expected)  # streamed as generated, not printed at the end
+    # streamed as generated, one write per token (an unknown-character id decodes to "<unk>")
+    assert writes[1:13] == [ck.tokenizer.decode([i]) for i in ids[0, 4:].tolist()]
     assert "".join(writes) == "the " + expected + "\n"
 
 
@@ -92,7 +91,7 @@ def test_sampling_is_reproducible_with_a_seed_and_differs_with_another(char_chec
     assert first[1] != other[1]
     greedy = run_generate(capsys, "--checkpoint", str(char_checkpoint), "--prompt", "the ", "--max-new-tokens", "30")
     assert first[1] != greedy[1]
-    assert len(first[1]) == len("the ") + 30 + 1
+    assert "[30 tokens in" in first[2]  # all 30 generated (an unknown-character id prints as "<unk>")
 
 
 @pytest.mark.parametrize("new_tokens", ["5", "30"])  # 30 slides the 16-token window of the char model
