@@ -47,12 +47,15 @@ class GPTModel(nn.Module):
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
         self.trf_blocks = nn.Sequential(*[nn.TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = nn.LayerNorm(cfg["emb_dim"])
-        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
-        if cfg.get("tie_weights", False):
-            self.out_head.weight = self.tok_emb.weight  # one Parameter, two uses
+        if cfg.get("num_classes"):  # a classifier (chapter 6): class logits instead of next-token logits
+            self.out_head = nn.Linear(cfg["emb_dim"], cfg["num_classes"])
+        else:
+            self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+            if cfg.get("tie_weights", False):
+                self.out_head.weight = self.tok_emb.weight  # one Parameter, two uses
 
     def forward(self, idx, cache: nn.KVCache | None = None) -> Tensor:
-        """Logits [B, T, vocab_size] for token ids idx [B, T]. With a KV cache (see
+        """Logits [B, T, vocab_size] (or [B, T, num_classes]) for token ids idx [B, T]. With a KV cache (see
         new_cache), idx holds only tokens after the cached ones, at the following positions."""
         ids = idx.data if isinstance(idx, Tensor) else idx
         if ids.ndim != 2:
@@ -96,7 +99,11 @@ def parameter_table(cfg: dict) -> list[tuple[str, int]]:
     for i in range(n):
         rows += [(f"trf_blocks.{i}.att", attention), (f"trf_blocks.{i}.ff", feed_forward),
                  (f"trf_blocks.{i}.norm1", 2 * d), (f"trf_blocks.{i}.norm2", 2 * d)]
-    rows += [("final_norm", 2 * d), ("out_head", 0 if cfg.get("tie_weights", False) else v * d)]
+    if cfg.get("num_classes"):
+        head = cfg["num_classes"] * (d + 1)
+    else:
+        head = 0 if cfg.get("tie_weights", False) else v * d
+    rows += [("final_norm", 2 * d), ("out_head", head)]
     return rows
 
 
