@@ -26,7 +26,8 @@ def _normal(shape: tuple[int, ...], std: float) -> Parameter:
     return Parameter(b.randn(shape, backend.default_dtype()) * std)
 
 
-def _uniform(shape: tuple[int, ...], bound: float) -> Parameter:
+def uniform_parameter(shape: tuple[int, ...], bound: float) -> Parameter:
+    """A Parameter of the default dtype and device, uniform in [-bound, bound)."""
     b = backend.get_backend(backend.default_device())
     return Parameter((b.rand(shape, backend.default_dtype()) * 2.0 - 1.0) * bound)
 
@@ -173,8 +174,8 @@ class Linear(Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         self.in_features, self.out_features = in_features, out_features
         bound = 1.0 / math.sqrt(in_features)
-        self.weight = _uniform((out_features, in_features), bound)
-        self.bias = _uniform((out_features,), bound) if bias else None
+        self.weight = uniform_parameter((out_features, in_features), bound)
+        self.bias = uniform_parameter((out_features,), bound) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)

@@ -34,11 +34,12 @@ class AdamW:
         self.param_groups = [{**defaults, **group, "params": list(group["params"])} for group in groups]
         self.state: dict[int, dict] = {}  # id(param) -> {"step", "m", "v"}
 
-    def _params(self) -> list[Tensor]:
+    def parameters(self) -> list[Tensor]:
+        """Every parameter this optimizer updates, in group order."""
         return [p for group in self.param_groups for p in group["params"]]
 
     def zero_grad(self) -> None:
-        for p in self._params():
+        for p in self.parameters():
             p.grad = None
 
     @no_grad()
@@ -65,7 +66,7 @@ class AdamW:
 
     def state_dict(self) -> dict:
         """Hyperparameters and per-parameter state, parameters named by their position."""
-        index = {id(p): i for i, p in enumerate(self._params())}
+        index = {id(p): i for i, p in enumerate(self.parameters())}
         return {
             "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(p)] for p in g["params"]]}
                              for g in self.param_groups],
@@ -73,7 +74,7 @@ class AdamW:
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        params = self._params()
+        params = self.parameters()
         groups = state_dict["param_groups"]
         if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
             raise ValueError(f"AdamW.load_state_dict: group sizes {[len(g['params']) for g in groups]} do not match "

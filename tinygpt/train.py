@@ -204,7 +204,7 @@ class Trainer:
         self.optimizer.zero_grad()
         loss.backward()
         if self.config.grad_clip:
-            clip_grad_norm(self.optimizer._params(), self.config.grad_clip)
+            clip_grad_norm(self.optimizer.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.state.step += 1
         self.state.tokens_seen += int(x.size)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from tinygpt import backend, nn
-from tinygpt.tensor import Tensor
+from tinygpt.tensor import Tensor, zeros
 
 
 class LoRALayer(nn.Module):
@@ -19,10 +19,9 @@ class LoRALayer(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float):
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        b = backend.get_backend(backend.default_device())
-        bound = 1.0 / math.sqrt(rank)  # PyTorch's kaiming_uniform_(A, a=sqrt(5)), as in the book: fan_in = rank
-        self.A = nn.Parameter((b.rand((in_dim, rank), backend.default_dtype()) * 2.0 - 1.0) * bound)
-        self.B = nn.Parameter(b.xp.zeros((rank, out_dim), dtype=backend.default_dtype()))
+        # PyTorch's kaiming_uniform_(A, a=sqrt(5)), as in the book: fan_in = rank, bound 1/sqrt(rank)
+        self.A = nn.uniform_parameter((in_dim, rank), 1.0 / math.sqrt(rank))
+        self.B = nn.Parameter(zeros(rank, out_dim))
         self.rank, self.alpha = rank, alpha
 
     def forward(self, x: Tensor) -> Tensor:
