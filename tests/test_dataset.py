@@ -116,7 +116,7 @@ def test_drop_last_drops_only_the_short_final_batch():
 
 def test_drop_last_with_fewer_windows_than_a_batch_is_an_error():
     with pytest.raises(
-        ValueError, match="dataset has 2 windows but batch_size is 3 with drop_last=True"
+        ValueError, match="dataset has 2 examples but batch_size is 3 with drop_last=True"
     ):
         loader(6, batch_size=3, drop_last=True)
     assert len(loader(6, batch_size=3, drop_last=False)) == 1

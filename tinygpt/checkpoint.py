@@ -95,6 +95,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | None = None, bpe_file
     config = json.loads((folder / "config.json").read_text())
     with backend.device_scope(device):
         model = GPTModel(config)
+        if "lora" in config:  # saved while finetuning with LoRA: the same adapters, then their weights
+            from tinygpt.finetune.lora import replace_linear_with_lora
+
+            replace_linear_with_lora(model, **config["lora"])
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     trainer_state = json.loads((folder / "trainer_state.json").read_text()) if (folder / "trainer_state.json").exists() else None
     optimizer_state = None

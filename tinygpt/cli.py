@@ -169,7 +169,7 @@ def _generate(args) -> int:
     import time
 
     import tinygpt as tg
-    from tinygpt.generate import generate, text_to_token_ids
+    from tinygpt.generate import StreamPrinter, generate, text_to_token_ids
 
     tg.set_default_device(args.device)
     if args.checkpoint:
@@ -184,25 +184,16 @@ def _generate(args) -> int:
         model, tokenizer = load_gpt2(args.model, device=args.device), gpt2_tokenizer(args.bpe_file)
     tg.manual_seed(args.seed)
     prompt = text_to_token_ids(args.prompt, tokenizer)
-    new_ids: list[int] = []
-    shown = ""
-
-    def stream(column) -> None:  # decode everything so far: one token may be half a character
-        nonlocal shown
-        new_ids.append(int(column[0]))
-        text = tokenizer.decode(new_ids)
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
-
+    stream = StreamPrinter(tokenizer)
     sys.stdout.write(args.prompt)
     started = time.perf_counter()
     generate(model, prompt, args.max_new_tokens, model.cfg["context_length"], temperature=args.temperature, top_k=args.top_k,
              top_p=args.top_p, eos_id=getattr(tokenizer, "eot_token", None), use_cache=not args.no_cache, on_token=stream)
     seconds = time.perf_counter() - started
-    sys.stdout.write(tokenizer.decode(new_ids)[len(shown):] + "\n")
-    print(f"[{len(new_ids)} tokens in {seconds:.1f} s, {len(new_ids) / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    stream.finish()
+    sys.stdout.write("\n")
+    n = len(stream.ids)
+    print(f"[{n} tokens in {seconds:.1f} s, {n / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
     return 0
 
 
@@ -275,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bpe-file", help="local GPT-2 ranks file for offline use (or TINYGPT_BPE_FILE)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
     p.set_defaults(run=_generate)
+
+    from tinygpt.finetune.cli import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -117,3 +117,33 @@ def generate(model, idx, max_new_tokens: int, context_size: int, temperature: fl
     finally:
         model.train(was_training)
     return idx
+
+
+class StreamPrinter:
+    """Prints generated tokens as they come (`on_token` of generate for one row). Everything
+    so far is decoded each time, since a token can hold half of a UTF-8 character; nothing is
+    printed from `stop_id` on."""
+
+    def __init__(self, tokenizer, stop_id: int | None = None, write=None):
+        import sys
+
+        self.tokenizer, self.stop_id = tokenizer, stop_id
+        self.write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+        self.ids: list[int] = []
+        self.shown = ""
+        self.stopped = False
+
+    def __call__(self, column) -> None:
+        token = int(column[0])
+        self.stopped = self.stopped or token == self.stop_id
+        if self.stopped:
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            self.write(text[len(self.shown):])
+            self.shown = text
+
+    def finish(self) -> None:
+        """Print what a half-finished character held back."""
+        self.write(self.tokenizer.decode(self.ids)[len(self.shown):])

@@ -196,3 +196,19 @@ def download_gpt2(name: str, cache_dir: str | os.PathLike | None = None) -> Path
             raise RuntimeError(f"could not download {url} ({e}); without network, pass a local folder holding "
                                f"config.json and model.safetensors instead of {name!r}") from e
     return folder
+
+
+def load_model_and_tokenizer(source: str | os.PathLike, device: str | None = None, bpe_file: str | os.PathLike | None = None):
+    """(model, tokenizer) to start finetuning from: a GPT-2 size by name, a Hugging Face
+    GPT-2 folder (config.json with "n_embd"), or a run or checkpoint of `tinygpt train`."""
+    from tinygpt.checkpoint import load_checkpoint
+    from tinygpt.data import gpt2_tokenizer
+
+    folder = Path(source)
+    is_hf_folder = (folder / "config.json").exists() and "n_embd" in json.loads((folder / "config.json").read_text())
+    if str(source) in GPT2_NAMES or is_hf_folder:
+        return load_gpt2(source, device=device), gpt2_tokenizer(bpe_file)
+    if not folder.exists():
+        raise FileNotFoundError(f"{source} is neither one of {', '.join(GPT2_NAMES)} nor a folder")
+    checkpoint = load_checkpoint(folder, device=device, bpe_file=bpe_file)
+    return checkpoint.model, checkpoint.tokenizer

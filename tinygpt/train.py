@@ -158,8 +158,8 @@ class Trainer:
             self.model.train()
             started, tokens_at_start = time.perf_counter(), self.state.tokens_seen
             while not self._finished():
-                for x, y in self.train_loader:
-                    loss = self._step(x, y)
+                for batch in self.train_loader:
+                    loss = self._step(batch)
                     bar.update(1)
                     rate = (self.state.tokens_seen - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self._lr:.2e}", tok_s=f"{rate:.0f}")
@@ -190,11 +190,17 @@ class Trainer:
         epochs_done = loader.epoch + (loader.position >= len(loader))  # a finished epoch not yet rolled over
         return epochs_done >= c.epochs or (c.max_steps is not None and self.state.step >= c.max_steps)
 
-    def _step(self, x, y) -> float:
+    def loss_batch(self, batch) -> Tensor:
+        """The training loss of one batch from the loader (next-token cross-entropy here;
+        the finetuning trainers override it)."""
+        inputs, targets = batch
+        return calc_loss_batch(inputs, targets, self.model)
+
+    def _step(self, batch) -> float:
         self._lr = self.learning_rate(self.state.step)
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr
-        loss = calc_loss_batch(x, y, self.model)
+        loss = self.loss_batch(batch)
         value = loss.item()
         if not math.isfinite(value):
             saved = self.out_dir is not None and (self.out_dir / "latest").exists()
@@ -207,21 +213,29 @@ class Trainer:
             clip_grad_norm(self.optimizer.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.state.step += 1
-        self.state.tokens_seen += int(x.size)
+        self.state.tokens_seen += int(batch[0].size)  # input tokens (padding included)
         return value
 
     def evaluate(self) -> tuple[float, float]:
+        """Record train and val loss in the history, show them and a sample."""
         train_loss, val_loss = evaluate_model(self.model, self.train_loader, self.val_loader, self.config.eval_iter)
-        h = self.state.history
-        for key, value in (("step", self.state.step), ("tokens_seen", self.state.tokens_seen),
-                           ("train_loss", train_loss), ("val_loss", val_loss), ("lr", self._lr)):
-            h[key].append(value)
+        self.record(train_loss=train_loss, val_loss=val_loss)
         self.show(f"step {self.state.step:>6}  tokens {self.state.tokens_seen:>9,}  train loss {train_loss:.3f}  "
                   f"val loss {val_loss:.3f}  (perplexity {perplexity(val_loss):.1f})")
-        generate_and_print_sample(self.model, self.tokenizer, self.config.start_context, self.config.sample_tokens,
-                                  show=lambda text: self.show(f"  sample: {text}"), temperature=self.config.sample_temperature)
+        self.sample()
         self.write_history()
         return train_loss, val_loss
+
+    def record(self, **values: float) -> None:
+        """Append one evaluation (step, tokens seen, lr and `values`) to the history."""
+        h = self.state.history
+        for key, value in {"step": self.state.step, "tokens_seen": self.state.tokens_seen, **values, "lr": self._lr}.items():
+            h.setdefault(key, []).append(value)
+
+    def sample(self) -> str:
+        return generate_and_print_sample(self.model, self.tokenizer, self.config.start_context, self.config.sample_tokens,
+                                         show=lambda text: self.show(f"  sample: {text}"),
+                                         temperature=self.config.sample_temperature)
 
     # ------------------------------------------------------------------ persistence
     def trainer_state(self) -> dict[str, Any]:

@@ -71,8 +71,17 @@ class GPTDataset:
         return np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:])
 
 
+class BatchSource(Protocol):
+    """What DataLoader serves from: a length and a way to gather rows into a batch
+    (GPTDataset here; the finetuning datasets too)."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: np.ndarray) -> tuple: ...
+
+
 class DataLoader:
-    """Batches of a `GPTDataset`, optionally shuffled, resumable mid-epoch.
+    """Batches of a `GPTDataset` (or any `BatchSource`), optionally shuffled, resumable mid-epoch.
 
     Each epoch's order is a permutation drawn from `np.random.default_rng([seed, epoch])`, so every
     epoch differs, the same seed repeats the same sequence of epochs, and resuming needs only
@@ -82,7 +91,7 @@ class DataLoader:
 
     def __init__(
         self,
-        dataset: GPTDataset,
+        dataset: BatchSource,
         batch_size: int = 1,
         shuffle: bool = False,
         drop_last: bool = False,
@@ -100,7 +109,7 @@ class DataLoader:
         self.position = 0
         if len(self) == 0:
             raise ValueError(
-                f"dataset has {len(dataset)} windows but batch_size is {batch_size} with "
+                f"dataset has {len(dataset)} examples but batch_size is {batch_size} with "
                 f"drop_last=True: no batch would be produced"
             )
 

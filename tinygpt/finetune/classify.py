@@ -19,6 +19,7 @@ from tinygpt import backend, nn
 from tinygpt import functional as F
 from tinygpt.data import encode_text
 from tinygpt.tensor import Tensor, no_grad
+from tinygpt.train import Trainer
 
 
 def make_classifier(model, num_classes: int, trainable_blocks: int | None = 1):
@@ -27,14 +28,23 @@ def make_classifier(model, num_classes: int, trainable_blocks: int | None = 1):
     blocks (None: all of them), the final LayerNorm and the head."""
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
-    model.requires_grad_(False)
     with backend.device_scope(model.tok_emb.weight.device):
         model.out_head = nn.Linear(model.cfg["emb_dim"], num_classes)
     model.cfg.update(num_classes=num_classes, tie_weights=False)
+    return train_only_the_top(model, trainable_blocks)
+
+
+def train_only_the_top(model, trainable_blocks: int | None = 1):
+    """Freeze the model except its last `trainable_blocks` transformer blocks (None: all of
+    them), the final LayerNorm and the output head."""
     blocks = list(model.trf_blocks)
+    if trainable_blocks is not None and not 0 <= trainable_blocks <= len(blocks):
+        raise ValueError(f"trainable_blocks is {trainable_blocks} but the model has {len(blocks)} transformer blocks")
+    model.requires_grad_(False)
     for block in blocks if trainable_blocks is None else blocks[len(blocks) - trainable_blocks:]:
         block.requires_grad_(True)
     model.final_norm.requires_grad_(True)
+    model.out_head.requires_grad_(True)
     return model
 
 
@@ -113,8 +123,11 @@ class ClassificationDataset:
         order = np.random.default_rng([seed, epoch]).permutation(len(self)) if shuffle else np.arange(len(self))
         stop = len(self) - len(self) % batch_size if drop_last else len(self)
         for start in range(0, stop, batch_size):
-            rows = order[start:start + batch_size]
-            yield self.ids[rows], self.lengths[rows], self.labels[rows]
+            yield self.batch(order[start:start + batch_size])
+
+    def batch(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids [B, max_length], lengths [B], labels [B]) of these examples (for DataLoader)."""
+        return self.ids[indices], self.lengths[indices], self.labels[indices]
 
 
 def class_logits(model, ids, lengths) -> Tensor:
@@ -126,7 +139,7 @@ def class_logits(model, ids, lengths) -> Tensor:
 
 
 def calc_loss_batch(ids, lengths, labels, model) -> Tensor:
-    return F.cross_entropy(class_logits(model, ids, lengths), labels)
+    return F.cross_entropy(class_logits(model, ids, lengths), backend.to_device(labels, model.tok_emb.weight.device))
 
 
 @no_grad()
@@ -177,6 +190,26 @@ def train_classifier_simple(model, train_set: ClassificationDataset, val_set: Cl
         val_accs.append(calc_accuracy(val_set, model, batch_size, eval_iter))
         show(f"epoch {epoch + 1}: train accuracy {train_accs[-1]:.1%}, val accuracy {val_accs[-1]:.1%}")
     return train_losses, val_losses, train_accs, val_accs, examples_seen
+
+
+class ClassifierTrainer(Trainer):
+    """The pretraining loop (schedule, checkpoints, exact resume) on batches of a
+    ClassificationDataset; evaluations add accuracy and show no text samples."""
+
+    def loss_batch(self, batch) -> Tensor:
+        ids, lengths, labels = batch
+        return calc_loss_batch(ids, lengths, labels, self.model)
+
+    def evaluate(self) -> tuple[float, float]:
+        n, size = self.config.eval_iter, self.train_loader.batch_size
+        train_set, val_set = self.train_loader.dataset, self.val_loader.dataset
+        train_loss, val_loss = calc_loss(train_set, self.model, size, n), calc_loss(val_set, self.model, size, n)
+        train_acc, val_acc = calc_accuracy(train_set, self.model, size, n), calc_accuracy(val_set, self.model, size, n)
+        self.record(train_loss=train_loss, val_loss=val_loss, train_acc=train_acc, val_acc=val_acc)
+        self.show(f"step {self.state.step:>6}  train loss {train_loss:.3f}  val loss {val_loss:.3f}  "
+                  f"train accuracy {train_acc:.1%}  val accuracy {val_acc:.1%}")
+        self.write_history()
+        return train_loss, val_loss
 
 
 @no_grad()

@@ -1,15 +1,20 @@
-"""Instruction finetuning data (book chapter 7): Alpaca-style prompts, the dataset, and the
-collate function that pads a batch and hides padding from the loss."""
+"""Instruction finetuning (book chapter 7): Alpaca-style prompts, the dataset, the collate
+function that pads a batch and hides padding from the loss, training, and the responses of
+the finetuned model to held-out instructions."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from tinygpt import backend
 from tinygpt.data import encode_text
+from tinygpt.files import atomic_write_text
+from tinygpt.generate import generate
+from tinygpt.train import Trainer
 
 RESPONSE_MARKER = "### Response:"
 
@@ -43,14 +48,32 @@ def load_instruction_data(path: str | os.PathLike) -> list[dict[str, str]]:
     return records
 
 
-class InstructionDataset:
-    """Each record as token ids of prompt + response, with the prompt's length (for masking)."""
+def split_instruction_data(records: Sequence[dict], train_frac: float = 0.85, test_frac: float = 0.1) -> tuple[list, list, list]:
+    """(train, val, test) as the book splits them, in file order: the first 85 % train, the
+    next 10 % test, and the remaining 5 % validate."""
+    if not (0 < train_frac and 0 <= test_frac and train_frac + test_frac < 1):
+        raise ValueError(f"train fraction {train_frac} and test fraction {test_frac} must be positive and leave some "
+                         f"records for validation (their sum must be below 1)")
+    n_train, n_test = int(len(records) * train_frac), int(len(records) * test_frac)
+    train, test, val = records[:n_train], records[n_train:n_train + n_test], records[n_train + n_test:]
+    for name, part in (("training", train), ("validation", val)):
+        if not part:
+            raise ValueError(f"{len(records)} records leave no {name} records with train fraction {train_frac} and "
+                             f"test fraction {test_frac}")
+    return list(train), list(val), list(test)
 
-    def __init__(self, records: Sequence[dict[str, str]], tokenizer: Any):
+
+class InstructionDataset:
+    """Each record as token ids of prompt + response, with the prompt's length (for masking).
+    `batch(indices)` collates records into (inputs, targets), so a DataLoader can serve it."""
+
+    def __init__(self, records: Sequence[dict[str, str]], tokenizer: Any, pad_token_id: int = 50256,
+                 allowed_max_length: int | None = None, mask_prompt: bool = False):
         self.items = []
         for entry in records:
             prompt = encode_text(tokenizer, format_input(entry))
             self.items.append((prompt + encode_text(tokenizer, format_response(entry)), len(prompt)))
+        self.pad_token_id, self.allowed_max_length, self.mask_prompt = pad_token_id, allowed_max_length, mask_prompt
 
     def __len__(self) -> int:
         return len(self.items)
@@ -60,6 +83,11 @@ class InstructionDataset:
 
     def prompt_length(self, i: int) -> int:
         return self.items[i][1]
+
+    def batch(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        indices = [int(i) for i in indices]
+        return instruction_collate([self[i] for i in indices], self.pad_token_id, allowed_max_length=self.allowed_max_length,
+                                   prompt_lengths=[self.prompt_length(i) for i in indices] if self.mask_prompt else None)
 
 
 def instruction_collate(batch: Sequence[Sequence[int]], pad_token_id: int = 50256, ignore_index: int = -100,
@@ -94,3 +122,45 @@ def extract_response(generated_text: str, prompt: str | None = None) -> str:
     if RESPONSE_MARKER in text:
         text = text.split(RESPONSE_MARKER, 1)[1]
     return text.replace("<|endoftext|>", "").strip()
+
+
+def generate_response(model, tokenizer: Any, entry: dict[str, str], max_new_tokens: int = 256, temperature: float = 0.0,
+                      top_k: int | None = None, on_token: Callable | None = None) -> str:
+    """The model's answer to one record's instruction (and input): generation from the
+    prompt plus the response marker, stopped at end-of-text, as in the book."""
+    prompt = format_input(entry) + f"\n\n{RESPONSE_MARKER}\n"
+    ids = encode_text(tokenizer, prompt)
+    context = model.cfg["context_length"]
+    if len(ids) >= context:
+        raise ValueError(f"the prompt has {len(ids)} tokens but context_length is {context}: no room for a response")
+    out = generate(model, np.array([ids]), min(max_new_tokens, context - len(ids)), context, temperature=temperature,
+                   top_k=top_k, eos_id=getattr(tokenizer, "eot_token", None), on_token=on_token)
+    return extract_response(tokenizer.decode([int(t) for t in backend.to_host(out)[0, len(ids):]]))
+
+
+def write_responses(path: str | os.PathLike, records: Sequence[dict], model, tokenizer: Any, max_new_tokens: int = 256,
+                    show: Callable | None = None) -> list[dict]:
+    """Each record with the model's answer added as "model_response" (the book's key),
+    written to `path` as JSON atomically; returns the records."""
+    answered = []
+    for i, entry in enumerate(records):
+        answered.append({**entry, "model_response": generate_response(model, tokenizer, entry, max_new_tokens)})
+        if show is not None:
+            show(f"response {i + 1}/{len(records)}: {answered[-1]['model_response'][:70]!r}")
+    atomic_write_text(path, json.dumps(answered, indent=2, ensure_ascii=False))
+    return answered
+
+
+class InstructionTrainer(Trainer):
+    """The pretraining loop on instruction batches; its samples answer a held-out record."""
+
+    def __init__(self, *args, sample_entry: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sample_entry = sample_entry
+
+    def sample(self) -> str:
+        if self.sample_entry is None:
+            return ""
+        text = generate_response(self.model, self.tokenizer, self.sample_entry, self.config.sample_tokens)
+        self.show(f"  response to {self.sample_entry['instruction'][:50]!r}: {text[:200]!r}")
+        return text

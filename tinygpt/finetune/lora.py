@@ -44,9 +44,13 @@ class LinearWithLoRA(nn.Module):
 
 def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
     """Freeze every parameter of `model`, then wrap every Linear in a LinearWithLoRA (in place).
-    Afterwards only the LoRA matrices train: `model.num_parameters(trainable_only=True)`."""
+    Afterwards only the LoRA matrices train: `model.num_parameters(trainable_only=True)`.
+    A GPTModel notes {"rank", "alpha"} under cfg["lora"], so a checkpoint of it reloads
+    with the same adapters."""
     model.requires_grad_(False)
     _wrap(model, rank, alpha)
+    if isinstance(getattr(model, "cfg", None), dict):
+        model.cfg["lora"] = {"rank": rank, "alpha": alpha}
     return model
 
 
@@ -62,6 +66,8 @@ def _wrap(module: nn.Module, rank: int, alpha: float) -> None:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold each adapter into its weight, W <- W + (alpha / rank) (A B)^T, and put the plain
     Linear back: the same outputs without the extra matrix products at inference time."""
+    if isinstance(getattr(model, "cfg", None), dict):
+        model.cfg.pop("lora", None)
     for name, child in list(vars(model).items()):
         if isinstance(child, LinearWithLoRA):
             lora, linear = child.lora, child.linear
