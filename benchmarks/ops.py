@@ -19,7 +19,9 @@ other in this process, repeat after repeat, on the CPU, float32. Forward is time
 gradients on (so it includes saving what backward needs); backward is timed as
 `out.backward(grad)` from a fixed random `grad` of the output's shape (from the loss itself
 for cross_entropy), including the write of each input's `.grad`. Times are medians over the
-repeats, after warm-up repeats that are not counted.
+repeats, after warm-up repeats that are not counted. A short pause separates the calls
+(--pause): NumPy's BLAS threads and PyTorch's keep spinning for a moment after a call, and on
+a machine with few cores would otherwise slow the call that follows.
 
 Thread settings are left as they are; set OPENBLAS_NUM_THREADS / OMP_NUM_THREADS before the
 run to change them. Nothing here is run by the tests; results go to benchmarks/RESULTS.md.
@@ -164,6 +166,9 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=50257)
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per op and engine")
     parser.add_argument("--warmup", type=int, default=2, help="untimed repeats first")
+    parser.add_argument("--pause", type=float, default=0.05,
+                        help="seconds between calls, so that one library's idling threads, which spin for a moment "
+                             "after their last call, do not take cores from the other's (default 0.05)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     args = parser.parse_args()
@@ -193,6 +198,7 @@ def main() -> None:
         for repeat in range(args.warmup + args.repeats):
             for runner in op_runners:
                 runner.run(record=repeat >= args.warmup)
+                time.sleep(args.pause)
         ours = op_runners[0]
         ours_fwd, ours_bwd = median_ms(ours.forward_s), median_ms(ours.backward_s)
         for peer in op_runners[1:]:

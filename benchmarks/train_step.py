@@ -10,14 +10,14 @@ update, zero_grad. Both engines run the book's architecture (PyTorch: benchmarks
 with the same initial weights, the same tokens, the same AdamW hyperparameters and dtype.
 
 Each engine runs in its own worker process, so that each one's peak memory is its own and
-neither engine's allocations slow the other. The parent asks the workers for one step at a
-time, in turn (tinygpt, torch, tinygpt, torch, ...), so that anything else the machine does
-during the run falls on both engines alike. Each worker times its own step: wall-clock on
-the CPU, CUDA events on a GPU.
+neither inherits the other's heap, caches or threads. The parent asks the workers for one
+step at a time, in turn (tinygpt, torch, tinygpt, torch, ...), so that anything else the
+machine does during the run falls on both engines alike. Each worker times its own step:
+wall-clock on the CPU, CUDA events on a GPU.
 
 Peak memory is the worker's maximum resident set size on the CPU (so it includes the Python
-interpreter and the imported libraries, shown apart as "after imports"), and on a GPU the most memory the
-engine's allocator held (CuPy's memory pool, torch.cuda.max_memory_reserved).
+interpreter and the imported libraries, shown apart as "after imports"), and on a GPU the
+most memory the engine's allocator held (CuPy's memory pool, torch.cuda.max_memory_reserved).
 
 Matmul efficiency sets the step's useful arithmetic against what this machine's BLAS (or
 CuPy on a GPU) reaches on the model's own matrix shapes: an engine at 80% spends most of its
@@ -223,10 +223,13 @@ class Worker:
     """The parent's handle on one worker process."""
 
     def __init__(self, engine: str, cfg: dict, settings: dict):
+        # "spawn" starts a fresh interpreter: nothing of this process (or of torch) is inherited.
+        # daemon: if the run fails, the other worker ends with this process instead of waiting.
+        context = multiprocessing.get_context("spawn")
         self.engine = engine
-        self.conn, child_conn = multiprocessing.get_context("spawn").Pipe()
-        self.process = multiprocessing.get_context("spawn").Process(
-            target=worker, args=(engine, cfg, settings, child_conn), name=f"{engine} worker")
+        self.conn, child_conn = context.Pipe()
+        self.process = context.Process(target=worker, args=(engine, cfg, settings, child_conn),
+                                       name=f"{engine} worker", daemon=True)
         self.process.start()
         child_conn.close()  # so that recv() fails, instead of waiting forever, if the worker dies
 
@@ -274,8 +277,10 @@ def gemm_throughput(shapes: dict[str, tuple[int, int, int]], dtype: str, device:
         a = xp.asarray(rng.standard_normal((m, k), dtype=np.float32).astype(dtype))
         b = xp.asarray(rng.standard_normal((k, n), dtype=np.float32).astype(dtype))
         out = xp.empty((m, n), dtype=dtype)
+
         def product():
             xp.matmul(a, b, out=out)
+
         calls = max(1, int(0.05 / clock(product)))  # the first call also warms up
         best = min(clock(product, calls) for _ in range(repeats))
         flops = 2 * m * k * n
@@ -406,16 +411,18 @@ def main() -> None:
     workers = [Worker(engine, cfg, settings) for engine in args.engines]
     about = {w.engine: w.receive("ready") for w in workers}
     print_header(cfg, args, about)
-    for note in notes:
-        print(f"note: {note}")
     times, losses = run_rounds(workers, args.warmup, args.repeats, args.pause)
     memory = {w.engine: w.ask("finish", "memory") for w in workers}
     for w in workers:
         w.process.join()
 
     n, c = args.batch * args.tokens, cfg["emb_dim"]
-    gemm = gemm_throughput({"x @ W_ff1 (C -> 4C)": (n, c, 4 * c), "x @ W_ff2 (4C -> C)": (n, 4 * c, c),
-                            "x @ W_out (C -> V)": (n, c, cfg["vocab_size"])}, args.dtype, args.device)
+    if args.device == "cuda" and importlib.util.find_spec("cupy") is None:
+        gemm = {"shapes": {}, "overall_gflops": float("nan")}
+        notes.append("CuPy is not installed: no matmul throughput to compare with")
+    else:
+        gemm = gemm_throughput({"x @ W_ff1 (C -> 4C)": (n, c, 4 * c), "x @ W_ff2 (4C -> C)": (n, 4 * c, c),
+                                "x @ W_out (C -> V)": (n, c, cfg["vocab_size"])}, args.dtype, args.device)
     flops = step_flops(cfg, args.batch, args.tokens)
     results = {}
     for engine, seconds in times.items():
@@ -430,6 +437,8 @@ def main() -> None:
         ratios = {"step_time": ours["median_s"] / theirs["median_s"], "peak_memory": ours["peak_bytes"] / theirs["peak_bytes"],
                   "first_loss_difference": ours["first_loss"] - theirs["first_loss"]}
     print_results(cfg, args, results, ratios, gemm, flops)
+    for note in notes:
+        print(f"note: {note}")
 
     if args.json:
         report = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),

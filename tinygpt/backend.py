@@ -16,9 +16,12 @@ all reseeded by `manual_seed`) and the default floating-point dtype.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import functools
 import os
-from typing import Any
+import threading
+from typing import Any, Callable
 
 import numpy as np
 
@@ -62,8 +65,20 @@ class Backend:
     def index_add(self, target, index, values) -> None:
         """target[index] += values, adding repeated indices once per occurrence.
 
-        (Plain `target[index] += values` keeps only one of the repeats.)"""
-        self.xp.add.at(target, index, values)
+        (Plain `target[index] += values` keeps only one of the repeats.) `np.add.at` does
+        this one element at a time; sorting the indices and summing each run of equal ones
+        with `add.reduceat` does the same in a few vectorised passes."""
+        xp = self.xp
+        rows_of_target = (getattr(index, "ndim", 0) == 1 and index.dtype.kind in "iu" and values.ndim == target.ndim > 1
+                          and values.shape[0] == index.shape[0] and values.shape[1:] == target.shape[1:])
+        if not rows_of_target:  # the general case (any index, any shapes)
+            xp.add.at(target, index, values)
+            return
+        index = xp.where(index < 0, index + target.shape[0], index)  # -1 and n - 1 are one row
+        order = xp.argsort(index, kind="stable")
+        ids = index[order]
+        starts = xp.flatnonzero(xp.concatenate([xp.ones(1, dtype=bool), ids[1:] != ids[:-1]])) if ids.size else ids
+        target[ids[starts]] += xp.add.reduceat(values[order], starts, axis=0)
 
     def to_host(self, array) -> np.ndarray:
         return array.copy()
@@ -72,8 +87,61 @@ class Backend:
         """A copy of host array `array` on this backend's device."""
         return self.xp.array(array)
 
+    def run_blocks(self, fn: Callable[[slice], None], n: int, block: int) -> None:
+        """fn(slice) for consecutive slices of range(n), `block` long (the last may be
+        shorter). Each call must touch only its own rows of any output. Here (the strict
+        backend) one after another, so tests run the block logic exactly as the CPU does."""
+        for start in range(0, n, block):
+            fn(slice(start, min(start + block, n)))
+
+
+def rows_per_block(row_size: int, target: int = 1 << 16) -> int:
+    """How many rows of `row_size` elements make a block of about `target` elements
+    (64K float32 = 256 KB: a few such arrays stay in a core's L2 cache)."""
+    return max(1, target // max(row_size, 1))
+
+
+def num_threads() -> int:
+    """Threads for NumPy's blocked kernels: $TINYGPT_NUM_THREADS, else the usable cores."""
+    if os.environ.get("TINYGPT_NUM_THREADS"):
+        return max(1, int(os.environ["TINYGPT_NUM_THREADS"]))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class NumpyBackend(Backend):
+    """NumPy runs each elementwise operation on one core, but releases the GIL while it
+    runs, as OpenBLAS does in a matrix product. So a big kernel split into blocks (see
+    run_blocks) runs on every core from plain Python threads, and each block, small enough
+    to stay in cache, is read from memory once instead of once per operation."""
+
+    _pool: concurrent.futures.ThreadPoolExecutor | None = None
+    _pool_threads = 0
+    _worker = threading.local()
+
+    def run_blocks(self, fn: Callable[[slice], None], n: int, block: int) -> None:
+        slices = [slice(start, min(start + block, n)) for start in range(0, n, block)]
+        threads = num_threads()
+        if threads == 1 or len(slices) == 1 or getattr(self._worker, "busy", False):
+            for s in slices:  # one thread, one block, or already inside a block: run here
+                fn(s)
+            return
+        if NumpyBackend._pool_threads != threads:
+            NumpyBackend._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tinygpt")
+            NumpyBackend._pool_threads = threads
+        list(NumpyBackend._pool.map(functools.partial(self._in_worker, fn), slices))  # list(): re-raise errors
+
+    def _in_worker(self, fn, s: slice) -> None:
+        self._worker.busy = True
+        try:
+            fn(s)
+        finally:
+            self._worker.busy = False
+
 
 class CupyBackend(Backend):
+    def run_blocks(self, fn, n, block):
+        fn(slice(0, n))  # one launch over everything: the GPU parallelises inside each operation
+
     def uniform(self, shape, seed):
         return self.xp.random.RandomState(seed).random_sample(shape, dtype=self.xp.float32)
 
@@ -117,7 +185,7 @@ def get_backend(device: str) -> Backend:
     """The backend of a device name ("cpu", "cuda" or "strict"), created on first use."""
     if device not in _backends:
         if device == "cpu":
-            _backends[device] = Backend("cpu", np, _seed)
+            _backends[device] = NumpyBackend("cpu", np, _seed)
         elif device == "cuda":
             _backends[device] = CupyBackend("cuda", _load_cupy(), _seed)
         elif device == "strict":

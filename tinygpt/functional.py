@@ -100,32 +100,63 @@ class LayerNorm(Function):
         d mean / dx_j = 1/C,   d rstd / dx_j = -rstd^3 (x_j - mean) / C = -rstd^2 xhat_j / C
         d xhat_i / dx_j = rstd (delta_ij - 1/C) - rstd xhat_i xhat_j / C
     so  dL/dx_j = sum_i dxhat_i d xhat_i / dx_j
-                = rstd * (dxhat_j - mean(dxhat) - xhat_j * mean(dxhat * xhat))."""
+                = rstd * (dxhat_j - mean(dxhat) - xhat_j * mean(dxhat * xhat)).
+    Rows are independent, so both directions run block by block (backend.run_blocks);
+    the two parameter gradients are sums over rows: each block adds up its own rows, and
+    the blocks' partial sums are added at the end."""
 
     @staticmethod
     def forward(ctx, x, scale, shift, eps):
         xp = backend_of(x)
-        mean = x.mean(axis=-1, keepdims=True)  # [..., C] -> [..., 1]
-        xhat = x - mean
-        var = (xhat * xhat).mean(axis=-1, keepdims=True)
-        rstd = 1.0 / xp.sqrt(var + eps)
-        xhat *= rstd
+        x2 = x.reshape(-1, x.shape[-1])  # [..., C] -> [N, C]
+        dtype = xp.result_type(x.dtype, scale.dtype, shift.dtype)  # as x * scale + shift would give
+        xhat, y = xp.empty(x2.shape, dtype=dtype), xp.empty(x2.shape, dtype=dtype)
+        rstd = xp.empty((x2.shape[0], 1), dtype=dtype)
+
+        def block(s):
+            mean = x2[s].mean(axis=-1, keepdims=True)
+            xp.subtract(x2[s], mean, out=xhat[s])
+            var = (xhat[s] * xhat[s]).mean(axis=-1, keepdims=True)
+            rstd[s] = 1.0 / xp.sqrt(var + eps)
+            xhat[s] *= rstd[s]
+            xp.multiply(xhat[s], scale, out=y[s])
+            y[s] += shift
+
+        _run_rows(block, x2)
         ctx.save_for_backward(xhat, rstd, scale)
-        return xhat * scale + shift
+        ctx.x_shape = x.shape
+        return y.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
         xhat, rstd, scale = ctx.saved
-        rows = tuple(range(grad.ndim - 1))
-        grad_shift = grad.sum(axis=rows) if ctx.needs_input_grad[2] else None
-        grad_scale = (grad * xhat).sum(axis=rows) if ctx.needs_input_grad[1] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            dxhat = grad * scale
-            grad_x = dxhat - dxhat.mean(axis=-1, keepdims=True)
-            grad_x -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
-            grad_x *= rstd
-        return grad_x, grad_scale, grad_shift
+        xp = backend_of(grad)
+        g2 = grad.reshape(xhat.shape)
+        grad_x = xp.empty_like(xhat) if ctx.needs_input_grad[0] else None
+        rows = backend.rows_per_block(xhat.shape[1])
+        partial_scale = xp.zeros((-(-xhat.shape[0] // rows), xhat.shape[1]), dtype=xhat.dtype)  # one row per block
+        partial_shift = xp.zeros_like(partial_scale)
+
+        def block(s):
+            i = s.start // rows
+            partial_shift[i] = g2[s].sum(axis=0)
+            partial_scale[i] = (g2[s] * xhat[s]).sum(axis=0)
+            if grad_x is not None:
+                dxhat = g2[s] * scale
+                xp.subtract(dxhat, dxhat.mean(axis=-1, keepdims=True), out=grad_x[s])
+                dxhat *= xhat[s]
+                grad_x[s] -= xhat[s] * dxhat.mean(axis=-1, keepdims=True)
+                grad_x[s] *= rstd[s]
+
+        backend.get_backend(backend.device_of(grad)).run_blocks(block, xhat.shape[0], rows)
+        grad_scale = partial_scale.sum(axis=0) if ctx.needs_input_grad[1] else None
+        grad_shift = partial_shift.sum(axis=0) if ctx.needs_input_grad[2] else None
+        return None if grad_x is None else grad_x.reshape(ctx.x_shape), grad_scale, grad_shift
+
+
+def _run_rows(block, x2) -> None:
+    """block(s) over row blocks of the 2-D array x2, on x2's backend (see run_blocks)."""
+    backend.get_backend(backend.device_of(x2)).run_blocks(block, x2.shape[0], backend.rows_per_block(x2.shape[1]))
 
 
 def layer_norm(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-5) -> Tensor:
@@ -143,42 +174,61 @@ class GELU(Function):
     With t = tanh(u) and dt/du = 1 - t^2:
         dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2).
     Only x is saved; t is recomputed in backward, which costs one tanh but saves a
-    full-size buffer (the 4C-wide feed-forward activation is the largest in the block)."""
+    full-size buffer (the 4C-wide feed-forward activation is the largest in the block).
+    Both directions run block by block, each block's steps in place in a buffer or two
+    small enough to stay in cache."""
 
     @staticmethod
     def forward(ctx, x):
+        xp = backend_of(x)
         ctx.save_for_backward(x)
-        t = backend_of(x).tanh(_GELU_C * (x + 0.044715 * x * x * x))
-        t += 1.0
-        t *= x
-        t *= 0.5
-        return t
+        x2 = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+        y = xp.empty_like(x2)
+
+        def block(s):
+            xs, t = x2[s], y[s]
+            xp.multiply(xs, xs, out=t)   # u = sqrt(2/pi) (x + 0.044715 x^3) = sqrt(2/pi) x (1 + 0.044715 x^2)
+            t *= 0.044715
+            t += 1.0
+            t *= xs
+            t *= _GELU_C
+            xp.tanh(t, out=t)            # t = tanh(u)
+            t += 1.0                     # y = 0.5 x (1 + t)
+            t *= xs
+            t *= 0.5
+
+        _run_rows(block, x2)
+        return y.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved
         xp = backend_of(x)
-        # the formula above, evaluated in place in three buffers (large temporaries are slow)
-        x2 = x * x
-        t = x2 * 0.044715
-        t += 1.0
-        t *= x
-        t *= _GELU_C
-        xp.tanh(t, out=t)                 # t = tanh(u)
-        dydx = x2                         # reuse: 0.5 x sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-        dydx *= 3 * 0.044715
-        dydx += 1.0
-        dydx *= x
-        dydx *= 0.5 * _GELU_C
-        sech2 = t * t                     # 1 - t^2
-        sech2 *= -1.0
-        sech2 += 1.0
-        dydx *= sech2
-        t += 1.0                          # + 0.5 (1 + t)
-        t *= 0.5
-        dydx += t
-        dydx *= grad
-        return dydx
+        x2 = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+        g2 = grad.reshape(x2.shape)
+        dx = xp.empty_like(x2)
+
+        def block(s):
+            xs, dydx = x2[s], dx[s]
+            x_sq = xs * xs
+            xp.multiply(x_sq, 3 * 0.044715, out=dydx)  # 0.5 x sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+            dydx += 1.0
+            dydx *= xs
+            dydx *= 0.5 * _GELU_C
+            t = x_sq                                   # reuse: t = tanh(u)
+            t *= 0.044715
+            t += 1.0
+            t *= xs
+            t *= _GELU_C
+            xp.tanh(t, out=t)
+            dydx *= 1.0 - t * t                        # ... * (1 - t^2)
+            t += 1.0                                   # + 0.5 (1 + t)
+            t *= 0.5
+            dydx += t
+            dydx *= g2[s]
+
+        _run_rows(block, x2)
+        return dx.reshape(x.shape)
 
 
 def gelu(x: Tensor) -> Tensor:
@@ -257,16 +307,31 @@ def _keep_mask(device: str, shape, p: float, seed: int):
 class Dropout(Function):
     """y = x * keep / (1 - p),  keep ~ Bernoulli(1 - p) per element.   dL/dx = g * keep / (1 - p).
 
-    The mask is not stored: backward draws it again from the same seed."""
+    The mask is not stored: backward draws it again from the same seed. Row blocks draw
+    their parts of the mask from seed + first row, so blocks can run side by side."""
 
     @staticmethod
     def forward(ctx, x, p, seed):
         ctx.p, ctx.seed = p, seed
-        return x * _keep_mask(backend.device_of(x), x.shape, p, seed) * _dropout_scale(p)
+        return _apply_mask(x, p, seed)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad * _keep_mask(backend.device_of(grad), grad.shape, ctx.p, ctx.seed) * _dropout_scale(ctx.p)
+        return _apply_mask(grad, ctx.p, ctx.seed)
+
+
+def _apply_mask(x, p: float, seed: int):
+    """x * keep / (1 - p), with the mask drawn block by block from seed."""
+    xp, device = backend_of(x), backend.device_of(x)
+    x2 = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+    y = xp.empty_like(x2)
+
+    def block(s):
+        xp.multiply(x2[s], _keep_mask(device, x2[s].shape, p, seed + s.start), out=y[s])
+        y[s] *= _dropout_scale(p)
+
+    _run_rows(block, x2)
+    return y.reshape(x.shape)
 
 
 def _dropout_scale(p: float) -> float:
@@ -309,48 +374,88 @@ class ScaledDotProductAttention(Function):
         dL/dS  = P * (dL/dP - rowsum(dL/dP * P))         (softmax backward, row by row)
         dL/dQ  = dL/dS K / sqrt(D),   dL/dK = dL/dS^T Q / sqrt(D)
     Only P (one [B,H,Tq,Tk] buffer) is kept for backward; the dropout mask is redrawn
-    from its seed, and masked positions need nothing since P = 0 there."""
+    from its seed, and masked positions need nothing since P = 0 there.
+
+    Sequences are independent, so both directions run block by block over the batch
+    (backend.run_blocks): each block's scores stay small and its products run beside the
+    other blocks'. Results are written in [B, T, H, D] memory and returned as [B, H, T, D]
+    views, the layout the heads came from, so joining heads afterwards copies nothing."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal, dropout_p, seed):
-        xp = backend_of(q)
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        scores = q @ xp.swapaxes(k, -1, -2)  # [B,H,Tq,D] @ [B,H,D,Tk] -> [B,H,Tq,Tk]
-        scores *= scale
-        if causal:
-            scores += _causal_bias(backend.device_of(q), q.shape[-2], k.shape[-2], scores.dtype)
-        probs = scores  # softmax in place: the scores are not needed afterwards
-        probs -= probs.max(axis=-1, keepdims=True)
-        xp.exp(probs, out=probs)
-        probs /= probs.sum(axis=-1, keepdims=True)
+        xp, device = backend_of(q), backend.device_of(q)
+        (*lead, tq, d), tk, dv = q.shape, k.shape[-2], v.shape[-1]
+        scale = 1.0 / math.sqrt(d)
+        dtype = xp.result_type(q.dtype, k.dtype, v.dtype)
+        probs = xp.empty((*lead, tq, tk), dtype=dtype)
+        out = _heads_last(xp, (*lead, tq, dv), dtype)
+        bias = _causal_bias(device, tq, tk, dtype) if causal else None
+
+        def block(s):
+            p = probs[s]
+            xp.matmul(q[s], xp.swapaxes(k[s], -1, -2), out=p)  # S: [b,H,Tq,D] @ [b,H,D,Tk] -> [b,H,Tq,Tk]
+            p *= scale
+            if bias is not None:
+                p += bias
+            p -= p.max(axis=-1, keepdims=True)  # softmax in place (the scores are not needed afterwards)
+            xp.exp(p, out=p)
+            p /= p.sum(axis=-1, keepdims=True)
+            if dropout_p > 0.0:
+                p = p * _keep_mask(device, p.shape, dropout_p, seed + (s.start or 0)) * _dropout_scale(dropout_p)
+            out[s] = p @ v[s]  # [b,H,Tq,Tk] @ [b,H,Tk,Dv] -> [b,H,Tq,Dv]
+
+        _run_batch(block, q)
         ctx.save_for_backward(q, k, v, probs)
         ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
-        if dropout_p > 0.0:
-            probs = probs * _keep_mask(backend.device_of(q), probs.shape, dropout_p, seed) * _dropout_scale(dropout_p)
-        return probs @ v  # [B,H,Tq,Tk] @ [B,H,Tk,Dv] -> [B,H,Tq,Dv]
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, probs = ctx.saved
-        xp = backend_of(grad)
-        p = ctx.dropout_p
-        keep = _keep_mask(backend.device_of(grad), probs.shape, p, ctx.seed) if p > 0.0 else None
-        grad_v = None
-        if ctx.needs_input_grad[2]:
-            dropped = probs if keep is None else probs * keep * _dropout_scale(p)
-            grad_v = xp.swapaxes(dropped, -1, -2) @ grad
-            del dropped
-        dscores = grad @ xp.swapaxes(v, -1, -2)  # dL/dPd: [B,H,Tq,Dv] @ [B,H,Dv,Tk]
-        if keep is not None:
-            dscores *= keep
-            dscores *= _dropout_scale(p)
-            del keep
-        dscores -= (dscores * probs).sum(axis=-1, keepdims=True)
-        dscores *= probs
-        dscores *= ctx.scale
-        grad_q = dscores @ k if ctx.needs_input_grad[0] else None
-        grad_k = xp.swapaxes(dscores, -1, -2) @ q if ctx.needs_input_grad[1] else None
+        xp, device = backend_of(grad), backend.device_of(grad)
+        p_drop, need_q, need_k, need_v = ctx.dropout_p, *ctx.needs_input_grad[:3]
+        grad_q = _heads_last(xp, q.shape, q.dtype) if need_q else None
+        grad_k = _heads_last(xp, k.shape, k.dtype) if need_k else None
+        grad_v = _heads_last(xp, v.shape, v.dtype) if need_v else None
+
+        def block(s):
+            p, g = probs[s], grad[s]
+            keep = _keep_mask(device, p.shape, p_drop, ctx.seed + (s.start or 0)) if p_drop > 0.0 else None
+            if need_v:
+                dropped = p if keep is None else p * keep * _dropout_scale(p_drop)
+                grad_v[s] = xp.swapaxes(dropped, -1, -2) @ g  # Pd^T g
+            dscores = g @ xp.swapaxes(v[s], -1, -2)  # dL/dPd: [b,H,Tq,Dv] @ [b,H,Dv,Tk]
+            if keep is not None:
+                dscores *= keep
+                dscores *= _dropout_scale(p_drop)
+            dscores -= (dscores * p).sum(axis=-1, keepdims=True)
+            dscores *= p
+            dscores *= ctx.scale
+            if need_q:
+                grad_q[s] = dscores @ k[s]
+            if need_k:
+                grad_k[s] = xp.swapaxes(dscores, -1, -2) @ q[s]
+
+        _run_batch(block, probs)
         return grad_q, grad_k, grad_v
+
+
+def _heads_last(xp, shape, dtype):
+    """An empty [..., H, T, D] array laid out in memory as [..., T, H, D]."""
+    if len(shape) < 3:
+        return xp.empty(shape, dtype=dtype)
+    *lead, h, t, d = shape
+    return xp.swapaxes(xp.empty((*lead, t, h, d), dtype=dtype), -2, -3)
+
+
+def _run_batch(block, x) -> None:
+    """block(s) over slices of x's first axis, one sequence per block (all of x when it
+    has no batch axis)."""
+    bk = backend.get_backend(backend.device_of(x))
+    if x.ndim < 3:
+        block(slice(None))  # (T, D) inputs: one block
+        return
+    bk.run_blocks(block, x.shape[0], 1)
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, dropout_p: float = 0.0) -> Tensor:
@@ -377,8 +482,9 @@ class CrossEntropy(Function):
     d/dz_rc of logsumexp(z_r) - z_r[t_r] is softmax(z_r)_c - [c == t_r], so
         dL/dz_r = (softmax(z_r) - onehot(t_r)) * g / n   for counted rows, 0 for ignored ones.
     Forward keeps only logsumexp per row (the logits are alive anyway); backward rebuilds
-    softmax as exp(z - logsumexp) directly into the gradient buffer, so a 50,257-way
-    vocabulary costs one extra full-size array, not three."""
+    softmax as exp(z - logsumexp) directly into the gradient buffer. Both run block by
+    block over rows, so a 50,257-way vocabulary needs no full-size temporary besides that
+    gradient."""
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index):
@@ -396,10 +502,16 @@ class CrossEntropy(Function):
         low, high = int(t.min()), int(t.max())
         if low < 0 or high >= classes:
             raise IndexError(f"cross_entropy: target {low if low < 0 else high} is out of range for {classes} classes")
-        rows = xp.arange(z.shape[0])
-        m = z.max(axis=1, keepdims=True)
-        lse = (m + xp.log(xp.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
-        loss = ((lse - z[rows, t]) * counted).sum() / n
+        lse = xp.empty(z.shape[0], dtype=z.dtype)
+
+        def block(s):  # lse = m + log sum exp(z - m), m = max(z): exp never overflows
+            m = z[s].max(axis=1, keepdims=True)
+            e = z[s] - m
+            xp.exp(e, out=e)
+            lse[s] = (m + xp.log(e.sum(axis=1, keepdims=True)))[:, 0]
+
+        _run_rows(block, z)
+        loss = ((lse - z[xp.arange(z.shape[0]), t]) * counted).sum() / n
         ctx.save_for_backward(z, lse, t, counted)
         ctx.n, ctx.shape = n, logits.shape
         return xp.asarray(loss, dtype=logits.dtype)
@@ -408,10 +520,17 @@ class CrossEntropy(Function):
     def backward(ctx, grad):
         z, lse, t, counted = ctx.saved
         xp = backend_of(z)
-        dz = z - lse[:, None]
-        xp.exp(dz, out=dz)  # softmax(z)
-        dz[xp.arange(z.shape[0]), t] -= 1.0
-        dz *= (grad / ctx.n) * counted[:, None]
+        dz = xp.empty_like(z)
+        weight = (grad / ctx.n) * counted[:, None]  # g / n on counted rows, 0 on ignored ones
+
+        def block(s):
+            xp.subtract(z[s], lse[s, None], out=dz[s])
+            xp.exp(dz[s], out=dz[s])  # softmax(z)
+            rows = xp.arange(s.start, s.stop)
+            dz[rows, t[s]] -= 1.0
+            dz[s] *= weight[s]
+
+        _run_rows(block, z)
         return dz.reshape(ctx.shape)
 
 

@@ -2,6 +2,7 @@
 learning-rate schedule (book chapter 5 and appendix D)."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable
 
@@ -49,20 +50,33 @@ class AdamW:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                xp, g = backend_of(p.data), p.grad.data
+                xp = backend_of(p.data)
                 state = self.state.setdefault(id(p), {"step": 0, "m": xp.zeros_like(p.data), "v": xp.zeros_like(p.data)})
                 state["step"] += 1
-                t, m, v = state["step"], state["m"], state["v"]
-                if wd:
-                    p.data *= 1.0 - lr * wd
-                m *= b1
-                m += (1.0 - b1) * g
-                v *= b2
-                v += (1.0 - b2) * (g * g)
-                denom = xp.sqrt(v)
-                denom *= 1.0 / math.sqrt(1.0 - b2**t)
-                denom += eps
-                p.data -= (lr / (1.0 - b1**t)) * m / denom
+                t = state["step"]
+                arrays = (p.data, p.grad.data, state["m"], state["v"])
+                step_size, rsqrt_correction = lr / (1.0 - b1**t), 1.0 / math.sqrt(1.0 - b2**t)
+
+                def block(s, w, g, m, v, xp=xp, step_size=step_size, rsqrt_correction=rsqrt_correction):
+                    if wd:
+                        w[s] *= 1.0 - lr * wd
+                    m[s] *= b1
+                    m[s] += (1.0 - b1) * g[s]
+                    v[s] *= b2
+                    v[s] += (1.0 - b2) * (g[s] * g[s])
+                    denom = xp.sqrt(v[s])
+                    denom *= rsqrt_correction
+                    denom += eps
+                    xp.divide(m[s], denom, out=denom)
+                    denom *= step_size
+                    w[s] -= denom
+
+                if all(a.flags.c_contiguous for a in arrays):  # flat views, updated block by block (see
+                    w, g, m, v = (a.reshape(-1) for a in arrays)  # backend.run_blocks): each block is read
+                    bk = backend.get_backend(backend.device_of(w))  # from memory once for all the steps
+                    bk.run_blocks(functools.partial(block, w=w, g=g, m=m, v=v), w.size, 1 << 16)
+                else:
+                    block(slice(None), *arrays)
 
     def state_dict(self) -> dict:
         """Hyperparameters and per-parameter state, parameters named by their position."""

@@ -196,32 +196,52 @@ class Tensor:
             if seed.shape != self.data.shape:
                 raise ValueError(f"backward(): gradient shape {tuple(seed.shape)} does not match tensor shape {self.shape}")
 
-        grads = {id(self): seed}
+        # grads[id(node)]: dL/d(node) summed so far. An array is "owned" when nothing but
+        # this dict refers to it: then sums go into it in place, and a leaf may keep it as
+        # its .grad without a copy. A gradient array returned by backward is owned when
+        # it is new: not a view, not the incoming gradient passed through (as Add does),
+        # not returned twice, and not possibly kept by a graph that lives on (retain_graph).
+        grads, owned = {id(self): seed}, {id(self)}
         for node in self._reverse_topological_order():
             g = grads.pop(id(node), None)
             if g is None:
                 continue
+            g_owned = id(node) in owned
+            owned.discard(id(node))
             ctx = node._ctx
             if ctx is None or node._retains_grad:
-                node._accumulate_grad(g)
+                node._accumulate_grad(g, copy=not g_owned or ctx is not None)
             if ctx is None:
                 continue
             input_grads = ctx.backward(ctx, g)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
+            returned = [id(a) for a in input_grads if a is not None]
             for t, tg in zip(ctx.inputs, input_grads):
                 if t is None or tg is None or not t.requires_grad:
                     continue
-                tg = unbroadcast(tg, t.shape)
+                new = not retain_graph and tg is not g and getattr(tg, "base", None) is None and returned.count(id(tg)) == 1
+                reduced = unbroadcast(tg, t.shape)
+                if reduced is not tg:  # unbroadcast summed into a new array
+                    tg, new = reduced, True
                 if not is_array(tg):  # NumPy turns 0-d results into scalars; keep arrays of t's dtype
-                    tg = xp.asarray(tg, dtype=t.dtype)
-                grads[id(t)] = grads[id(t)] + tg if id(t) in grads else tg
+                    tg, new = xp.asarray(tg, dtype=t.dtype), True
+                key = id(t)
+                if key not in grads:
+                    grads[key] = tg
+                    if new:
+                        owned.add(key)
+                elif key in owned:
+                    grads[key] += tg
+                else:
+                    grads[key] = grads[key] + tg
+                    owned.add(key)
             if not retain_graph:  # free what backward saved, as soon as it is used
                 node._ctx, node._graph_freed = None, True
 
-    def _accumulate_grad(self, g) -> None:
+    def _accumulate_grad(self, g, copy: bool = True) -> None:
         if self.grad is None:
-            self.grad = Tensor(g.copy())  # own the memory: g may be shared with other nodes
+            self.grad = Tensor(g.copy() if copy else g)  # a shared g must not become this .grad
         else:
             self.grad.data += g
 

@@ -25,7 +25,7 @@ from tinygpt.train import Trainer
 def make_classifier(model, num_classes: int, trainable_blocks: int | None = 1):
     """Turn a GPTModel into a classifier in place: freeze everything, put a new Linear head
     (emb_dim -> num_classes) on top, and unfreeze the last `trainable_blocks` transformer
-    blocks (None: all of them), the final LayerNorm and the head."""
+    blocks (None: the whole model), the final LayerNorm and the head."""
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
     with backend.device_scope(model.tok_emb.weight.device):
@@ -35,13 +35,15 @@ def make_classifier(model, num_classes: int, trainable_blocks: int | None = 1):
 
 
 def train_only_the_top(model, trainable_blocks: int | None = 1):
-    """Freeze the model except its last `trainable_blocks` transformer blocks (None: all of
-    them), the final LayerNorm and the output head."""
+    """Freeze the model except its last `trainable_blocks` transformer blocks, the final
+    LayerNorm and the output head; None trains the whole model, embeddings included."""
     blocks = list(model.trf_blocks)
-    if trainable_blocks is not None and not 0 <= trainable_blocks <= len(blocks):
+    if trainable_blocks is None:
+        return model.requires_grad_(True)
+    if not 0 <= trainable_blocks <= len(blocks):
         raise ValueError(f"trainable_blocks is {trainable_blocks} but the model has {len(blocks)} transformer blocks")
     model.requires_grad_(False)
-    for block in blocks if trainable_blocks is None else blocks[len(blocks) - trainable_blocks:]:
+    for block in blocks[len(blocks) - trainable_blocks:]:
         block.requires_grad_(True)
     model.final_norm.requires_grad_(True)
     model.out_head.requires_grad_(True)

@@ -36,7 +36,8 @@ def _start(args, task: str):
     if args.lora_rank is not None and args.lora_rank < 1:
         raise ValueError(f"--lora-rank must be >= 1, got {args.lora_rank}")
     model, tokenizer = load_model_and_tokenizer(args.init, device=args.device, bpe_file=args.bpe_file)
-    settings = {"task": task, "init": str(args.init), "data": str(args.data), "seed": args.seed, "batch_size": args.batch_size,
+    init = Path(args.init).resolve() if Path(args.init).exists() else args.init  # absolute: resumable from anywhere
+    settings = {"task": task, "init": str(init), "data": str(Path(args.data).resolve()), "seed": args.seed, "batch_size": args.batch_size,
                 "lora": None if args.lora_rank is None else {"rank": args.lora_rank, "alpha": args.lora_alpha}}
     return model, tokenizer, settings, run_dir, None
 
@@ -71,7 +72,7 @@ def _optimizer(model, config):
 # ------------------------------------------------------------------ classification (chapter 6)
 
 def _finetune_classify(args) -> int:
-    from tinygpt.data import DataLoader
+    from tinygpt.data import DataLoader, encode_text
     from tinygpt.finetune.classify import (ClassificationDataset, ClassifierTrainer, balance_classes, calc_accuracy,
                                            make_classifier, random_split, read_labelled_file, train_only_the_top)
     from tinygpt.finetune.lora import replace_linear_with_lora
@@ -92,7 +93,7 @@ def _finetune_classify(args) -> int:
                              f"{settings['labels'][0]!r}; a classifier needs at least 2")
         # as the book: pad to the longest training text, and cut val/test texts to that length
         context = model.cfg["context_length"]
-        longest = max(len(tokenizer.encode(texts[i])) for i in train)
+        longest = max(len(encode_text(tokenizer, texts[i])) for i in train)
         settings["max_length"] = min(args.max_length or longest, context)
         make_classifier(model, len(settings["labels"]), settings["trainable_blocks"])
         if settings["lora"]:
@@ -252,7 +253,8 @@ def add_commands(sub) -> None:
     p.add_argument("--train-frac", type=float, default=0.7)
     p.add_argument("--val-frac", type=float, default=0.1)
     p.add_argument("--trainable-blocks", type=int, default=1, help="train this many top transformer blocks")
-    p.add_argument("--train-all", dest="trainable_blocks", action="store_const", const=None, help="train every block")
+    p.add_argument("--train-all", dest="trainable_blocks", action="store_const", const=None,
+                   help="train the whole model, embeddings included")
     p.set_defaults(run=_require_data(_finetune_classify))
 
     p = sub.add_parser("classify", help="label texts with a model from `tinygpt finetune-classify`")

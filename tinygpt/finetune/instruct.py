@@ -144,7 +144,11 @@ def write_responses(path: str | os.PathLike, records: Sequence[dict], model, tok
     written to `path` as JSON atomically; returns the records."""
     answered = []
     for i, entry in enumerate(records):
-        answered.append({**entry, "model_response": generate_response(model, tokenizer, entry, max_new_tokens)})
+        try:
+            response = generate_response(model, tokenizer, entry, max_new_tokens)
+        except ValueError as e:  # the prompt leaves no room in the context
+            response, entry = "", {**entry, "error": str(e)}
+        answered.append({**entry, "model_response": response})
         if show is not None:
             show(f"response {i + 1}/{len(records)}: {answered[-1]['model_response'][:70]!r}")
     atomic_write_text(path, json.dumps(answered, indent=2, ensure_ascii=False))
@@ -161,6 +165,10 @@ class InstructionTrainer(Trainer):
     def sample(self) -> str:
         if self.sample_entry is None:
             return ""
-        text = generate_response(self.model, self.tokenizer, self.sample_entry, self.config.sample_tokens)
+        try:
+            text = generate_response(self.model, self.tokenizer, self.sample_entry, self.config.sample_tokens)
+        except ValueError as e:  # a prompt longer than the context: training goes on without samples
+            self.show(f"  no sample: {e}")
+            return ""
         self.show(f"  response to {self.sample_entry['instruction'][:50]!r}: {text[:200]!r}")
         return text

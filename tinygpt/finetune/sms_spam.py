@@ -24,8 +24,10 @@ SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collectio
 SMS_SPAM_MEMBER = "SMSSpamCollection"
 
 
-def download_sms_spam(out_dir: str | os.PathLike = "data", url: str = SMS_SPAM_URL, timeout: float = 60) -> Path:
-    """Download and unpack the collection into out_dir/sms_spam.tsv (once); returns its path."""
+def download_sms_spam(out_dir: str | os.PathLike = "data", url: str | None = None, timeout: float = 60) -> Path:
+    """Download and unpack the collection (from SMS_SPAM_URL unless `url` is given) into
+    out_dir/sms_spam.tsv, once; returns its path."""
+    url = url or SMS_SPAM_URL
     target = Path(out_dir) / "sms_spam.tsv"
     if target.exists():
         return target
@@ -44,10 +46,10 @@ def download_sms_spam(out_dir: str | os.PathLike = "data", url: str = SMS_SPAM_U
     rows = io.StringIO()
     writer = csv.writer(rows, delimiter="\t", lineterminator="\n")
     writer.writerow(["Label", "Text"])
-    for line_number, line in enumerate(raw.splitlines(), start=1):
+    for line_number, line in enumerate(raw.split("\n"), start=1):  # not splitlines(): texts may hold \x0c or \u2028
         if not line.strip():
             continue
-        label, sep, text = line.partition("\t")
+        label, sep, text = line.removesuffix("\r").partition("\t")
         if not sep:
             raise RuntimeError(f"{SMS_SPAM_MEMBER}, line {line_number}: expected 'label<TAB>text', got {line[:60]!r}")
         writer.writerow([label, text])
