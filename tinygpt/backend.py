@@ -87,6 +87,10 @@ class Backend:
         """A copy of host array `array` on this backend's device."""
         return self.xp.array(array)
 
+    def matmul(self, a, b):
+        """a @ b for 2-D arrays (NumPy splits it across threads; see NumpyBackend)."""
+        return a @ b
+
     def run_blocks(self, fn: Callable[[slice], None], n: int, block: int) -> None:
         """fn(slice) for consecutive slices of range(n), `block` long (the last may be
         shorter). Each call must touch only its own rows of any output. Here (the strict
@@ -95,9 +99,9 @@ class Backend:
             fn(slice(start, min(start + block, n)))
 
 
-def rows_per_block(row_size: int, target: int = 1 << 16) -> int:
+def rows_per_block(row_size: int, target: int = 1 << 18) -> int:
     """How many rows of `row_size` elements make a block of about `target` elements
-    (64K float32 = 256 KB: a few such arrays stay in a core's L2 cache)."""
+    (256K float32 = 1 MB: a few such blocks stay in a core's L2 cache)."""
     return max(1, target // max(row_size, 1))
 
 
@@ -112,11 +116,17 @@ class NumpyBackend(Backend):
     """NumPy runs each elementwise operation on one core, but releases the GIL while it
     runs, as OpenBLAS does in a matrix product. So a big kernel split into blocks (see
     run_blocks) runs on every core from plain Python threads, and each block, small enough
-    to stay in cache, is read from memory once instead of once per operation."""
+    to stay in cache, is read from memory once instead of once per operation.
+
+    While blocks run, the BLAS library is held to one thread per call: its own threads
+    would compete with ours for the same cores (and, spinning while they wait for work,
+    slow everything else down). Matrix products are split across our threads instead
+    (see matmul), which keeps every core busy with no such contention."""
 
     _pool: concurrent.futures.ThreadPoolExecutor | None = None
     _pool_threads = 0
     _worker = threading.local()
+    _blas: list | None = None  # threadpoolctl controllers of the BLAS libraries NumPy loaded
 
     def run_blocks(self, fn: Callable[[slice], None], n: int, block: int) -> None:
         slices = [slice(start, min(start + block, n)) for start in range(0, n, block)]
@@ -128,7 +138,26 @@ class NumpyBackend(Backend):
         if NumpyBackend._pool_threads != threads:
             NumpyBackend._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tinygpt")
             NumpyBackend._pool_threads = threads
-        list(NumpyBackend._pool.map(functools.partial(self._in_worker, fn), slices))  # list(): re-raise errors
+        with _blas_threads(1):
+            list(NumpyBackend._pool.map(functools.partial(self._in_worker, fn), slices))  # list(): re-raise errors
+
+    def matmul(self, a, b):
+        """a @ b for 2-D a [M, K] and b [K, N], split into one piece per thread: rows of a
+        when there are many, else columns of b (a single token's products)."""
+        threads = num_threads()
+        m, n = a.shape[0], b.shape[1]
+        if threads == 1 or getattr(self._worker, "busy", False) or m * n < (1 << 16):
+            return a @ b
+        out = np.empty((m, n), dtype=np.result_type(a.dtype, b.dtype))
+        if m >= 16 * threads:
+            def piece(s):
+                np.matmul(a[s], b, out=out[s])
+            self.run_blocks(piece, m, -(-m // threads))
+        else:
+            def piece(s):
+                out[:, s] = a @ b[:, s]
+            self.run_blocks(piece, n, -(-n // threads))
+        return out
 
     def _in_worker(self, fn, s: slice) -> None:
         self._worker.busy = True
@@ -136,6 +165,26 @@ class NumpyBackend(Backend):
             fn(s)
         finally:
             self._worker.busy = False
+
+
+@contextlib.contextmanager
+def _blas_threads(n: int):
+    """Hold NumPy's BLAS library to n threads per call inside the with-block."""
+    if NumpyBackend._blas is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            NumpyBackend._blas = ThreadpoolController().select(user_api="blas").lib_controllers
+        except Exception:  # no threadpoolctl, or a BLAS it cannot steer: leave BLAS as it is
+            NumpyBackend._blas = []
+    before = [lib.num_threads for lib in NumpyBackend._blas]
+    for lib in NumpyBackend._blas:
+        lib.set_num_threads(n)
+    try:
+        yield
+    finally:
+        for lib, count in zip(NumpyBackend._blas, before):
+            lib.set_num_threads(count)
 
 
 class CupyBackend(Backend):

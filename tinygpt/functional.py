@@ -31,7 +31,7 @@ class Linear(Function):
         if x.shape[-1] != weight.shape[1]:
             raise ValueError(f"linear: input shape {tuple(x.shape)} does not match weight shape {tuple(weight.shape)} (in_features {weight.shape[1]})")
         x2 = x.reshape(-1, x.shape[-1])  # [..., in] -> [N, in]
-        y = x2 @ weight.T
+        y = _matmul(x2, weight.T)
         if bias is not None:
             y += bias
         ctx.save_for_backward(x2, weight)
@@ -42,10 +42,15 @@ class Linear(Function):
     def backward(ctx, grad):
         x2, weight = ctx.saved
         g2 = grad.reshape(-1, grad.shape[-1])  # [..., out] -> [N, out]
-        grad_x = (g2 @ weight).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        grad_w = g2.T @ x2 if ctx.needs_input_grad[1] else None
+        grad_x = _matmul(g2, weight).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_w = _matmul(g2.T, x2) if ctx.needs_input_grad[1] else None
         grad_b = g2.sum(axis=0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
+
+
+def _matmul(a, b):
+    """a @ b for 2-D arrays, on all cores (backend.matmul)."""
+    return backend.get_backend(backend.device_of(a)).matmul(a, b)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -51,7 +51,9 @@ class AdamW:
                 if p.grad is None:
                     continue
                 xp = backend_of(p.data)
-                state = self.state.setdefault(id(p), {"step": 0, "m": xp.zeros_like(p.data), "v": xp.zeros_like(p.data)})
+                state = self.state.get(id(p))
+                if state is None:
+                    state = self.state[id(p)] = {"step": 0, "m": xp.zeros_like(p.data), "v": xp.zeros_like(p.data)}
                 state["step"] += 1
                 t = state["step"]
                 arrays = (p.data, p.grad.data, state["m"], state["v"])
@@ -74,7 +76,7 @@ class AdamW:
                 if all(a.flags.c_contiguous for a in arrays):  # flat views, updated block by block (see
                     w, g, m, v = (a.reshape(-1) for a in arrays)  # backend.run_blocks): each block is read
                     bk = backend.get_backend(backend.device_of(w))  # from memory once for all the steps
-                    bk.run_blocks(functools.partial(block, w=w, g=g, m=m, v=v), w.size, 1 << 16)
+                    bk.run_blocks(functools.partial(block, w=w, g=g, m=m, v=v), w.size, 1 << 18)
                 else:
                     block(slice(None), *arrays)
 
