@@ -87,6 +87,10 @@ class Backend:
         """A copy of host array `array` on this backend's device."""
         return self.xp.array(array)
 
+    # Fused GPU kernels for the big ops (tinygpt/cuda_kernels.py), or None where the ops'
+    # array code runs as written (NumPy, strict). See CupyBackend.kernels.
+    kernels = None
+
     def matmul(self, a, b):
         """a @ b for 2-D arrays (NumPy splits it across threads; see NumpyBackend)."""
         return a @ b
@@ -188,6 +192,13 @@ def _blas_threads(n: int):
 
 
 class CupyBackend(Backend):
+    @functools.cached_property
+    def kernels(self):
+        """One CUDA kernel per op direction instead of a chain of elementwise launches."""
+        from tinygpt import cuda_kernels
+
+        return cuda_kernels
+
     def run_blocks(self, fn, n, block):
         fn(slice(0, n))  # one launch over everything: the GPU parallelises inside each operation
 

@@ -114,6 +114,11 @@ class LayerNorm(Function):
     def forward(ctx, x, scale, shift, eps):
         xp = backend_of(x)
         x2 = x.reshape(-1, x.shape[-1])  # [..., C] -> [N, C]
+        ctx.x_shape = x.shape
+        if (kernels := _kernels(x)) is not None:
+            y, xhat, rstd = kernels.layer_norm_forward(x2, scale, shift, eps)
+            ctx.save_for_backward(xhat, rstd, scale)
+            return y.reshape(x.shape)
         dtype = xp.result_type(x.dtype, scale.dtype, shift.dtype)  # as x * scale + shift would give
         xhat, y = xp.empty(x2.shape, dtype=dtype), xp.empty(x2.shape, dtype=dtype)
         rstd = xp.empty((x2.shape[0], 1), dtype=dtype)
@@ -129,7 +134,6 @@ class LayerNorm(Function):
 
         _run_rows(block, x2)
         ctx.save_for_backward(xhat, rstd, scale)
-        ctx.x_shape = x.shape
         return y.reshape(x.shape)
 
     @staticmethod
@@ -137,6 +141,9 @@ class LayerNorm(Function):
         xhat, rstd, scale = ctx.saved
         xp = backend_of(grad)
         g2 = grad.reshape(xhat.shape)
+        if (kernels := _kernels(grad)) is not None:
+            grad_x, grad_scale, grad_shift = kernels.layer_norm_backward(g2, xhat, rstd, scale)
+            return grad_x.reshape(ctx.x_shape), grad_scale, grad_shift
         grad_x = xp.empty_like(xhat) if ctx.needs_input_grad[0] else None
         rows = backend.rows_per_block(xhat.shape[1])
         partial_scale = xp.zeros((-(-xhat.shape[0] // rows), xhat.shape[1]), dtype=xhat.dtype)  # one row per block
@@ -157,6 +164,11 @@ class LayerNorm(Function):
         grad_scale = partial_scale.sum(axis=0) if ctx.needs_input_grad[1] else None
         grad_shift = partial_shift.sum(axis=0) if ctx.needs_input_grad[2] else None
         return None if grad_x is None else grad_x.reshape(ctx.x_shape), grad_scale, grad_shift
+
+
+def _kernels(x):
+    """The backend's fused kernels for x's device (CUDA), or None: run the array code here."""
+    return backend.get_backend(backend.device_of(x)).kernels
 
 
 def _run_rows(block, x2) -> None:
@@ -187,6 +199,8 @@ class GELU(Function):
     def forward(ctx, x):
         xp = backend_of(x)
         ctx.save_for_backward(x)
+        if (kernels := _kernels(x)) is not None:
+            return kernels.gelu_forward(x)
         x2 = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
         y = xp.empty_like(x2)
 
@@ -209,6 +223,8 @@ class GELU(Function):
     def backward(ctx, grad):
         (x,) = ctx.saved
         xp = backend_of(x)
+        if (kernels := _kernels(x)) is not None:
+            return kernels.gelu_backward(x, grad)
         x2 = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
         g2 = grad.reshape(x2.shape)
         dx = xp.empty_like(x2)
@@ -394,17 +410,21 @@ class ScaledDotProductAttention(Function):
         dtype = xp.result_type(q.dtype, k.dtype, v.dtype)
         probs = xp.empty((*lead, tq, tk), dtype=dtype)
         out = _heads_last(xp, (*lead, tq, dv), dtype)
-        bias = _causal_bias(device, tq, tk, dtype) if causal else None
+        kernels = _kernels(q)
+        bias = _causal_bias(device, tq, tk, dtype) if causal and kernels is None else None
 
         def block(s):
             p = probs[s]
             xp.matmul(q[s], xp.swapaxes(k[s], -1, -2), out=p)  # S: [b,H,Tq,D] @ [b,H,D,Tk] -> [b,H,Tq,Tk]
-            p *= scale
-            if bias is not None:
-                p += bias
-            p -= p.max(axis=-1, keepdims=True)  # softmax in place (the scores are not needed afterwards)
-            xp.exp(p, out=p)
-            p /= p.sum(axis=-1, keepdims=True)
+            if kernels is not None:
+                kernels.attention_softmax_(p, scale, causal)
+            else:
+                p *= scale
+                if bias is not None:
+                    p += bias
+                p -= p.max(axis=-1, keepdims=True)  # softmax in place (the scores are not needed afterwards)
+                xp.exp(p, out=p)
+                p /= p.sum(axis=-1, keepdims=True)
             if dropout_p > 0.0:
                 p = p * _keep_mask(device, p.shape, dropout_p, seed + (s.start or 0)) * _dropout_scale(dropout_p)
             out[s] = p @ v[s]  # [b,H,Tq,Tk] @ [b,H,Tk,Dv] -> [b,H,Tq,Dv]
@@ -422,6 +442,7 @@ class ScaledDotProductAttention(Function):
         grad_q = _heads_last(xp, q.shape, q.dtype) if need_q else None
         grad_k = _heads_last(xp, k.shape, k.dtype) if need_k else None
         grad_v = _heads_last(xp, v.shape, v.dtype) if need_v else None
+        kernels = _kernels(grad)
 
         def block(s):
             p, g = probs[s], grad[s]
@@ -433,9 +454,12 @@ class ScaledDotProductAttention(Function):
             if keep is not None:
                 dscores *= keep
                 dscores *= _dropout_scale(p_drop)
-            dscores -= (dscores * p).sum(axis=-1, keepdims=True)
-            dscores *= p
-            dscores *= ctx.scale
+            if kernels is not None:
+                kernels.softmax_backward_(dscores, p, ctx.scale)
+            else:
+                dscores -= (dscores * p).sum(axis=-1, keepdims=True)
+                dscores *= p
+                dscores *= ctx.scale
             if need_q:
                 grad_q[s] = dscores @ k[s]
             if need_k:
@@ -508,8 +532,12 @@ class CrossEntropy(Function):
         if low < 0 or high >= classes:
             raise IndexError(f"cross_entropy: target {low if low < 0 else high} is out of range for {classes} classes")
         lse = xp.empty(z.shape[0], dtype=z.dtype)
+        kernels = _kernels(z)
 
         def block(s):  # lse = m + log sum exp(z - m), m = max(z): exp never overflows
+            if kernels is not None:
+                lse[s] = kernels.logsumexp_rows(z[s])
+                return
             m = z[s].max(axis=1, keepdims=True)
             e = z[s] - m
             xp.exp(e, out=e)
@@ -525,8 +553,10 @@ class CrossEntropy(Function):
     def backward(ctx, grad):
         z, lse, t, counted = ctx.saved
         xp = backend_of(z)
-        dz = xp.empty_like(z)
         weight = (grad / ctx.n) * counted[:, None]  # g / n on counted rows, 0 on ignored ones
+        if (kernels := _kernels(z)) is not None:
+            return kernels.cross_entropy_backward(z, lse, t, weight).reshape(ctx.shape)
+        dz = xp.empty_like(z)
 
         def block(s):
             xp.subtract(z[s], lse[s, None], out=dz[s])

@@ -73,9 +73,14 @@ class AdamW:
                     denom *= step_size
                     w[s] -= denom
 
-                if all(a.flags.c_contiguous for a in arrays):  # flat views, updated block by block (see
-                    w, g, m, v = (a.reshape(-1) for a in arrays)  # backend.run_blocks): each block is read
-                    bk = backend.get_backend(backend.device_of(w))  # from memory once for all the steps
+                bk = backend.get_backend(backend.device_of(p.data))
+                if bk.kernels is not None:  # one fused CUDA kernel
+                    bk.kernels.adamw_step_(*arrays, lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd,
+                                           step_size=step_size, rsqrt_correction=rsqrt_correction)
+                elif all(a.flags.c_contiguous for a in arrays):
+                    # flat views, updated block by block (backend.run_blocks): each block is read
+                    # from memory once for all the steps, and blocks run on every core
+                    w, g, m, v = (a.reshape(-1) for a in arrays)
                     bk.run_blocks(functools.partial(block, w=w, g=g, m=m, v=v), w.size, 1 << 18)
                 else:
                     block(slice(None), *arrays)
