@@ -1,0 +1,426 @@
+"""The fused CUDA kernels (tinygpt/cuda_kernels.py) and the ops that call them.
+
+Three layers of checks:
+  - here, without a GPU: the ops hand a backend's `kernels` exactly what the interface says
+    (shapes, contiguity, in place) and use what it returns as the array code would; shown with
+    `NumpyKernels`, the interface written in NumPy, standing in for the CUDA module;
+  - here, when nvcc is on PATH: every kernel source compiles, for float and double, the
+    elementwise bodies inside a kernel declared as CuPy declares it;
+  - on a GPU: every kernel matches NumpyKernels on odd sizes, rows longer than a warp, causal
+    attention with fewer queries than keys, and a 50,257-way vocabulary; the ops that use the
+    kernels pass float64 gradcheck on rows longer than a warp (the shared gradcheck suites in
+    test_ops_gradcheck.py also run on "cuda", with rows of up to 4 values).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import shutil
+import subprocess
+import warnings
+
+import numpy as np
+import pytest
+
+import tinygpt as tg
+import tinygpt.functional as F
+from tinygpt import backend
+from tinygpt import cuda_kernels as ck
+from tinygpt.optim import AdamW
+from conftest import host
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+class NumpyKernels:
+    """The cuda_kernels interface in NumPy, each function its docstring's formula. Asserts the
+    contract on what it receives, and logs each call by name."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def gelu_forward(self, x):
+        self.calls.append("gelu_forward")
+        return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x**3)))
+
+    def gelu_backward(self, x, grad):
+        self.calls.append("gelu_backward")
+        assert grad.shape == x.shape
+        t = np.tanh(_GELU_C * (x + 0.044715 * x**3))
+        return grad * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x))
+
+    def layer_norm_forward(self, x2, scale, shift, eps):
+        self.calls.append("layer_norm_forward")
+        assert x2.ndim == 2 and scale.shape == shift.shape == x2.shape[1:] and isinstance(eps, float)
+        mean = x2.mean(axis=1, keepdims=True)
+        rstd = 1.0 / np.sqrt(((x2 - mean) ** 2).mean(axis=1, keepdims=True) + eps)
+        xhat = (x2 - mean) * rstd
+        return xhat * scale + shift, xhat, rstd
+
+    def layer_norm_backward(self, g2, xhat, rstd, scale):
+        self.calls.append("layer_norm_backward")
+        assert g2.shape == xhat.shape and rstd.shape == (xhat.shape[0], 1) and scale.shape == xhat.shape[1:]
+        dxhat = g2 * scale
+        grad_x = rstd * (dxhat - dxhat.mean(axis=1, keepdims=True) - xhat * (dxhat * xhat).mean(axis=1, keepdims=True))
+        return grad_x, (g2 * xhat).sum(axis=0), g2.sum(axis=0)
+
+    def attention_softmax_(self, p, scale, causal):
+        self.calls.append("attention_softmax_")
+        assert p.ndim >= 2 and p.flags.c_contiguous
+        tq, tk = p.shape[-2:]
+        s = p * scale
+        if causal:
+            s[..., np.arange(tk)[None, :] > np.arange(tq)[:, None] + (tk - tq)] = -np.inf
+        e = np.exp(s - s.max(axis=-1, keepdims=True))
+        p[...] = e / e.sum(axis=-1, keepdims=True)
+
+    def softmax_backward_(self, dp, p, scale):
+        self.calls.append("softmax_backward_")
+        assert dp.shape == p.shape and dp.flags.c_contiguous
+        dp[...] = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * scale
+
+    def logsumexp_rows(self, z):
+        self.calls.append("logsumexp_rows")
+        assert z.ndim == 2
+        m = z.max(axis=1, keepdims=True)
+        return (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+
+    def cross_entropy_backward(self, z, lse, t, weight):
+        self.calls.append("cross_entropy_backward")
+        n = z.shape[0]
+        assert z.ndim == 2 and lse.shape == (n,) and t.shape == (n,) and t.dtype.kind in "iu" and weight.shape == (n, 1)
+        dz = np.exp(z - lse[:, None])
+        dz[np.arange(n), t] -= 1.0
+        return dz * weight
+
+    def adamw_step_(self, w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step_size, rsqrt_correction):
+        self.calls.append("adamw_step_")
+        assert w.shape == g.shape == m.shape == v.shape
+        w *= 1.0 - lr * weight_decay
+        m[...] = beta1 * m + (1.0 - beta1) * g
+        v[...] = beta2 * v + (1.0 - beta2) * g * g
+        w -= step_size * m / (np.sqrt(v) * rsqrt_correction + eps)
+
+
+KERNEL_FUNCTIONS = [name for name, fn in vars(NumpyKernels).items() if not name.startswith("_")]
+
+
+def test_numpy_stand_in_has_the_signature_of_every_cuda_kernel_function():
+    public = {name for name, obj in vars(ck).items() if inspect.isfunction(obj) and obj.__module__ == ck.__name__
+              and not name.startswith("_")} - {"allow_tf32", "tf32_disabled"}
+    assert public == set(KERNEL_FUNCTIONS)
+    for name in KERNEL_FUNCTIONS:
+        ours = inspect.signature(getattr(NumpyKernels(), name)).parameters
+        theirs = inspect.signature(getattr(ck, name)).parameters
+        assert [(p.name, p.kind) for p in ours.values()] == [(p.name, p.kind) for p in theirs.values()], name
+
+
+# ============================================================================ dispatch (host)
+
+
+def _run(fn, inputs):
+    """fn's output and the gradients of sum(output * r) for every input, as NumPy arrays."""
+    tensors = [tg.tensor(a, requires_grad=True, dtype=np.float64) for a in inputs]
+    out = fn(*tensors)
+    r = np.random.default_rng(7).standard_normal(out.shape)
+    (out * tg.tensor(r, dtype=np.float64)).sum().backward()
+    return [host(out)] + [host(t.grad) for t in tensors]
+
+
+rng = np.random.default_rng(0)
+_TARGETS = np.array([[3, -100, 0], [4, 1, -100]])
+OP_CASES = {
+    "gelu": (F.gelu, [3 * rng.standard_normal((2, 3, 5))], ["gelu_forward", "gelu_backward"]),
+    "layer_norm": (F.layer_norm, [rng.standard_normal((2, 3, 7)), rng.standard_normal(7), rng.standard_normal(7)],
+                   ["layer_norm_forward", "layer_norm_backward"]),
+    "causal attention, fewer queries than keys": (
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True),
+        [rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((2, 3, 6, 2))],
+        ["attention_softmax_", "softmax_backward_"]),
+    "attention with dropout": (
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=False, dropout_p=0.3),
+        [rng.standard_normal((3, 4)), rng.standard_normal((5, 4)), rng.standard_normal((5, 3))],
+        ["attention_softmax_", "softmax_backward_"]),
+    "cross_entropy with ignored targets": (lambda z: F.cross_entropy(z, _TARGETS), [rng.standard_normal((2, 3, 6))],
+                                           ["logsumexp_rows", "cross_entropy_backward"]),
+}
+
+
+@pytest.mark.parametrize("case", OP_CASES)
+def test_ops_route_through_backend_kernels_and_match_the_array_code(monkeypatch, case):
+    fn, inputs, expected_calls = OP_CASES[case]
+    tg.manual_seed(3)
+    plain = _run(fn, inputs)
+    stand_in = NumpyKernels()
+    monkeypatch.setattr(backend.NumpyBackend, "kernels", stand_in)
+    tg.manual_seed(3)
+    routed = _run(fn, inputs)
+    assert sorted(set(stand_in.calls)) == sorted(expected_calls)
+    for a, b in zip(routed, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _train_adamw(steps: int) -> list[np.ndarray]:
+    gen = np.random.default_rng(5)
+    params = [tg.tensor(gen.standard_normal(shape), requires_grad=True, dtype=np.float64) for shape in [(4, 3), (3,)]]
+    opt = AdamW([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}], lr=1e-2, weight_decay=0.1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = tg.tensor(gen.standard_normal(p.shape), dtype=np.float64)
+        opt.step()
+    return [host(p) for p in params]
+
+
+def test_adamw_routes_through_backend_kernels_and_matches_the_array_code(monkeypatch):
+    plain = _train_adamw(3)
+    stand_in = NumpyKernels()
+    monkeypatch.setattr(backend.NumpyBackend, "kernels", stand_in)
+    routed = _train_adamw(3)
+    assert stand_in.calls == ["adamw_step_"] * 6
+    for a, b in zip(routed, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+# ============================================================================ compile check (nvcc)
+
+_NVCC = shutil.which("nvcc")
+needs_nvcc = pytest.mark.skipif(_NVCC is None, reason="nvcc is not on PATH: CUDA sources not compile-checked")
+_C_TYPES = {"T": "T", "int64": "long long", "int32": "int", "float64": "double", "float32": "float"}
+
+
+def _params(spec: str) -> list[tuple[str, str]]:
+    """'T x, int64 V' -> [('T', 'x'), ('long long', 'V')]"""
+    return [(_C_TYPES[p.split()[0]], p.split()[1]) for p in spec.split(",")]
+
+
+def _check_kernel(name: str, inputs: str, outputs: str, body: str) -> str:
+    """A kernel template over T that declares each argument as CuPy's generated code does
+    (`const T &x` for inputs, `T &y` for outputs, at element i) around `body`."""
+    ins, outs = _params(inputs), _params(outputs)
+    args = [f"const {t}* _raw_{n}" for t, n in ins] + [f"{t}* _raw_{n}" for t, n in outs]
+    refs = [f"const {t} &{n} = _raw_{n}[i];" for t, n in ins] + [f"{t} &{n} = _raw_{n}[i];" for t, n in outs]
+    return (f"template <typename T>\n__global__ void check_{name}({', '.join(args)}, long long _n) {{\n"
+            f"  for (long long i = 0; i < _n; ++i) {{\n    {' '.join(refs)}\n{body}\n  }}\n}}\n")
+
+
+def elementwise_check(src: ck.ElementwiseSource) -> str:
+    return _check_kernel(src.name, src.in_params, src.out_params, src.operation)
+
+
+def reduction_check(src: ck.ReductionSource) -> str:
+    """map_expr, reduce_expr (over a and b) and post_map_expr, as CuPy's reduction uses them."""
+    body = (f"    T a = T({src.identity}); const T b = T({src.map_expr}); a = ({src.reduce_expr});\n"
+            f"    {src.post_map_expr};")
+    return _check_kernel(src.name, src.in_params, src.out_params, body)
+
+
+def compile_check_source(row_source: str, row_names, elementwise, reductions) -> str:
+    """One CUDA file: the row kernels and a check kernel per elementwise and reduction source,
+    each template instantiated for float and double (templates are only fully checked when
+    instantiated; taking their addresses instantiates them, as CuPy's name_expressions do)."""
+    names = list(row_names) + [f"check_{s.name}" for s in [*elementwise, *reductions]]
+    parts = [row_source] + [elementwise_check(s) for s in elementwise] + [reduction_check(s) for s in reductions]
+    parts.append("void* instantiated[] = {" + ", ".join(f"(void*)&{n}<{t}>" for n in names for t in ("float", "double")) + "};")
+    return "\n".join(parts)
+
+
+def nvcc_compile(source: str, tmp_path) -> subprocess.CompletedProcess:
+    path = tmp_path / "kernels.cu"
+    path.write_text(source)
+    return subprocess.run([_NVCC, "-c", "-x", "cu", "-o", str(tmp_path / "kernels.o"), str(path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _sources(kind):
+    return [obj for obj in vars(ck).values() if isinstance(obj, kind)]
+
+
+def test_every_elementwise_and_reduction_source_is_listed():
+    assert {s.name for s in _sources(ck.ElementwiseSource)} == {"gelu_forward", "gelu_backward", "cross_entropy_backward",
+                                                                 "adamw_step"}
+    assert {s.name for s in _sources(ck.ReductionSource)} == {"layer_norm_grad_scale"}
+
+
+@needs_nvcc
+def test_every_kernel_source_compiles_with_nvcc_for_float_and_double(tmp_path):
+    source = compile_check_source(ck.ROW_KERNEL_SOURCE, ck.ROW_KERNEL_NAMES, _sources(ck.ElementwiseSource),
+                                  _sources(ck.ReductionSource))
+    result = nvcc_compile(source, tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+WRONG_SOURCES = {  # (row source, row kernel names, elementwise sources), and the name nvcc must complain about
+    "an elementwise body using an undefined name": ("", [], [ck.ElementwiseSource("T x", "T y", "y = x * undefined_scale;", "wrong")],
+                                                    "undefined_scale"),
+    # nvcc accepts this template as long as nothing instantiates it
+    "a row kernel that only breaks when instantiated": (
+        "template <typename T>\n__global__ void wrong_row(T* x) { x[0] = T::no_such_member; }\n", ["wrong_row"], [],
+        "no_such_member"),
+}
+
+
+@needs_nvcc
+@pytest.mark.parametrize("case", WRONG_SOURCES)
+def test_compile_check_fails_on_a_wrong_kernel(tmp_path, case):
+    row_source, row_names, elementwise, culprit = WRONG_SOURCES[case]
+    result = nvcc_compile(compile_check_source(row_source, row_names, elementwise, []), tmp_path)
+    assert result.returncode != 0 and culprit in result.stderr
+
+
+# ============================================================================ on a GPU
+
+_cuda_ok, _cuda_reason = backend.cuda_available()
+needs_cuda = pytest.mark.skipif(not _cuda_ok, reason=f"CUDA kernels need CuPy and a GPU: {_cuda_reason}")
+DTYPES = [np.float32, np.float64]
+
+
+def _tol(dtype):
+    return {"rtol": 2e-5, "atol": 2e-6} if dtype == np.float32 else {"rtol": 1e-11, "atol": 1e-12}
+
+
+def _gpu(a):
+    return backend.to_device(a, "cuda")
+
+
+def _randn(shape, dtype, seed=0, scale=1.0):
+    return np.asarray(scale * np.random.default_rng(seed).standard_normal(shape), dtype=dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(), (1,), (7, 33), (3, 5, 129)])
+def test_gelu_kernels_match_numpy(dtype, shape):
+    x, g = _randn(shape, dtype, 1, scale=3.0), _randn(shape, dtype, 2)
+    ref = NumpyKernels()
+    np.testing.assert_allclose(host(ck.gelu_forward(_gpu(x))), ref.gelu_forward(x), **_tol(dtype))
+    np.testing.assert_allclose(host(ck.gelu_backward(_gpu(x), _gpu(g))), ref.gelu_backward(x, g), **_tol(dtype))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, c", [(1, 1), (3, 31), (5, 33), (2, 769), (4, 2048)])
+def test_layer_norm_kernels_match_numpy(dtype, n, c):
+    x, scale, shift, g = _randn((n, c), dtype, 1), _randn(c, dtype, 2), _randn(c, dtype, 3), _randn((n, c), dtype, 4)
+    ref = NumpyKernels()
+    outs = ck.layer_norm_forward(_gpu(x), _gpu(scale), _gpu(shift), 1e-5)
+    for ours, theirs in zip(outs, ref.layer_norm_forward(x, scale, shift, 1e-5)):
+        assert ours.shape == theirs.shape and ours.dtype == dtype
+        np.testing.assert_allclose(host(ours), theirs, **_tol(dtype))
+    xhat, rstd = ref.layer_norm_forward(x, scale, shift, 1e-5)[1:]
+    grads = ck.layer_norm_backward(_gpu(g), _gpu(xhat), _gpu(rstd), _gpu(scale))
+    for ours, theirs in zip(grads, ref.layer_norm_backward(g, xhat, rstd, scale)):
+        assert ours.shape == theirs.shape
+        np.testing.assert_allclose(host(ours), theirs, rtol=_tol(dtype)["rtol"] * 10, atol=_tol(dtype)["atol"] * n * 10)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead, tq, tk", [((), 1, 1), ((2,), 3, 3), ((2, 3), 4, 9), ((1, 2), 5, 300), ((1,), 2, 1025)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_softmax_kernels_match_numpy(dtype, lead, tq, tk, causal):
+    scores, dp = _randn((*lead, tq, tk), dtype, 1, scale=4.0), _randn((*lead, tq, tk), dtype, 2)
+    ref = NumpyKernels()
+    p = _gpu(scores)
+    ck.attention_softmax_(p, 0.125, causal)
+    expected = scores.copy()
+    ref.attention_softmax_(expected, 0.125, causal)
+    np.testing.assert_allclose(host(p), expected, **_tol(dtype))
+    dp_gpu = _gpu(dp)
+    ck.softmax_backward_(dp_gpu, _gpu(expected), 0.125)
+    ref.softmax_backward_(dp, expected, 0.125)
+    np.testing.assert_allclose(host(dp_gpu), dp, **_tol(dtype))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, v", [(1, 1), (3, 37), (4, 50257)])
+def test_logsumexp_and_cross_entropy_backward_kernels_match_numpy(dtype, n, v):
+    z = _randn((n, v), dtype, 1, scale=3.0) + np.asarray(1e4, dtype)  # large logits: the max shift must work
+    t = np.random.default_rng(2).integers(0, v, size=n)
+    weight = np.where(np.arange(n) % 2 == 0, 0.25, 0.0).astype(dtype)[:, None]  # odd rows ignored
+    ref = NumpyKernels()
+    lse = ck.logsumexp_rows(_gpu(z))
+    lse_ref = ref.logsumexp_rows(z)
+    ulp = np.spacing(dtype(1e4))  # lse is near 1e4: allow a few units in its last place
+    np.testing.assert_allclose(host(lse), lse_ref, rtol=0, atol=4 * ulp if dtype == np.float32 else 1e-9)
+    for targets in (t, t.astype(np.int32)):
+        dz = ck.cross_entropy_backward(_gpu(z), _gpu(lse_ref), _gpu(targets), _gpu(weight))
+        np.testing.assert_allclose(host(dz), ref.cross_entropy_backward(z, lse_ref, t, weight), **_tol(dtype))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_adamw_kernel_matches_numpy_in_place_on_contiguous_and_strided_arrays(dtype, transposed):
+    shape = (33, 65)
+    w, g = _randn(shape, dtype, 1), _randn(shape, dtype, 2)
+    m, v = _randn(shape, dtype, 3) * 0.1, np.abs(_randn(shape, dtype, 4)) * 0.01
+    arrays = [_gpu(a.T.copy()).T if transposed else _gpu(a) for a in (w, g, m, v)]
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step_size=1e-2 / (1 - 0.9**3),
+                 rsqrt_correction=1 / math.sqrt(1 - 0.95**3))
+    ck.adamw_step_(*arrays, **hyper)
+    NumpyKernels().adamw_step_(w, g, m, v, **hyper)
+    for ours, theirs in zip(arrays, (w, g, m, v)):
+        np.testing.assert_allclose(host(ours), theirs, **_tol(dtype))
+
+
+@needs_cuda
+def test_in_place_kernels_refuse_arrays_that_are_not_contiguous():
+    p = _gpu(np.ones((4, 6)))[:, :3]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ck.attention_softmax_(p, 1.0, False)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ck.softmax_backward_(p, p.copy(), 1.0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", OP_CASES)
+def test_ops_on_cuda_match_the_cpu_array_code(case):
+    fn, inputs, _ = OP_CASES[case]
+    if "dropout" in case:
+        pytest.skip("the GPU draws dropout masks from CuPy's generator, so they differ from the CPU's")
+    on_cpu = _run(fn, inputs)
+    with backend.device_scope("cuda"):
+        on_cuda = _run(fn, inputs)
+    for a, b in zip(on_cuda, on_cpu):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+@needs_cuda
+def test_kernel_ops_grads_match_finite_differences_on_rows_longer_than_a_warp():
+    """Rows of 70 values: several warps per block, so block_reduce combines warps."""
+    gen = np.random.default_rng(0)
+
+    def leaf(*shape):
+        return tg.tensor(gen.standard_normal(shape), requires_grad=True, device="cuda")
+
+    targets = _gpu(np.array([5, -100, 69]))
+    checks = [
+        (lambda x, s, b: F.layer_norm(x, s, b), [leaf(3, 70), leaf(70), leaf(70)]),
+        (F.gelu, [leaf(3, 70)]),
+        (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True), [leaf(1, 3, 2), leaf(1, 70, 2), leaf(1, 70, 2)]),
+        (lambda z: F.cross_entropy(z, targets), [leaf(3, 70)]),
+    ]
+    for fn, inputs in checks:
+        assert tg.gradcheck(fn, inputs, raise_exception=True)
+
+
+@needs_cuda
+def test_tf32_is_opt_in_and_tf32_disabled_restores_the_previous_setting():
+    from cupy._core import _routines_linalg as linalg
+
+    with ck.tf32_disabled():  # leaves the process as it found it
+        assert linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_DEFAULT
+        with warnings.catch_warnings():  # before Ampere CuPy warns and stays in float32
+            warnings.simplefilter("ignore")
+            ck.allow_tf32(True)
+        enabled = linalg.get_compute_type(np.float32)
+        assert enabled in (linalg.COMPUTE_TYPE_TF32, linalg.COMPUTE_TYPE_DEFAULT)  # DEFAULT before Ampere
+        with ck.tf32_disabled():
+            assert linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_DEFAULT
+            a, b = _randn((64, 64), np.float32, 1), _randn((64, 64), np.float32, 2)
+            np.testing.assert_allclose(host(_gpu(a) @ _gpu(b)), a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
+        assert linalg.get_compute_type(np.float32) == enabled
+        ck.allow_tf32(False)
+        assert linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_DEFAULT
+        assert linalg.get_compute_type(np.float64) != linalg.COMPUTE_TYPE_TF32

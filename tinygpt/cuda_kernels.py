@@ -1,0 +1,340 @@
+"""Fused CUDA kernels for the CuPy backend: one launch per op direction where the array code
+in functional.py and optim.py would launch a chain of elementwise operations.
+
+Each function takes and returns raw CuPy arrays (float32 or float64) and computes what the
+NumPy code of the op that calls it computes; the math is in that op's docstring and repeated
+above each kernel. Three kinds of kernel:
+  elementwise  (GELU, cross-entropy backward, AdamW): CuPy's ElementwiseKernel writes the loop
+               and the indexing; the body sees one element of each array, and `i`, the element's
+               index in the (broadcast) output taken in C order.
+  row          (layernorm, attention softmax, logsumexp): one thread block per row. Each thread
+               walks the row with stride blockDim.x, then `block_reduce` combines the threads'
+               partial sums or maxima. Raw CUDA, templated on T = float or double.
+  reduction    (layernorm's dL/dscale): CuPy's ReductionKernel, a sum over rows.
+
+The sources are plain strings at module level, so they can be read (and compile-checked by
+tests/test_cuda_kernels.py) without CuPy; the CuPy kernel objects are built on first use.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import NamedTuple
+
+import numpy as np
+
+from tinygpt.backend import backend_of
+
+
+class ElementwiseSource(NamedTuple):
+    """The arguments of cupy.ElementwiseKernel. `T` is the dtype of the array arguments;
+    Python scalars passed for a `T` parameter take that dtype."""
+    in_params: str
+    out_params: str
+    operation: str
+    name: str
+
+
+class ReductionSource(NamedTuple):
+    """The arguments of cupy.ReductionKernel (`a`, `b`: the partial results being combined)."""
+    in_params: str
+    out_params: str
+    map_expr: str
+    reduce_expr: str
+    post_map_expr: str
+    identity: str
+    name: str
+
+
+# ============================================================================ elementwise
+
+GELU_FORWARD = ElementwiseSource("T x", "T y", """
+    // y = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
+    const T u = T(0.7978845608028654) * (x + T(0.044715) * x * x * x);
+    y = T(0.5) * x * (T(1) + tanh(u));
+""", "gelu_forward")
+
+GELU_BACKWARD = ElementwiseSource("T x, T g", "T dx", """
+    // t = tanh(u):  dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    const T t = tanh(T(0.7978845608028654) * (x + T(0.044715) * x * x * x));
+    const T du_dx = T(0.7978845608028654) * (T(1) + T(3 * 0.044715) * x * x);
+    dx = g * (T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * du_dx);
+""", "gelu_backward")
+
+CROSS_ENTROPY_BACKWARD = ElementwiseSource("T z, T lse, int64 t, T w, int64 V", "T dz", """
+    // dz = (softmax(z) - onehot(t)) * w,  softmax(z) = exp(z - logsumexp(z));
+    // element i of the [N, V] output sits in column i % V
+    dz = (exp(z - lse) - (i % V == t ? T(1) : T(0))) * w;
+""", "cross_entropy_backward")
+
+ADAMW_STEP = ElementwiseSource("T g, T decay, T b1, T b2, T eps, T step_size, T rsqrt_correction", "T w, T m, T v", """
+    // decay = 1 - lr * weight_decay,  step_size = lr / (1 - b1^t),  rsqrt_correction = 1 / sqrt(1 - b2^t)
+    w *= decay;
+    m = b1 * m + (T(1) - b1) * g;
+    v = b2 * v + (T(1) - b2) * g * g;
+    w -= step_size * (m / (sqrt(v) * rsqrt_correction + eps));
+""", "adamw_step")
+
+LAYER_NORM_GRAD_SCALE = ReductionSource(
+    "T g, T xhat", "T grad_scale", "g * xhat", "a + b", "grad_scale = a", "0", "layer_norm_grad_scale")
+
+
+# ============================================================================ row kernels
+
+ROW_KERNEL_NAMES = ("layer_norm_forward", "layer_norm_backward", "attention_softmax", "softmax_backward",
+                    "logsumexp_rows")
+
+ROW_KERNEL_SOURCE = r"""
+struct Sum { template <typename T> __device__ T operator()(T a, T b) const { return a + b; } };
+struct Max { template <typename T> __device__ T operator()(T a, T b) const { return a > b ? a : b; } };
+
+// op over the values v of every thread in the block (blockDim.x a multiple of 32, at most
+// 1024); every thread gets the result. Every thread of the block must call it.
+template <typename T, typename Op>
+__device__ T block_reduce(T v, Op op) {
+    __shared__ T warp_results[32];
+    for (int offset = 16; offset > 0; offset /= 2)  // within each warp, by exchanging registers
+        v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    __syncthreads();  // the previous call's readers are done with warp_results
+    if (threadIdx.x % 32 == 0) warp_results[threadIdx.x / 32] = v;
+    __syncthreads();
+    T result = warp_results[0];
+    const int warps = blockDim.x / 32;
+    for (int w = 1; w < warps; ++w) result = op(result, warp_results[w]);
+    return result;
+}
+
+// y = xhat * scale + shift,  xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps),
+// mean and biased var over the C values of row blockIdx.x of x [N, C].
+template <typename T>
+__global__ void layer_norm_forward(const T* x, const T* scale, const T* shift, T* y, T* xhat, T* rstd,
+                                   long long C, T eps) {
+    const long long row = blockIdx.x * C;
+    T sum = 0;
+    for (long long j = threadIdx.x; j < C; j += blockDim.x) sum += x[row + j];
+    const T mean = block_reduce(sum, Sum()) / T(C);
+    T sum_sq = 0;
+    for (long long j = threadIdx.x; j < C; j += blockDim.x) {
+        const T d = x[row + j] - mean;
+        sum_sq += d * d;
+    }
+    const T r = T(1) / sqrt(block_reduce(sum_sq, Sum()) / T(C) + eps);
+    for (long long j = threadIdx.x; j < C; j += blockDim.x) {
+        const T h = (x[row + j] - mean) * r;
+        xhat[row + j] = h;
+        y[row + j] = h * scale[j] + shift[j];
+    }
+    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+}
+
+// dxhat = g * scale,  dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  per row.
+template <typename T>
+__global__ void layer_norm_backward(const T* g, const T* xhat, const T* rstd, const T* scale, T* dx,
+                                    long long C) {
+    const long long row = blockIdx.x * C;
+    T sum_dxhat = 0, sum_dxhat_xhat = 0;
+    for (long long j = threadIdx.x; j < C; j += blockDim.x) {
+        const T dxhat = g[row + j] * scale[j];
+        sum_dxhat += dxhat;
+        sum_dxhat_xhat += dxhat * xhat[row + j];
+    }
+    const T mean_dxhat = block_reduce(sum_dxhat, Sum()) / T(C);
+    const T mean_dxhat_xhat = block_reduce(sum_dxhat_xhat, Sum()) / T(C);
+    for (long long j = threadIdx.x; j < C; j += blockDim.x)
+        dx[row + j] = rstd[blockIdx.x] * (g[row + j] * scale[j] - mean_dxhat - xhat[row + j] * mean_dxhat_xhat);
+}
+
+// In place on one row s of scores [..., Tq, Tk]: s = softmax(s * scale) over the keys query i
+// may see: all Tk, or when causal those j <= i + (Tk - Tq) (query i sits at position
+// Tk - Tq + i); the hidden ones get probability 0. Key 0 is always visible, so s[0] starts
+// the max.
+template <typename T>
+__global__ void attention_softmax(T* p, long long Tq, long long Tk, T scale, int causal) {
+    T* s = p + blockIdx.x * Tk;
+    const long long visible = causal ? blockIdx.x % Tq + (Tk - Tq) + 1 : Tk;
+    T m = s[0] * scale;
+    for (long long j = threadIdx.x; j < visible; j += blockDim.x) m = Max()(m, s[j] * scale);
+    m = block_reduce(m, Max());
+    T sum = 0;
+    for (long long j = threadIdx.x; j < visible; j += blockDim.x) {
+        s[j] = exp(s[j] * scale - m);
+        sum += s[j];
+    }
+    sum = block_reduce(sum, Sum());
+    for (long long j = threadIdx.x; j < Tk; j += blockDim.x) s[j] = j < visible ? s[j] / sum : T(0);
+}
+
+// In place on one row of dp [..., Tk]: dp = p * (dp - sum_j dp_j p_j) * scale
+// (softmax backward, times the 1/sqrt(D) the scores were scaled by).
+template <typename T>
+__global__ void softmax_backward(T* dp, const T* p, long long Tk, T scale) {
+    const long long row = blockIdx.x * Tk;
+    T dot = 0;
+    for (long long j = threadIdx.x; j < Tk; j += blockDim.x) dot += dp[row + j] * p[row + j];
+    dot = block_reduce(dot, Sum());
+    for (long long j = threadIdx.x; j < Tk; j += blockDim.x) dp[row + j] = (dp[row + j] - dot) * p[row + j] * scale;
+}
+
+// lse = m + log sum_j exp(z_j - m),  m = max_j z_j,  for row blockIdx.x of z [N, V]:
+// exp never sees a positive argument, so it cannot overflow.
+template <typename T>
+__global__ void logsumexp_rows(const T* z, T* lse, long long V) {
+    const T* row = z + blockIdx.x * V;
+    T m = row[0];
+    for (long long j = threadIdx.x; j < V; j += blockDim.x) m = Max()(m, row[j]);
+    m = block_reduce(m, Max());
+    T sum = 0;
+    for (long long j = threadIdx.x; j < V; j += blockDim.x) sum += exp(row[j] - m);
+    sum = block_reduce(sum, Sum());
+    if (threadIdx.x == 0) lse[blockIdx.x] = m + log(sum);
+}
+"""
+
+_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_MAX_THREADS = 256
+
+
+@functools.cache
+def _row_module():
+    import cupy
+
+    names = [f"{name}<{ctype}>" for name in ROW_KERNEL_NAMES for ctype in _CTYPES.values()]
+    return cupy.RawModule(code=ROW_KERNEL_SOURCE, name_expressions=names)
+
+
+@functools.cache
+def _elementwise(source: ElementwiseSource):
+    import cupy
+
+    return cupy.ElementwiseKernel(*source)
+
+
+@functools.cache
+def _reduction(source: ReductionSource):
+    import cupy
+
+    return cupy.ReductionKernel(*source)
+
+
+def _launch_rows(name: str, dtype, rows: int, row_length: int, args: tuple) -> None:
+    """Run row kernel `name` for `dtype`: one block per row, one thread per element up to
+    _MAX_THREADS (rounded up to whole warps of 32)."""
+    if dtype not in _CTYPES:
+        raise TypeError(f"{name}: CUDA kernels take float32 or float64 arrays, got {dtype}")
+    if rows == 0:
+        return
+    threads = min(_MAX_THREADS, 32 * max(1, -(-row_length // 32)))
+    _row_module().get_function(f"{name}<{_CTYPES[dtype]}>")((rows,), (threads,), args)
+
+
+def _check_in_place(name: str, a) -> None:
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: works in place on a C-contiguous array, got shape {a.shape} strides {a.strides}")
+
+
+# ============================================================================ the interface
+
+
+def gelu_forward(x):
+    """GELU(x), elementwise, any shape (see functional.GELU)."""
+    return _elementwise(GELU_FORWARD)(x)
+
+
+def gelu_backward(x, grad):
+    """dL/dx = grad * GELU'(x), elementwise."""
+    return _elementwise(GELU_BACKWARD)(x, grad.astype(x.dtype, copy=False))
+
+
+def layer_norm_forward(x2, scale, shift, eps: float):
+    """(y, xhat, rstd) for rows x2 [N, C]: y and xhat [N, C], rstd [N, 1] (see functional.LayerNorm)."""
+    xp = backend_of(x2)
+    dtype = xp.result_type(x2.dtype, scale.dtype, shift.dtype)  # as x * scale + shift would give
+    x2, scale, shift = (xp.ascontiguousarray(a, dtype=dtype) for a in (x2, scale, shift))
+    n, c = x2.shape
+    y, xhat, rstd = xp.empty_like(x2), xp.empty_like(x2), xp.empty((n, 1), dtype=dtype)
+    _launch_rows("layer_norm_forward", dtype, n, c, (x2, scale, shift, y, xhat, rstd, np.int64(c), dtype.type(eps)))
+    return y, xhat, rstd
+
+
+def layer_norm_backward(g2, xhat, rstd, scale):
+    """(dL/dx [N, C], dL/dscale [C], dL/dshift [C]) from the gradient g2 [N, C] of y."""
+    xp = backend_of(xhat)
+    g2, xhat, rstd, scale = (xp.ascontiguousarray(a, dtype=xhat.dtype) for a in (g2, xhat, rstd, scale))
+    n, c = xhat.shape
+    grad_x = xp.empty_like(xhat)
+    _launch_rows("layer_norm_backward", xhat.dtype, n, c, (g2, xhat, rstd, scale, grad_x, np.int64(c)))
+    grad_scale = _reduction(LAYER_NORM_GRAD_SCALE)(g2, xhat, axis=0)  # sum_rows g * xhat, no [N, C] temporary
+    return grad_x, grad_scale, g2.sum(axis=0)
+
+
+def attention_softmax_(p, scale: float, causal: bool) -> None:
+    """p = softmax(p * scale) along the last axis, in place, p [..., Tq, Tk] C-contiguous; when
+    causal, key j is hidden from query i where j > i + (Tk - Tq)."""
+    _check_in_place("attention_softmax_", p)
+    tq, tk = p.shape[-2:]
+    _launch_rows("attention_softmax", p.dtype, p.size // max(tk, 1), tk,
+                 (p, np.int64(tq), np.int64(tk), p.dtype.type(scale), np.int32(bool(causal))))
+
+
+def softmax_backward_(dp, p, scale: float) -> None:
+    """dp = p * (dp - rowsum(dp * p)) * scale along the last axis, in place, dp C-contiguous."""
+    _check_in_place("softmax_backward_", dp)
+    if p.shape != dp.shape:
+        raise ValueError(f"softmax_backward_: dp shape {dp.shape} and p shape {p.shape} differ")
+    p = backend_of(p).ascontiguousarray(p, dtype=dp.dtype)
+    tk = dp.shape[-1]
+    _launch_rows("softmax_backward", dp.dtype, dp.size // max(tk, 1), tk, (dp, p, np.int64(tk), dp.dtype.type(scale)))
+
+
+def logsumexp_rows(z):
+    """lse [N] = log sum_j exp(z[:, j]) of z [N, V], max-shifted."""
+    xp = backend_of(z)
+    z = xp.ascontiguousarray(z)
+    n, v = z.shape
+    if v == 0:
+        raise ValueError(f"logsumexp_rows: rows of z (shape {z.shape}) are empty")
+    lse = xp.empty(n, dtype=z.dtype)
+    _launch_rows("logsumexp_rows", z.dtype, n, v, (z, lse, np.int64(v)))
+    return lse
+
+
+def cross_entropy_backward(z, lse, t, weight):
+    """dz [N, V] = (exp(z - lse[:, None]) - onehot(t)) * weight, with t [N] integer targets and
+    weight [N, 1] (g / n on counted rows, 0 on ignored ones)."""
+    return _elementwise(CROSS_ENTROPY_BACKWARD)(z, lse.astype(z.dtype, copy=False)[:, None], t.astype(np.int64, copy=False)[:, None],
+                                                weight.astype(z.dtype, copy=False), z.shape[-1])
+
+
+def adamw_step_(w, g, m, v, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                step_size: float, rsqrt_correction: float) -> None:
+    """One AdamW step on w, m, v in place (see optim.AdamW)."""
+    _elementwise(ADAMW_STEP)(g.astype(w.dtype, copy=False), 1.0 - lr * weight_decay, beta1, beta2, eps, step_size,
+                             rsqrt_correction, w, m, v)
+
+
+# ============================================================================ TF32
+
+
+def allow_tf32(flag: bool) -> None:
+    """Let float32 matrix products run on the tensor cores of Ampere and newer GPUs in TF32:
+    inputs rounded to 10 mantissa bits (float32 has 23), several times faster, with relative
+    errors near 1e-3 instead of 1e-7. Opt-in: off unless this is called with True, or CuPy was
+    started with CUPY_TF32=1. float64 products are never affected. CuPy warns and stays in
+    float32 on older GPUs."""
+    from cupy._core import _routines_linalg as linalg  # where CuPy keeps its matmul compute type
+
+    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if flag else linalg.COMPUTE_TYPE_DEFAULT)
+
+
+@contextlib.contextmanager
+def tf32_disabled():
+    """Full float32 matrix products inside the with-block (for checks that compare numbers),
+    whatever allow_tf32 or CUPY_TF32 said; the previous setting comes back afterwards."""
+    from cupy._core import _routines_linalg as linalg
+
+    previous = linalg.get_compute_type(np.float32)
+    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_DEFAULT)
+    try:
+        yield
+    finally:
+        linalg.set_compute_type(np.float32, previous)
