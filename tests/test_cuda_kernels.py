@@ -228,7 +228,7 @@ def nvcc_compile(source: str, tmp_path) -> subprocess.CompletedProcess:
     path = tmp_path / "kernels.cu"
     path.write_text(source)
     return subprocess.run([_NVCC, "-c", "-x", "cu", "-o", str(tmp_path / "kernels.o"), str(path)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def _sources(kind):
@@ -250,8 +250,8 @@ def test_every_kernel_source_compiles_with_nvcc_for_float_and_double(tmp_path):
 
 
 WRONG_SOURCES = {  # (row source, row kernel names, elementwise sources), and the name nvcc must complain about
-    "an elementwise body using an undefined name": ("", [], [ck.ElementwiseSource("T x", "T y", "y = x * undefined_scale;", "wrong")],
-                                                    "undefined_scale"),
+    "an elementwise body using an undefined name": (
+        "", [], [ck.ElementwiseSource("T x", "T y", "y = x * undefined_scale;", "wrong")], "undefined_scale"),
     # nvcc accepts this template as long as nothing instantiates it
     "a row kernel that only breaks when instantiated": (
         "template <typename T>\n__global__ void wrong_row(T* x) { x[0] = T::no_such_member; }\n", ["wrong_row"], [],
@@ -274,8 +274,10 @@ needs_cuda = pytest.mark.skipif(not _cuda_ok, reason=f"CUDA kernels need CuPy an
 DTYPES = [np.float32, np.float64]
 
 
-def _tol(dtype):
-    return {"rtol": 2e-5, "atol": 2e-6} if dtype == np.float32 else {"rtol": 1e-11, "atol": 1e-12}
+def _tol(dtype, factor: float = 1.0):
+    """Rounding differences only: the kernels add up rows in another order than NumPy."""
+    rtol, atol = (2e-5, 2e-6) if dtype == np.float32 else (1e-11, 1e-12)
+    return {"rtol": factor * rtol, "atol": factor * atol}
 
 
 def _gpu(a):
@@ -310,7 +312,7 @@ def test_layer_norm_kernels_match_numpy(dtype, n, c):
     grads = ck.layer_norm_backward(_gpu(g), _gpu(xhat), _gpu(rstd), _gpu(scale))
     for ours, theirs in zip(grads, ref.layer_norm_backward(g, xhat, rstd, scale)):
         assert ours.shape == theirs.shape
-        np.testing.assert_allclose(host(ours), theirs, rtol=_tol(dtype)["rtol"] * 10, atol=_tol(dtype)["atol"] * n * 10)
+        np.testing.assert_allclose(host(ours), theirs, **_tol(dtype, factor=10))  # sums of n rows of products
 
 
 @needs_cuda
@@ -356,8 +358,8 @@ def test_adamw_kernel_matches_numpy_in_place_on_contiguous_and_strided_arrays(dt
     w, g = _randn(shape, dtype, 1), _randn(shape, dtype, 2)
     m, v = _randn(shape, dtype, 3) * 0.1, np.abs(_randn(shape, dtype, 4)) * 0.01
     arrays = [_gpu(a.T.copy()).T if transposed else _gpu(a) for a in (w, g, m, v)]
-    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step_size=1e-2 / (1 - 0.9**3),
-                 rsqrt_correction=1 / math.sqrt(1 - 0.95**3))
+    hyper = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1,
+             "step_size": 1e-2 / (1 - 0.9**3), "rsqrt_correction": 1 / math.sqrt(1 - 0.95**3)}
     ck.adamw_step_(*arrays, **hyper)
     NumpyKernels().adamw_step_(w, g, m, v, **hyper)
     for ours, theirs in zip(arrays, (w, g, m, v)):
@@ -407,15 +409,17 @@ def test_kernel_ops_grads_match_finite_differences_on_rows_longer_than_a_warp():
 
 @needs_cuda
 def test_tf32_is_opt_in_and_tf32_disabled_restores_the_previous_setting():
+    import cupy
     from cupy._core import _routines_linalg as linalg
 
+    ampere = int(cupy.cuda.Device().compute_capability) >= 80
     with ck.tf32_disabled():  # leaves the process as it found it
         assert linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_DEFAULT
         with warnings.catch_warnings():  # before Ampere CuPy warns and stays in float32
             warnings.simplefilter("ignore")
             ck.allow_tf32(True)
         enabled = linalg.get_compute_type(np.float32)
-        assert enabled in (linalg.COMPUTE_TYPE_TF32, linalg.COMPUTE_TYPE_DEFAULT)  # DEFAULT before Ampere
+        assert enabled == (linalg.COMPUTE_TYPE_TF32 if ampere else linalg.COMPUTE_TYPE_DEFAULT)
         with ck.tf32_disabled():
             assert linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_DEFAULT
             a, b = _randn((64, 64), np.float32, 1), _randn((64, 64), np.float32, 2)

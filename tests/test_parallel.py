@@ -20,8 +20,11 @@ def two_threads(monkeypatch):
 
 def test_run_blocks_covers_every_row_once_on_several_threads(two_threads):
     seen, threads = np.zeros(1000, dtype=int), set()
+    both_running = threading.Barrier(2, timeout=10)  # the first two blocks wait for each other
 
     def block(s):
+        if s.start in (0, 7):
+            both_running.wait()  # breaks (and fails the test) unless two threads run blocks at once
         seen[s] += 1
         threads.add(threading.get_ident())
 

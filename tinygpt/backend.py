@@ -95,6 +95,11 @@ class Backend:
         """a @ b for 2-D arrays (NumPy splits it across threads; see NumpyBackend)."""
         return a @ b
 
+    def full_precision(self):
+        """A with-block where matrix products use the full precision of their dtype (no
+        TF32 on GPUs, see cuda_kernels.allow_tf32); gradcheck runs inside one."""
+        return contextlib.nullcontext()
+
     def run_blocks(self, fn: Callable[[slice], None], n: int, block: int) -> None:
         """fn(slice) for consecutive slices of range(n), `block` long (the last may be
         shorter). Each call must touch only its own rows of any output. Here (the strict
@@ -198,6 +203,9 @@ class CupyBackend(Backend):
         from tinygpt import cuda_kernels
 
         return cuda_kernels
+
+    def full_precision(self):
+        return self.kernels.tf32_disabled()
 
     def run_blocks(self, fn, n, block):
         fn(slice(0, n))  # one launch over everything: the GPU parallelises inside each operation

@@ -14,6 +14,7 @@ above each kernel. Three kinds of kernel:
 
 The sources are plain strings at module level, so they can be read (and compile-checked by
 tests/test_cuda_kernels.py) without CuPy; the CuPy kernel objects are built on first use.
+At the end: allow_tf32 and tf32_disabled, the switch for TF32 matrix products (off by default).
 """
 from __future__ import annotations
 
@@ -301,8 +302,8 @@ def logsumexp_rows(z):
 def cross_entropy_backward(z, lse, t, weight):
     """dz [N, V] = (exp(z - lse[:, None]) - onehot(t)) * weight, with t [N] integer targets and
     weight [N, 1] (g / n on counted rows, 0 on ignored ones)."""
-    return _elementwise(CROSS_ENTROPY_BACKWARD)(z, lse.astype(z.dtype, copy=False)[:, None], t.astype(np.int64, copy=False)[:, None],
-                                                weight.astype(z.dtype, copy=False), z.shape[-1])
+    lse, t, weight = lse.astype(z.dtype, copy=False), t.astype(np.int64, copy=False), weight.astype(z.dtype, copy=False)
+    return _elementwise(CROSS_ENTROPY_BACKWARD)(z, lse[:, None], t[:, None], weight, z.shape[-1])  # [N, 1]s broadcast over V
 
 
 def adamw_step_(w, g, m, v, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
