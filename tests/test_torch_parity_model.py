@@ -15,7 +15,8 @@ key bias, which is exactly zero (see the test), so only its smallness is checked
 """
 from __future__ import annotations
 
-import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,100 +39,9 @@ TOLERANCES = {  # dtype: (logits rtol, gradient rtol, atol as a fraction of max 
 
 # ------------------------------------------------------------------ the book's PyTorch GPT
 
-
-class MultiHeadAttention(tnn.Module):
-    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
-        super().__init__()
-        assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
-        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
-        self.W_query = tnn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = tnn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = tnn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = tnn.Linear(d_out, d_out)
-        self.dropout = tnn.Dropout(dropout)
-        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
-
-    def forward(self, x):
-        b, num_tokens, _ = x.shape
-        keys = self.W_key(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        values = self.W_value(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        attn_scores = queries @ keys.transpose(2, 3)
-        mask_bool = self.mask.bool()[:num_tokens, :num_tokens]
-        attn_scores.masked_fill_(mask_bool, -torch.inf)
-        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
-        attn_weights = self.dropout(attn_weights)
-        context_vec = (attn_weights @ values).transpose(1, 2)
-        context_vec = context_vec.contiguous().view(b, num_tokens, self.d_out)
-        return self.out_proj(context_vec)
-
-
-class LayerNorm(tnn.Module):
-    def __init__(self, emb_dim):
-        super().__init__()
-        self.eps = 1e-5
-        self.scale = tnn.Parameter(torch.ones(emb_dim))
-        self.shift = tnn.Parameter(torch.zeros(emb_dim))
-
-    def forward(self, x):
-        mean = x.mean(dim=-1, keepdim=True)
-        var = x.var(dim=-1, keepdim=True, unbiased=False)
-        return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
-
-
-class GELU(tnn.Module):
-    def forward(self, x):
-        return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
-
-
-class FeedForward(tnn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.layers = tnn.Sequential(tnn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]), GELU(),
-                                     tnn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]))
-
-    def forward(self, x):
-        return self.layers(x)
-
-
-class TransformerBlock(tnn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.att = MultiHeadAttention(d_in=cfg["emb_dim"], d_out=cfg["emb_dim"], context_length=cfg["context_length"],
-                                      num_heads=cfg["n_heads"], dropout=cfg["drop_rate"], qkv_bias=cfg["qkv_bias"])
-        self.ff = FeedForward(cfg)
-        self.norm1 = LayerNorm(cfg["emb_dim"])
-        self.norm2 = LayerNorm(cfg["emb_dim"])
-        self.drop_shortcut = tnn.Dropout(cfg["drop_rate"])
-
-    def forward(self, x):
-        shortcut = x
-        x = self.drop_shortcut(self.att(self.norm1(x)))
-        x = x + shortcut
-        shortcut = x
-        x = self.drop_shortcut(self.ff(self.norm2(x)))
-        return x + shortcut
-
-
-class TorchGPTModel(tnn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.tok_emb = tnn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
-        self.pos_emb = tnn.Embedding(cfg["context_length"], cfg["emb_dim"])
-        self.drop_emb = tnn.Dropout(cfg["drop_rate"])
-        self.trf_blocks = tnn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
-        self.final_norm = LayerNorm(cfg["emb_dim"])
-        self.out_head = tnn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
-        if cfg.get("tie_weights", False):
-            self.out_head.weight = self.tok_emb.weight
-
-    def forward(self, in_idx):
-        _, seq_len = in_idx.shape
-        x = self.tok_emb(in_idx) + self.pos_emb(torch.arange(seq_len, device=in_idx.device))
-        x = self.drop_emb(x)
-        x = self.trf_blocks(x)
-        x = self.final_norm(x)
-        return self.out_head(x)
+# The reference lives in benchmarks/torch_gpt.py, which the training-step benchmark runs too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from torch_gpt import TorchGPTModel  # noqa: E402
 
 
 # ------------------------------------------------------------------ helpers
