@@ -45,6 +45,7 @@ import torch.nn.functional as tF
 
 import tinygpt as tg
 import tinygpt.functional as F
+from tinygpt.files import atomic_write_text
 
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -220,8 +221,7 @@ def main() -> None:
                               "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                               **{name: os.environ.get(name) for name in THREAD_VARIABLES}},
                   "ops": results}
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        atomic_write_text(args.json, json.dumps(report, indent=2))
         print(f"wrote {args.json}")
 
 

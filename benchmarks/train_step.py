@@ -43,6 +43,7 @@ import traceback
 import numpy as np
 
 from tinygpt.model import GPT_PRESETS
+from tinygpt.files import atomic_write_text
 
 ENGINES = ("tinygpt", "torch")
 ADAMW = {"lr": 4e-4, "weight_decay": 0.1, "betas": (0.9, 0.999), "eps": 1e-8}
@@ -447,8 +448,7 @@ def main() -> None:
                   "config": cfg, "settings": {**settings, "warmup": args.warmup, "repeats": args.repeats},
                   "adamw": ADAMW, "step_flops": flops, "gemm": gemm, "engines": results, "tinygpt_over_torch": ratios,
                   "notes": notes}
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        atomic_write_text(args.json, json.dumps(report, indent=2))
         print(f"wrote {args.json}")
 
 

@@ -50,7 +50,7 @@ class Linear(Function):
 
 def _matmul(a, b):
     """a @ b for 2-D arrays, on all cores (backend.matmul)."""
-    return backend.get_backend(backend.device_of(a)).matmul(a, b)
+    return _backend(a).matmul(a, b)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -160,20 +160,30 @@ class LayerNorm(Function):
                 grad_x[s] -= xhat[s] * dxhat.mean(axis=-1, keepdims=True)
                 grad_x[s] *= rstd[s]
 
-        backend.get_backend(backend.device_of(grad)).run_blocks(block, xhat.shape[0], rows)
+        _backend(grad).run_blocks(block, xhat.shape[0], rows)
         grad_scale = partial_scale.sum(axis=0) if ctx.needs_input_grad[1] else None
         grad_shift = partial_shift.sum(axis=0) if ctx.needs_input_grad[2] else None
         return None if grad_x is None else grad_x.reshape(ctx.x_shape), grad_scale, grad_shift
 
 
+def _backend(x) -> backend.Backend:
+    """The Backend object that holds array x."""
+    return backend.get_backend(backend.device_of(x))
+
+
 def _kernels(x):
     """The backend's fused kernels for x's device (CUDA), or None: run the array code here."""
-    return backend.get_backend(backend.device_of(x)).kernels
+    return _backend(x).kernels
+
+
+def _rows(x):
+    """x as a 2-D array of rows, [..., C] -> [N, C] (a 0-d x as one 1 x 1 row)."""
+    return x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
 
 
 def _run_rows(block, x2) -> None:
     """block(s) over row blocks of the 2-D array x2, on x2's backend (see run_blocks)."""
-    backend.get_backend(backend.device_of(x2)).run_blocks(block, x2.shape[0], backend.rows_per_block(x2.shape[1]))
+    _backend(x2).run_blocks(block, x2.shape[0], backend.rows_per_block(x2.shape[1]))
 
 
 def layer_norm(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-5) -> Tensor:
@@ -201,7 +211,7 @@ class GELU(Function):
         ctx.save_for_backward(x)
         if (kernels := _kernels(x)) is not None:
             return kernels.gelu_forward(x)
-        x2 = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+        x2 = _rows(x)
         y = xp.empty_like(x2)
 
         def block(s):
@@ -225,7 +235,7 @@ class GELU(Function):
         xp = backend_of(x)
         if (kernels := _kernels(x)) is not None:
             return kernels.gelu_backward(x, grad)
-        x2 = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+        x2 = _rows(x)
         g2 = grad.reshape(x2.shape)
         dx = xp.empty_like(x2)
 
@@ -344,7 +354,7 @@ class Dropout(Function):
 def _apply_mask(x, p: float, seed: int):
     """x * keep / (1 - p), with the mask drawn block by block from seed."""
     xp, device = backend_of(x), backend.device_of(x)
-    x2 = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+    x2 = _rows(x)
     y = xp.empty_like(x2)
 
     def block(s):
@@ -480,7 +490,7 @@ def _heads_last(xp, shape, dtype):
 def _run_batch(block, x) -> None:
     """block(s) over slices of x's first axis, one sequence per block (all of x when it
     has no batch axis)."""
-    bk = backend.get_backend(backend.device_of(x))
+    bk = _backend(x)
     if x.ndim < 3:
         block(slice(None))  # (T, D) inputs: one block
         return

@@ -58,32 +58,18 @@ class AdamW:
                 t = state["step"]
                 arrays = (p.data, p.grad.data, state["m"], state["v"])
                 step_size, rsqrt_correction = lr / (1.0 - b1**t), 1.0 / math.sqrt(1.0 - b2**t)
-
-                def block(s, w, g, m, v, xp=xp, step_size=step_size, rsqrt_correction=rsqrt_correction):
-                    if wd:
-                        w[s] *= 1.0 - lr * wd
-                    m[s] *= b1
-                    m[s] += (1.0 - b1) * g[s]
-                    v[s] *= b2
-                    v[s] += (1.0 - b2) * (g[s] * g[s])
-                    denom = xp.sqrt(v[s])
-                    denom *= rsqrt_correction
-                    denom += eps
-                    xp.divide(m[s], denom, out=denom)
-                    denom *= step_size
-                    w[s] -= denom
-
+                rule = {"lr": lr, "beta1": b1, "beta2": b2, "eps": eps, "weight_decay": wd,
+                        "step_size": step_size, "rsqrt_correction": rsqrt_correction}
                 bk = backend.get_backend(backend.device_of(p.data))
                 if bk.kernels is not None:  # one fused CUDA kernel
-                    bk.kernels.adamw_step_(*arrays, lr=lr, beta1=b1, beta2=b2, eps=eps, weight_decay=wd,
-                                           step_size=step_size, rsqrt_correction=rsqrt_correction)
+                    bk.kernels.adamw_step_(*arrays, **rule)
                 elif all(a.flags.c_contiguous for a in arrays):
                     # flat views, updated block by block (backend.run_blocks): each block is read
                     # from memory once for all the steps, and blocks run on every core
-                    w, g, m, v = (a.reshape(-1) for a in arrays)
-                    bk.run_blocks(functools.partial(block, w=w, g=g, m=m, v=v), w.size, 1 << 18)
+                    flat = [a.reshape(-1) for a in arrays]
+                    bk.run_blocks(functools.partial(_adamw_block, arrays=flat, xp=xp, **rule), flat[0].size, 1 << 18)
                 else:
-                    block(slice(None), *arrays)
+                    _adamw_block(slice(None), arrays, xp=xp, **rule)
 
     def state_dict(self) -> dict:
         """Hyperparameters and per-parameter state, parameters named by their position."""
@@ -111,6 +97,25 @@ class AdamW:
 
 
 @no_grad()
+def _adamw_block(s, arrays, *, xp, lr, beta1, beta2, eps, weight_decay, step_size, rsqrt_correction) -> None:
+    """One block s of AdamW's update (the rule in AdamW's docstring), in place on the flat
+    (or whole) arrays (w, g, m, v); step_size = lr / (1 - b1^t), rsqrt_correction =
+    1 / sqrt(1 - b2^t)."""
+    w, g, m, v = arrays
+    if weight_decay:
+        w[s] *= 1.0 - lr * weight_decay
+    m[s] *= beta1
+    m[s] += (1.0 - beta1) * g[s]
+    v[s] *= beta2
+    v[s] += (1.0 - beta2) * (g[s] * g[s])
+    denom = xp.sqrt(v[s])
+    denom *= rsqrt_correction
+    denom += eps
+    xp.divide(m[s], denom, out=denom)
+    denom *= step_size
+    w[s] -= denom
+
+
 def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> float:
     """Scale all gradients together so that their global L2 norm is at most max_norm
     (as torch.nn.utils.clip_grad_norm_). Returns the norm before clipping."""
