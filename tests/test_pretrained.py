@@ -3,6 +3,7 @@ NumPy forward of that layout, the tensor-name variants real files use, saving an
 broken files, the hub download (with urlopen faked, never the network), the strict device,
 and parity with transformers' GPT2LMHeadModel when it is installed."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -68,11 +69,23 @@ def tiny(tmp_path):
 IDS = np.random.default_rng(1).integers(0, V, size=(2, P))
 
 
-def reference_logits(t: dict, ids: np.ndarray, n_head: int = H, eps: float = 1e-5) -> np.ndarray:
+# transformers' activations.py, formula for formula (the names GPT2Config's activation_function takes)
+HF_GELUS = {
+    "gelu_new": lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))),
+    "gelu_pytorch_tanh": lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * np.power(x, 3)))),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + np.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+}
+
+
+def reference_logits(t: dict, ids: np.ndarray, n_head: int = H, eps: float = 1e-5, activation: str = "gelu_new",
+                     reorder_and_upcast_attn: bool = False) -> np.ndarray:
     """GPT-2's forward written straight from the Hugging Face layout, in float64: Conv1D is
-    x @ W + b, c_attn's columns are [q | k | v], pre-LayerNorm blocks, GELU (tanh form),
-    and the output head is wte^T."""
+    x @ W + b, c_attn's columns are [q | k | v], pre-LayerNorm blocks, GELU (tanh form, as
+    transformers writes the named variant), and the output head is lm_head.weight where the
+    file has one (untied), else wte^T. With reorder_and_upcast_attn the 1/sqrt(D) multiplies
+    the product as transformers' baddbmm(alpha=...) does, instead of dividing the scores."""
     t = {k: v.astype(np.float64) for k, v in t.items()}
+    gelu = HF_GELUS[activation]
     B, T = ids.shape
     x = t["wte.weight"][ids] + t["wpe.weight"][:T]
     D = x.shape[-1] // n_head
@@ -81,9 +94,6 @@ def reference_logits(t: dict, ids: np.ndarray, n_head: int = H, eps: float = 1e-
         mean = x.mean(-1, keepdims=True)
         var = ((x - mean) ** 2).mean(-1, keepdims=True)
         return (x - mean) / np.sqrt(var + eps) * w + b
-
-    def gelu(x):
-        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
 
     def split_heads(a):  # [B, T, E] -> [B, H, T, D]
         return a.reshape(B, T, n_head, D).transpose(0, 2, 1, 3)
@@ -95,7 +105,9 @@ def reference_logits(t: dict, ids: np.ndarray, n_head: int = H, eps: float = 1e-
         a = layer_norm(x, t[h + "ln_1.weight"], t[h + "ln_1.bias"])
         qkv = a @ t[h + "attn.c_attn.weight"] + t[h + "attn.c_attn.bias"]
         q, k, v = (split_heads(part) for part in np.split(qkv, 3, axis=-1))
-        scores = np.where(future, -np.inf, q @ k.transpose(0, 1, 3, 2) / np.sqrt(D))
+        scores = (1 / np.sqrt(D)) * (q @ k.transpose(0, 1, 3, 2)) if reorder_and_upcast_attn else \
+            q @ k.transpose(0, 1, 3, 2) / np.sqrt(D)
+        scores = np.where(future, -np.inf, scores)
         weights = np.exp(scores - scores.max(-1, keepdims=True))
         weights /= weights.sum(-1, keepdims=True)
         context = (weights @ v).transpose(0, 2, 1, 3).reshape(B, T, -1)
@@ -103,7 +115,7 @@ def reference_logits(t: dict, ids: np.ndarray, n_head: int = H, eps: float = 1e-
         m = layer_norm(x, t[h + "ln_2.weight"], t[h + "ln_2.bias"])
         x = x + gelu(m @ t[h + "mlp.c_fc.weight"] + t[h + "mlp.c_fc.bias"]) @ t[h + "mlp.c_proj.weight"] + t[h + "mlp.c_proj.bias"]
         i += 1
-    return layer_norm(x, t["ln_f.weight"], t["ln_f.bias"]) @ t["wte.weight"].T
+    return layer_norm(x, t["ln_f.weight"], t["ln_f.bias"]) @ t.get("lm_head.weight", t["wte.weight"]).T
 
 
 def logits(model, ids=IDS) -> np.ndarray:
@@ -180,6 +192,162 @@ def test_loading_onto_the_strict_device_gives_the_same_logits(tiny):
     np.testing.assert_allclose(logits(strict), logits(on_cpu), rtol=1e-6, atol=1e-6)
 
 
+# --- config.json: every GPT2Config field honoured or refused -------------------------------------
+
+def nothing_may_load(monkeypatch):
+    """Make building a model or opening the weights fail the test: a refused config is refused first."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a refused config.json must be refused before anything is built or read")
+
+    monkeypatch.setattr(pretrained, "GPTModel", forbidden)
+    monkeypatch.setattr(pretrained, "safe_open", forbidden)
+
+
+REFUSED = [  # (field, value, words of the reason)
+    ("activation_function", "gelu", "tanh approximation"),
+    ("activation_function", "relu", "tanh approximation"),
+    ("activation_function", "silu", "tanh approximation"),
+    ("scale_attn_weights", False, "1/sqrt(head_dim)"),
+    ("scale_attn_by_inverse_layer_idx", True, "1/sqrt(head_dim) only"),
+    ("n_inner", 5 * E, f"4 * n_embd = {4 * E}"),
+    ("add_cross_attention", True, "cross-attention"),
+    ("model_type", "gpt_neo", "only GPT-2"),
+    ("is_encoder_decoder", True, "decoder only"),
+    ("pruned_heads", {"0": [1]}, "n_head heads"),
+]
+
+
+@pytest.mark.parametrize("field, value, reason", REFUSED, ids=[f"{f}={v}" for f, v, _ in REFUSED])
+def test_a_config_field_tinygpt_does_not_compute_is_refused_by_name_and_value_before_loading(
+        tiny, tmp_path, monkeypatch, field, value, reason):
+    _, tensors = tiny
+    folder = write_hf_gpt2(tmp_path / "refused", tensors, hf_config() | {field: value})
+    nothing_may_load(monkeypatch)
+    with pytest.raises(ValueError) as info:
+        load_gpt2(folder)
+    message = str(info.value)
+    assert message.startswith(str(folder / "config.json") + ": "), message
+    assert f"{field}={value!r} is not supported" in message and reason in message, message
+    assert "\n" not in message
+
+
+INVALID = [
+    ("layer_norm_epsilon", 0, "layer_norm_epsilon must be a number in (0, 1), got 0"),
+    ("layer_norm_epsilon", "1e-5", "layer_norm_epsilon must be a number in (0, 1), got '1e-5'"),
+    ("n_embd", -12, "n_embd must be a positive integer, got -12"),
+    ("n_layer", 2.0, "n_layer must be a positive integer, got 2.0"),
+    ("n_head", 5, f"n_head=5 does not divide n_embd={E}"),
+    ("reorder_and_upcast_attn", "yes", "reorder_and_upcast_attn must be true or false, got 'yes'"),
+    ("tie_word_embeddings", 1, "tie_word_embeddings must be true or false, got 1"),
+]
+
+
+@pytest.mark.parametrize("field, value, expected", INVALID, ids=[f"{f}={v}" for f, v, _ in INVALID])
+def test_a_config_value_no_gpt2_can_have_is_refused_naming_it(tiny, tmp_path, monkeypatch, field, value, expected):
+    _, tensors = tiny
+    folder = write_hf_gpt2(tmp_path / "invalid", tensors, hf_config() | {field: value})
+    nothing_may_load(monkeypatch)
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        load_gpt2(folder)
+
+
+def test_every_refused_field_of_a_config_is_named_in_one_error():
+    hf = hf_config() | {"activation_function": "gelu", "scale_attn_by_inverse_layer_idx": True}
+    with pytest.raises(ValueError) as info:
+        pretrained.config_from_hf(hf)
+    message = str(info.value)
+    assert message.startswith("config.json: ")
+    assert "activation_function='gelu'" in message and "scale_attn_by_inverse_layer_idx=True" in message
+
+
+def test_a_config_json_that_is_not_an_object_is_refused(tiny, tmp_path):
+    folder, _ = tiny
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected a JSON object .* got list"):
+        load_gpt2(folder)
+
+
+def test_layer_norm_epsilon_is_honoured_in_every_layernorm_and_changes_the_logits(tiny, tmp_path):
+    _, tensors = tiny
+    model = load_gpt2(write_hf_gpt2(tmp_path / "eps", tensors, hf_config() | {"layer_norm_epsilon": 1e-3}))
+    norms = [model.final_norm] + [n for b in model.trf_blocks for n in (b.norm1, b.norm2)]
+    assert [n.eps for n in norms] == [1e-3] * (2 * L + 1) and model.cfg["layer_norm_eps"] == 1e-3
+    got = logits(model)
+    np.testing.assert_allclose(got, reference_logits(tensors, IDS, eps=1e-3), rtol=1e-4, atol=2e-5)
+    assert np.abs(got - reference_logits(tensors, IDS, eps=1e-5)).max() > 1e-2  # ignoring it would be visible
+
+
+def test_layer_norm_epsilon_is_saved_back_and_reloads_to_the_same_logits(tiny, tmp_path):
+    _, tensors = tiny
+    model = load_gpt2(write_hf_gpt2(tmp_path / "eps", tensors, hf_config() | {"layer_norm_epsilon": 1e-3}))
+    out = save_gpt2(model, tmp_path / "saved")
+    assert json.loads((out / "config.json").read_text())["layer_norm_epsilon"] == 1e-3
+    np.testing.assert_array_equal(logits(load_gpt2(out)), logits(model))
+
+
+@pytest.mark.parametrize("activation", sorted(HF_GELUS))
+def test_each_tanh_gelu_name_loads_and_matches_transformers_formula_for_it(tiny, tmp_path, activation):
+    _, tensors = tiny
+    model = load_gpt2(write_hf_gpt2(tmp_path / activation, tensors, hf_config() | {"activation_function": activation}))
+    want = reference_logits(tensors, IDS, activation=activation)
+    np.testing.assert_allclose(logits(model), want, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", [(np.float32, 1e-4, 2e-5), (np.float64, 1e-10, 1e-10)])
+def test_reorder_and_upcast_attn_is_the_same_math_at_float32_and_float64(tiny, tmp_path, dtype, rtol, atol):
+    """transformers' flag moves the 1/sqrt(D) into the product and computes attention in
+    float32, which changes only half-precision results: tinygpt's float32 logits match the
+    float64 reference within float32 rounding, its float64 logits within float64 rounding."""
+    _, tensors = tiny
+    folder = write_hf_gpt2(tmp_path / "reorder", tensors, hf_config() | {"reorder_and_upcast_attn": True})
+    previous = tg.default_dtype()
+    tg.set_default_dtype(dtype)
+    try:
+        model = load_gpt2(folder)
+    finally:
+        tg.set_default_dtype(previous)
+    got = logits(model)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, reference_logits(tensors, IDS, reorder_and_upcast_attn=True), rtol=rtol, atol=atol)
+
+
+def test_tie_word_embeddings_false_loads_lm_head_as_a_separate_out_head(tiny, tmp_path):
+    _, tensors = tiny
+    untied = tensors | {"lm_head.weight": hf_tensors(seed=9)["wte.weight"]}
+    model = load_gpt2(write_hf_gpt2(tmp_path / "untied", untied, hf_config() | {"tie_word_embeddings": False}))
+    assert model.out_head.weight is not model.tok_emb.weight and model.cfg["tie_weights"] is False
+    got = logits(model)
+    np.testing.assert_allclose(got, reference_logits(untied, IDS), rtol=1e-4, atol=2e-5)
+    assert np.abs(got - reference_logits(tensors, IDS)).max() > 0.1  # the tied head would be visibly different
+
+
+def test_tie_word_embeddings_false_without_lm_head_in_the_file_names_the_missing_tensor(tiny, tmp_path):
+    _, tensors = tiny
+    folder = write_hf_gpt2(tmp_path / "untied", tensors, hf_config() | {"tie_word_embeddings": False})
+    with pytest.raises(ValueError, match=r"missing lm_head\.weight"):
+        load_gpt2(folder)
+
+
+def test_fields_that_cannot_change_the_logits_are_accepted(tiny, tmp_path):
+    folder, tensors = tiny
+    extra = {"use_cache": False, "torch_dtype": "float16", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+             "architectures": ["GPT2ForSequenceClassification"], "summary_type": "last", "summary_use_proj": False,
+             "resid_pdrop": 0.5, "embd_pdrop": 0.5, "attn_pdrop": 0.5, "initializer_range": 1.0,
+             "transformers_version": "4.57.0", "task_specific_params": {"text-generation": {"do_sample": True}},
+             "n_ctx": 4 * P, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+             "add_cross_attention": False, "n_inner": 4 * E, "tie_word_embeddings": True, "pruned_heads": {}}
+    model = load_gpt2(write_hf_gpt2(tmp_path / "extra", tensors, hf_config() | extra))
+    assert model.cfg["context_length"] == P  # n_positions wins over n_ctx, as in transformers
+    np.testing.assert_array_equal(logits(model), logits(load_gpt2(folder)))
+
+
+def test_a_config_without_fields_takes_gpt2configs_defaults():
+    cfg = pretrained.config_from_hf({})
+    assert (cfg["vocab_size"], cfg["context_length"], cfg["emb_dim"], cfg["n_heads"], cfg["n_layers"]) == \
+        (50257, 1024, 768, 12, 12)
+    assert cfg["layer_norm_eps"] == 1e-5 and cfg["tie_weights"] is True
+
+
 # --- saving ------------------------------------------------------------------------------------
 
 def test_save_then_load_gives_identical_logits(tiny, tmp_path):
@@ -209,12 +377,23 @@ def test_saved_file_has_exactly_the_hf_names_conv1d_shapes_and_the_original_valu
     assert config["model_type"] == "gpt2" and config["layer_norm_epsilon"] == 1e-5
 
 
-def test_save_refuses_an_untied_model_whose_out_head_differs_from_tok_emb(tmp_path):
+def test_save_writes_an_untied_model_with_its_lm_head_and_tie_word_embeddings_false(tmp_path):
     model = tied_model(tie_weights=False)
     assert model.out_head.weight is not model.tok_emb.weight
-    with pytest.raises(ValueError, match="tie"):
-        save_gpt2(model, tmp_path / "untied")
-    assert not (tmp_path / "untied").exists()
+    out = save_gpt2(model, tmp_path / "untied")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    saved = load_file(str(out / "model.safetensors"))
+    np.testing.assert_array_equal(saved["lm_head.weight"], host(model.out_head.weight))
+    np.testing.assert_array_equal(saved["transformer.wte.weight"], host(model.tok_emb.weight))
+    reloaded = load_gpt2(out)
+    assert reloaded.out_head.weight is not reloaded.tok_emb.weight
+    np.testing.assert_array_equal(logits(reloaded), logits(model))
+
+
+def test_save_refuses_a_classifier_and_writes_nothing(tmp_path):
+    model = tied_model(tie_weights=False, num_classes=2)
+    with pytest.raises(ValueError, match="num_classes=2"):
+        save_gpt2(model, tmp_path / "classifier")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -418,7 +597,8 @@ def test_a_download_cut_short_is_not_accepted_as_complete(tiny, tmp_path, monkey
 def transformers_logits(folder, ids=IDS) -> np.ndarray:
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
-    hf = transformers.GPT2LMHeadModel.from_pretrained(str(folder)).eval()
+    # eager: transformers' reference attention, the only one that reads scale_attn_* and reorder_and_upcast_attn
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(folder), attn_implementation="eager").eval()
     with torch.no_grad():
         return hf(torch.from_numpy(ids)).logits.float().numpy()
 
@@ -444,4 +624,32 @@ def test_transformers_reads_a_loaded_then_saved_folder(tiny, tmp_path):
     folder, _ = tiny
     model = load_gpt2(folder)
     out = save_gpt2(model, tmp_path / "saved")
+    np.testing.assert_allclose(transformers_logits(out), logits(model), rtol=0, atol=1e-4)
+
+
+HONOURED = [{"layer_norm_epsilon": 1e-3}, {"activation_function": "gelu_pytorch_tanh"}, {"activation_function": "gelu_fast"},
+            {"reorder_and_upcast_attn": True}, {"tie_word_embeddings": False}]
+
+
+@pytest.mark.parametrize("fields", HONOURED, ids=[",".join(f"{k}={v}" for k, v in f.items()) for f in HONOURED])
+def test_transformers_gives_the_same_logits_for_each_honoured_field(tiny, tmp_path, fields):
+    _, tensors = tiny
+    if "tie_word_embeddings" in fields:  # as transformers saves an untied GPT-2
+        tensors = {"transformer." + k: v for k, v in tensors.items()} | {"lm_head.weight": hf_tensors(seed=9)["wte.weight"]}
+    folder = write_hf_gpt2(tmp_path / "honoured", tensors, hf_config() | fields)
+    np.testing.assert_allclose(logits(load_gpt2(folder)), transformers_logits(folder), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("fields", [{"activation_function": "gelu"}, {"scale_attn_by_inverse_layer_idx": True},
+                                    {"scale_attn_weights": False}], ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
+def test_transformers_computes_something_else_for_each_refused_field_so_ignoring_it_would_be_wrong(tiny, tmp_path, fields):
+    folder, tensors = tiny
+    theirs = transformers_logits(write_hf_gpt2(tmp_path / "refused", tensors, hf_config() | fields))
+    assert np.abs(theirs - logits(load_gpt2(folder))).max() > 2e-4  # twice the parity tolerance
+
+
+def test_transformers_reads_an_untied_model_written_by_save_gpt2(tmp_path):
+    model = tied_model(tie_weights=False)
+    model.tok_emb.weight.data *= 20  # as above: non-trivial logits
+    out = save_gpt2(model, tmp_path / "untied")
     np.testing.assert_allclose(transformers_logits(out), logits(model), rtol=0, atol=1e-4)

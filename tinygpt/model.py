@@ -46,7 +46,7 @@ class GPTModel(nn.Module):
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
         self.trf_blocks = nn.Sequential(*[nn.TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
-        self.final_norm = nn.LayerNorm(cfg["emb_dim"])
+        self.final_norm = nn.LayerNorm(cfg["emb_dim"], eps=cfg.get("layer_norm_eps", 1e-5))
         if cfg.get("num_classes"):  # a classifier (chapter 6): class logits instead of next-token logits
             self.out_head = nn.Linear(cfg["emb_dim"], cfg["num_classes"])
         else:

@@ -285,8 +285,9 @@ class TransformerBlock(Module):
         self.att = MultiHeadAttention(d_in=cfg["emb_dim"], d_out=cfg["emb_dim"], context_length=cfg["context_length"],
                                       dropout=cfg["drop_rate"], num_heads=cfg["n_heads"], qkv_bias=cfg["qkv_bias"])
         self.ff = FeedForward(cfg)
-        self.norm1 = LayerNorm(cfg["emb_dim"])
-        self.norm2 = LayerNorm(cfg["emb_dim"])
+        eps = cfg.get("layer_norm_eps", 1e-5)  # GPT-2's; a Hugging Face config may set another
+        self.norm1 = LayerNorm(cfg["emb_dim"], eps=eps)
+        self.norm2 = LayerNorm(cfg["emb_dim"], eps=eps)
         self.drop_shortcut = Dropout(cfg["drop_rate"])
 
     def forward(self, x: Tensor, cache: "LayerCache | None" = None) -> Tensor:

@@ -5,6 +5,7 @@ vocab_size, ...) and `model.safetensors`. Its tensor names map onto the book's l
 (i = block index; an optional "transformer." prefix is ignored):
 
     wte.weight                 -> tok_emb.weight (and out_head.weight: GPT-2 ties them)
+    lm_head.weight             -> out_head.weight, only where tie_word_embeddings is false
     wpe.weight                 -> pos_emb.weight
     h.i.ln_1.weight / .bias    -> trf_blocks.i.norm1.scale / .shift
     h.i.attn.c_attn.weight     -> trf_blocks.i.att.W_query / W_key / W_value .weight
@@ -19,6 +20,10 @@ GPT-2's linear layers are "Conv1D" modules that store weights as (in_features, o
 and compute x @ W + b; ours store (out, in) and compute x @ W^T + b, so every matrix is
 transposed on the way in and out. c_attn holds query, key and value side by side along its
 output axis: columns [0, E) are the query, [E, 2E) the key, [2E, 3E) the value.
+
+config.json fields that ask for math tinygpt does not do (another activation, another
+attention scaling, cross-attention, ...) are refused by name before anything is loaded;
+see config_from_hf.
 """
 from __future__ import annotations
 
@@ -65,15 +70,80 @@ def _hf_shape(shape: tuple[int, ...], cols: slice | None, transpose: bool) -> tu
 
 def weight_map(cfg: dict) -> list[tuple[str, str, slice | None, bool]]:
     """The whole mapping for a config: (our name, HF name, HF output-axis slice, transpose?)."""
-    rows = [("tok_emb.weight", "wte.weight", None, False), ("pos_emb.weight", "wpe.weight", None, False)]
+    head = [] if cfg.get("tie_weights", False) else [("out_head.weight", "lm_head.weight", None, False)]  # (V, E) both
+    rows = head + [("tok_emb.weight", "wte.weight", None, False), ("pos_emb.weight", "wpe.weight", None, False)]
     for i in range(cfg["n_layers"]):
         rows += _block_map(i, cfg["emb_dim"])
     return rows + [("final_norm.scale", "ln_f.weight", None, False), ("final_norm.shift", "ln_f.bias", None, False)]
 
 
-def config_from_hf(hf: dict, drop_rate: float = 0.0) -> dict:
-    return {"vocab_size": hf["vocab_size"], "context_length": hf.get("n_positions", hf.get("n_ctx")), "emb_dim": hf["n_embd"],
-            "n_heads": hf["n_head"], "n_layers": hf["n_layer"], "drop_rate": drop_rate, "qkv_bias": True, "tie_weights": True}
+# transformers' GPT2Config defaults: a field missing from config.json has this value there, so here too.
+_HF_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
+                "model_type": "gpt2", "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+                "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+                "add_cross_attention": False, "is_encoder_decoder": False, "tie_word_embeddings": True, "pruned_heads": {}}
+
+# The tanh approximation of GELU, F.gelu, under each name transformers gives it ("gelu_fast" is the
+# same formula with sqrt(2/pi) * (x + 0.044715 x^3) factored as x * (0.79788456 + 0.0356774 x^2)).
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+_SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+_SWITCHES = ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention",
+             "is_encoder_decoder", "tie_word_embeddings")
+
+
+def config_from_hf(hf: dict, drop_rate: float = 0.0, source: str = "config.json") -> dict:
+    """Our GPT config for a Hugging Face GPT-2 config.json. Every field of GPT2Config that
+    changes the forward pass is either honoured (the sizes, layer_norm_epsilon, the tanh-GELU
+    names, tie_word_embeddings, reorder_and_upcast_attn) or refused with a ValueError naming
+    the field and its value. The rest cannot change the logits and are accepted: dropout
+    probabilities (drop_rate sets ours), token ids, architectures, summary_* (the heads of
+    other GPT-2 classes), use_cache, torch_dtype, initializer_range, and fields transformers
+    itself does not read (n_ctx is used only when n_positions is missing)."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{source}: expected a JSON object of GPT-2 settings, got {type(hf).__name__}")
+    c = _HF_DEFAULTS | {"n_positions": hf.get("n_ctx", _HF_DEFAULTS["n_positions"])} | hf
+    problems = _invalid(c) or _unsupported(c)
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems))
+    return {"vocab_size": c["vocab_size"], "context_length": c["n_positions"], "emb_dim": c["n_embd"],
+            "n_heads": c["n_head"], "n_layers": c["n_layer"], "drop_rate": drop_rate, "qkv_bias": True,
+            "tie_weights": c["tie_word_embeddings"], "layer_norm_eps": float(c["layer_norm_epsilon"])}
+
+
+def _invalid(c: dict) -> list[str]:
+    """Values no GPT-2 can have, one phrase each."""
+    problems = [f"{name} must be a positive integer, got {c[name]!r}" for name in _SIZES
+                if isinstance(c[name], bool) or not isinstance(c[name], int) or c[name] <= 0]
+    eps = c["layer_norm_epsilon"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        problems.append(f"layer_norm_epsilon must be a number in (0, 1), got {eps!r}")
+    problems += [f"{name} must be true or false, got {c[name]!r}" for name in _SWITCHES if not isinstance(c[name], bool)]
+    if not problems and c["n_embd"] % c["n_head"]:
+        problems.append(f"n_head={c['n_head']} does not divide n_embd={c['n_embd']}")
+    return problems
+
+
+def _unsupported(c: dict) -> list[str]:
+    """Fields whose value asks for math tinygpt does not compute, one phrase each.
+
+    reorder_and_upcast_attn=True is accepted: it makes transformers compute q k^T and the softmax
+    in float32 with the 1/sqrt(head_dim) folded into the product, which only matters for half
+    precision weights; tinygpt's weights are float32 or float64 and attention runs in their dtype."""
+    inner = 4 * c["n_embd"]
+    rules = [
+        ("model_type", c["model_type"] == "gpt2", "only GPT-2 checkpoints load"),
+        ("activation_function", c["activation_function"] in TANH_GELUS,
+         f"tinygpt's GELU is the tanh approximation: {', '.join(TANH_GELUS)}"),
+        ("n_inner", c["n_inner"] in (None, inner), f"tinygpt's feed-forward width is 4 * n_embd = {inner}"),
+        ("scale_attn_weights", c["scale_attn_weights"] is True, "tinygpt always scales attention by 1/sqrt(head_dim)"),
+        ("scale_attn_by_inverse_layer_idx", c["scale_attn_by_inverse_layer_idx"] is False,
+         "tinygpt scales attention by 1/sqrt(head_dim) only"),
+        ("add_cross_attention", c["add_cross_attention"] is False, "tinygpt's blocks have no cross-attention"),
+        ("is_encoder_decoder", c["is_encoder_decoder"] is False, "GPT-2 is a decoder only"),
+        ("pruned_heads", not c["pruned_heads"], "tinygpt's layers all have n_head heads"),
+    ]
+    return [f"{name}={c[name]!r} is not supported ({why})" for name, ok, why in rules if not ok]
 
 
 def load_gpt2(name_or_dir: str | os.PathLike = "gpt2", device: str | None = None, drop_rate: float = 0.0,
@@ -90,7 +160,7 @@ def load_gpt2(name_or_dir: str | os.PathLike = "gpt2", device: str | None = None
     for needed in ("config.json", "model.safetensors"):
         if not (folder / needed).exists():
             raise FileNotFoundError(f"{folder} has no {needed}: expected a Hugging Face GPT-2 folder")
-    cfg = config_from_hf(json.loads((folder / "config.json").read_text()), drop_rate)
+    cfg = config_from_hf(json.loads((folder / "config.json").read_text()), drop_rate, source=str(folder / "config.json"))
     with backend.device_scope(device):
         model = GPTModel(cfg)
     _copy_weights(model, folder / "model.safetensors")
@@ -104,7 +174,7 @@ def _copy_weights(model: GPTModel, path: Path) -> None:
         mapping = weight_map(model.cfg)
         wanted = {hf for _, hf, _, _ in mapping}
         problems = [f"missing {hf}" for hf in sorted(wanted - names.keys())]
-        problems += [f"unexpected {k}" for k in sorted(names.keys() - wanted)
+        problems += [f"unexpected {k}" for k in sorted(names.keys() - wanted)  # a tied lm_head copies wte
                      if not k.endswith(_BUFFERS) and k != "lm_head.weight"]
         for ours, hf, cols, transpose in mapping:
             if hf in names:
@@ -124,14 +194,16 @@ def _copy_weights(model: GPTModel, path: Path) -> None:
 
 def save_gpt2(model: GPTModel, out_dir: str | os.PathLike) -> Path:
     """Write `model` as a Hugging Face GPT-2 folder (model.safetensors + config.json) that
-    load_gpt2 and transformers' GPT2LMHeadModel can read. GPT-2 ties its output head to the
-    token embedding, so an untied model is refused unless the two are equal. The folder is
-    written under a temporary name and renamed into place."""
+    load_gpt2 and transformers' GPT2LMHeadModel can read. A model whose out_head is not
+    tok_emb's weight is written with lm_head.weight and tie_word_embeddings false; a classifier
+    (num_classes) is refused, GPT-2's layout has no place for its head. The folder is written
+    under a temporary name and renamed into place."""
     cfg = model.cfg
-    if model.out_head.weight is not model.tok_emb.weight and \
-            not np.array_equal(model.out_head.weight.numpy(), model.tok_emb.weight.numpy()):
-        raise ValueError("GPT-2's layout ties out_head to tok_emb, but this model has a separate out_head; "
-                         "build it with tie_weights=True to export it")
+    if cfg.get("num_classes"):
+        raise ValueError(f"this model is a classifier (num_classes={cfg['num_classes']}); GPT-2's layout holds "
+                         "only a next-token head over the vocabulary")
+    tied = model.out_head.weight is model.tok_emb.weight
+    cfg = {**cfg, "tie_weights": tied}
     params = dict(model.named_parameters())
     tensors: dict[str, np.ndarray] = {}
     for ours, hf, cols, transpose in weight_map(cfg):
@@ -141,9 +213,12 @@ def save_gpt2(model: GPTModel, out_dir: str | os.PathLike) -> Path:
             tensors[hf] = np.ascontiguousarray(array)
         else:  # reassemble c_attn from the three parts
             tensors.setdefault(hf, np.zeros(array.shape[:-1] + (3 * cfg["emb_dim"],), dtype=array.dtype))[..., cols] = array
+    if not tied:  # transformers reads lm_head.weight only beside "transformer."-prefixed names, as it saves them
+        tensors = {k if k == "lm_head.weight" else "transformer." + k: v for k, v in tensors.items()}
     hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg["vocab_size"],
                  "n_positions": cfg["context_length"], "n_ctx": cfg["context_length"], "n_embd": cfg["emb_dim"],
-                 "n_layer": cfg["n_layers"], "n_head": cfg["n_heads"], "layer_norm_epsilon": 1e-5,
+                 "n_layer": cfg["n_layers"], "n_head": cfg["n_heads"],
+                 "layer_norm_epsilon": cfg.get("layer_norm_eps", 1e-5), "tie_word_embeddings": tied,
                  "activation_function": "gelu_new", "resid_pdrop": cfg["drop_rate"], "embd_pdrop": cfg["drop_rate"],
                  "attn_pdrop": cfg["drop_rate"]}
     if cfg["vocab_size"] > 50256:  # GPT-2's <|endoftext|>, only where the vocabulary has it
