@@ -1,0 +1,184 @@
+"""Name the mistake behind a wrong gradient from the pattern of its error.
+
+Each recogniser looks at `theirs` against `expected` (the engine's gradient) and returns a
+one-line hint, or None when the pattern is not its own. They are tried from the most
+specific to the most general; `hint` returns the first that fits."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+
+@dataclass
+class Case:
+    """What a recogniser may look at besides the two gradients."""
+    grad: str           # the gradient's name, e.g. "dW"
+    dims: dict          # the named sizes of the check, e.g. {"B": 2, "T": 3}
+    inputs: dict        # the forward's inputs
+    dout: object        # the upstream gradient
+
+
+def same(a, b) -> bool:
+    """a equals b up to the rounding of a correct float64 (or careful float32) computation."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    scale = max(float(np.abs(b).max(initial=0.0)), 1e-12)
+    return a.shape == b.shape and bool(np.all(np.abs(a - b) <= 1e-6 * scale + 1e-5 * np.abs(b)))
+
+
+def hint(theirs: np.ndarray, expected: np.ndarray, case: Case, extra=()) -> str:
+    if theirs.shape != expected.shape:
+        return shape_hint(theirs, expected, case)
+    for recognise in (all_zero, *extra, constant_factor, swapped_last_axes, chain_rule):
+        found = recognise(theirs, expected, case)
+        if found:
+            return found
+    wrong = ~np.isclose(theirs, expected, rtol=1e-5, atol=1e-6 * max(float(np.abs(expected).max()), 1e-12))
+    return (f"no simple pattern (not a constant factor, not transposed, not a missing sum): {int(wrong.sum())} of "
+            f"{wrong.size} elements are wrong. Work out the worst element by hand from the forward's math")
+
+
+def not_finite(theirs):
+    bad = ~np.isfinite(theirs)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        return (f"not finite: {int(bad.sum())} of {bad.size} elements are NaN or inf (the first at {list(first)}). "
+                "Masked entries (-inf) times 0 give NaN: use the probabilities, which are 0 there")
+    return None
+
+
+# ------------------------------------------------------------------ wrong shape
+
+
+def shape_hint(theirs, expected, case: Case) -> str:
+    shapes = f"yours has shape {theirs.shape}, {case.grad} must have shape {expected.shape}"
+    if theirs.ndim == expected.ndim and theirs.ndim > 1:
+        for perm in itertools.permutations(range(theirs.ndim)):
+            if theirs.transpose(perm).shape == expected.shape and same(theirs.transpose(perm), expected):
+                what = "yours.T" if theirs.ndim == 2 else f"yours.transpose{perm}"
+                return f"transposed: {shapes}, and {what} is the right gradient. Check the order in your matrix product"
+    axes = _broadcast_axes(theirs.shape, expected.shape)
+    if axes is not None and same(theirs.sum(axis=axes).reshape(expected.shape), expected):
+        sizes = ", ".join(f"{theirs.shape[a]}{_dim_name(theirs.shape[a], case)}" for a in axes)
+        return (f"missing the sum over a broadcast axis: {shapes}; summed over axis {', '.join(map(str, axes))} "
+                f"(size {sizes}) it is right. The forward used the value at every position along that axis, so its "
+                f"gradient adds up all of them")
+    axes = _broadcast_axes(expected.shape, theirs.shape)
+    if axes is not None and same(expected.sum(axis=axes).reshape(theirs.shape), theirs):
+        return f"summed over an axis that must stay: {shapes}; yours is the right gradient summed over axis {', '.join(map(str, axes))}"
+    if theirs.size == expected.size and same(theirs.reshape(expected.shape), expected):
+        return f"right numbers, wrong shape: {shapes}. Reshape it (or drop keepdims) to {expected.shape}"
+    return f"wrong shape: {shapes}"
+
+
+def _broadcast_axes(big, small):
+    """The axes of shape `big` that broadcasting `small` to it would expand, or None when
+    small does not broadcast to big (or expands nothing)."""
+    if len(small) > len(big):
+        return None
+    padded = (1,) * (len(big) - len(small)) + tuple(small)
+    if any(s not in (1, b) for s, b in zip(padded, big)):
+        return None
+    axes = tuple(i for i, (s, b) in enumerate(zip(padded, big)) if s == 1 and b > 1)
+    return axes or None
+
+
+def _dim_name(n: int, case: Case) -> str:
+    names = [name for name, size in _products(case.dims) if size == n]
+    return f" = {names[0]}" if names else ""
+
+
+def _products(dims: dict):
+    """(name, size) for every product of distinct named sizes: ("B", 2), ..., ("B*T", 6), ..."""
+    for r in range(1, len(dims) + 1):
+        for combo in itertools.combinations(dims.items(), r):
+            yield "*".join(n for n, _ in combo), int(np.prod([s for _, s in combo]))
+
+
+# ------------------------------------------------------------------ right shape
+
+
+def all_zero(theirs, expected, case: Case):
+    if not np.any(theirs) and np.any(expected):
+        return "yours is all zeros: is the gradient computed but never written into the array you return?"
+    return None
+
+
+def constant_factor(theirs, expected, case: Case):
+    """theirs = k * expected for one number k: name k (sign, 1/N for a dim N, sqrt(D), ...)."""
+    k = float((theirs * expected).sum() / (expected * expected).sum())
+    if not np.isfinite(k) or abs(k) < 1e-12 or not same(theirs, k * expected):
+        return None
+    if abs(k + 1) < 1e-6:
+        return "sign flipped: yours = -expected. Check the sign of each term you subtract"
+    if np.ndim(case.dout) == 0 and abs(k * float(case.dout) - 1) < 1e-6:
+        return f"off by the upstream gradient: yours = expected / dloss ({float(case.dout):g}). Multiply by dloss: the chain rule"
+    for name, n in _products(case.dims):
+        if abs(k * n - 1) < 1e-6:
+            return (f"mean instead of sum: yours = expected / {n} ({n} = {name}). A gradient adds up the contributions "
+                    f"of every position; it does not average them")
+    sign = "-" if k < 0 else ""
+    for name, n in _products(case.dims):
+        if abs(abs(k) - n) < 1e-6 * n:
+            return (f"off by a constant factor {sign}{n}: yours = {sign}{n} x expected ({n} = {name}: a sum where "
+                    f"the forward takes a mean over {name}?)")
+        for root, value in ((f"sqrt({name})", np.sqrt(n)), (f"1/sqrt({name})", 1 / np.sqrt(n))):
+            if abs(abs(k) - value) < 1e-6 * value:
+                return f"off by a constant factor {sign}{root}: yours = {sign}{root} x expected. Is a scale applied twice, or missing?"
+    return f"off by a constant factor {_nice(k)}: yours = {_nice(k)} x expected. Look for a constant (0.5, 2, 1/N) you dropped or added"
+
+
+def _nice(k: float) -> str:
+    f = Fraction(k).limit_denominator(12)
+    return str(f) if abs(float(f) - k) < 1e-6 * abs(k) else f"{k:.6g}"
+
+
+def swapped_last_axes(theirs, expected, case: Case):
+    if theirs.ndim >= 2 and theirs.shape[-1] == theirs.shape[-2] and same(theirs.swapaxes(-1, -2), expected):
+        return "transposed: yours has its last two axes swapped. Check the order of the factors in the matrix product"
+    return None
+
+
+def chain_rule(theirs, expected, case: Case):
+    dout = np.asarray(case.dout)
+    if dout.shape == theirs.shape and same(theirs * dout, expected):
+        return "missing the chain rule: yours is the local derivative dy/dx; multiply it by the upstream gradient dy"
+    return None
+
+
+# ------------------------------------------------------------------ exercise-specific
+
+
+def repeated_ids(theirs, expected, case: Case):
+    """embedding: right except on the rows of ids that occur more than once."""
+    ids, counts = np.unique(case.inputs["ids"], return_counts=True)
+    repeated = set(ids[counts > 1].tolist())
+    wrong_rows = set(np.nonzero(~np.isclose(theirs, expected).all(axis=1))[0].tolist())
+    if wrong_rows and wrong_rows <= repeated:
+        return (f"missing the sum over repeated ids: only rows {sorted(wrong_rows)} are wrong, and those ids occur "
+                f"more than once. dW[ids] += dy keeps one position per id; np.add.at(dW, ids, dy) adds them all")
+    return None
+
+
+def softmax_row_term(theirs, expected, case: Case):
+    """softmax: dx = y (dy - s) with s = sum_i dy_i y_i per row. When the error is y times a
+    constant per row, the mistake is in s: say how yours compares."""
+    x, dy = case.inputs["x"], np.asarray(case.dout)
+    y = np.exp(x - x.max(axis=-1, keepdims=True))
+    y /= y.sum(axis=-1, keepdims=True)
+    s = (dy * y).sum(axis=-1, keepdims=True)
+    if same(theirs, y * (dy - dy * y)):
+        return "missing the sum over the softmax axis: yours uses dy_j y_j where the math has sum_i dy_i y_i (every y_i depends on x_j)"
+    implied = s - (theirs - expected) / y  # the s yours used, row by row
+    if not same(implied, implied.mean(axis=-1, keepdims=True)):
+        return None
+    ratio = float((implied[..., 0] * s[..., 0]).sum() / (s[..., 0] ** 2).sum())
+    if not same(implied, ratio * s):
+        return None
+    if abs(ratio * x.shape[-1] - 1) < 1e-6:
+        return f"mean instead of sum: your sum_i dy_i y_i is divided by C = {x.shape[-1]}; it is a sum over the row, not a mean"
+    if abs(ratio) < 1e-6:
+        return "missing the term - sum_i dy_i y_i: every y_i depends on x_j, not only y_j"
+    return f"the per-row term sum_i dy_i y_i is off: yours is {_nice(ratio)} times it"
