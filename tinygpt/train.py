@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from tinygpt import backend
 from tinygpt import functional as F
-from tinygpt.checkpoint import resolve_checkpoint, save_checkpoint
+from tinygpt.checkpoint import NonFiniteError, checkpoints, save_checkpoint
 from tinygpt.files import atomic_write_text
 from tinygpt.generate import generate, text_to_token_ids, token_ids_to_text
 from tinygpt.optim import AdamW, clip_grad_norm, warmup_cosine_lr
@@ -129,6 +129,8 @@ class Trainer:
         self.show, self.progress = show, progress
         self.meta = meta or {}  # saved with every checkpoint (e.g. where the data came from)
         self._stop_requested = False
+        self.interrupted = False  # the last fit() ended on Ctrl-C (after saving)
+        self._saved_step: int | None = None  # the step of the checkpoint on disk, if this trainer wrote or loaded it
         self._lr = config.lr
 
     @property
@@ -138,11 +140,8 @@ class Trainer:
 
     def learning_rate(self, step: int) -> float:
         c = self.config
-        if c.cosine:
-            return warmup_cosine_lr(step, self.total_steps, c.lr, c.warmup_steps, c.initial_lr, c.min_lr)
-        if step < c.warmup_steps:
-            return c.initial_lr + step * (c.lr - c.initial_lr) / c.warmup_steps
-        return c.lr
+        # without cosine decay the schedule "decays" to the peak itself: warmup, then constant
+        return warmup_cosine_lr(step, self.total_steps, c.lr, c.warmup_steps, c.initial_lr, c.min_lr if c.cosine else c.lr)
 
     def fit(self) -> dict[str, list]:
         """Train until `epochs` or `max_steps`; returns the loss history. Ctrl-C stops after
@@ -154,6 +153,7 @@ class Trainer:
                    disable=None if self.progress else True)  # None: only on a terminal
         show = self.show
         self.show = lambda text: bar.write(str(text)) if self.progress else show(text)
+        self.interrupted = False
         try:
             self.model.train()
             started, tokens_at_start = time.perf_counter(), self.state.tokens_seen
@@ -171,6 +171,7 @@ class Trainer:
                         break
                 if self._stop_requested:
                     self.show(f"interrupted at step {self.state.step}: saving a checkpoint to resume from")
+                    self.interrupted = True
                     break
             self.save()
         finally:
@@ -182,7 +183,7 @@ class Trainer:
 
     def _request_stop(self, signum, frame) -> None:
         if self._stop_requested:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now; the checkpoint being written is discarded
         self._stop_requested = True
 
     def _finished(self) -> bool:
@@ -203,10 +204,8 @@ class Trainer:
         loss = self.loss_batch(batch)
         value = loss.item()
         if not math.isfinite(value):
-            saved = self.out_dir is not None and (self.out_dir / "latest").exists()
-            where = f"the last good checkpoint is {resolve_checkpoint(self.out_dir)}" if saved else "no checkpoint had been written yet"
             raise TrainingError(f"loss is {value} at step {self.state.step + 1} (epoch {self.train_loader.epoch + 1}); "
-                                f"training stopped and this step was not applied; {where}. Try a lower --lr or --grad-clip.")
+                                f"training stopped and this step was not applied; {self._last_good()}")
         self.optimizer.zero_grad()
         loss.backward()
         if self.config.grad_clip:
@@ -242,10 +241,24 @@ class Trainer:
         return {"step": self.state.step, "tokens_seen": self.state.tokens_seen, "history": self.state.history,
                 "loader": self.train_loader.state_dict(), "rng": backend.get_rng_state(), "config": asdict(self.config), "meta": self.meta}
 
+    def _last_good(self) -> str:
+        """Where to go back to after a divergence: checkpoints are checked finite when written."""
+        saved = checkpoints(self.out_dir) if self.out_dir is not None else []
+        if not saved:
+            return "no checkpoint had been written yet. Start again with a lower --lr, or --grad-clip"
+        return (f"the last good checkpoint is {saved[-1]}: continue from it with a lower learning rate, "
+                f"e.g. `--resume {self.out_dir} --lr {self.config.lr / 10:g}`, or with --grad-clip")
+
     def save(self) -> Path | None:
-        if self.out_dir is None:
+        """Write a checkpoint of the current step (once per step; weights checked finite first)."""
+        if self.out_dir is None or self._saved_step == self.state.step:
             return None
-        path = save_checkpoint(self.out_dir, self.state.step, self.model, self.tokenizer, self.optimizer, self.trainer_state())
+        try:
+            path = save_checkpoint(self.out_dir, self.state.step, self.model, self.tokenizer, self.optimizer,
+                                   self.trainer_state())
+        except NonFiniteError as e:
+            raise TrainingError(f"{e}; {self._last_good()}") from None
+        self._saved_step = self.state.step
         self.write_history()
         return path
 
@@ -262,10 +275,12 @@ class Trainer:
         atomic_write_text(self.out_dir / "history.csv", rows.getvalue())
         plot_losses(h, self.out_dir / "loss.png")
 
-    def restore(self, trainer_state: dict, optimizer_state: dict | None) -> None:
+    def restore(self, trainer_state: dict, optimizer_state: dict | None, in_out_dir: bool = True) -> None:
         """Put the loop back where a checkpoint left it: counters, history, loader position,
-        RNG streams and the optimizer's running averages."""
+        RNG streams and the optimizer's running averages (None: AdamW starts afresh).
+        in_out_dir: the checkpoint is one of out_dir's, so its step need not be written again."""
         self.state = TrainState(trainer_state["step"], trainer_state["tokens_seen"], trainer_state["history"])
+        self._saved_step = self.state.step if in_out_dir else None
         self.train_loader.load_state_dict(trainer_state["loader"])
         backend.set_rng_state(trainer_state["rng"])
         if optimizer_state is not None:
