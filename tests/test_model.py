@@ -285,9 +285,12 @@ def test_strict_backend_model_gives_the_numpy_logits_and_gradients():
     np.testing.assert_allclose(host(logits_strict), host(logits_cpu), rtol=1e-5, atol=1e-6)
     F.cross_entropy(logits_cpu, y).backward()
     F.cross_entropy(logits_strict, y).backward()
+    # strict runs the plain math, cpu the blocked kernels: the same sums in another order, so
+    # they agree to float32 rounding of the gradients' size. (W_key.bias has a true gradient of
+    # 0, softmax ignoring a constant added to every score of a row: there both are rounding noise.)
+    scale = max(np.abs(host(p.grad)).max() for p in cpu.parameters())
     for (name, p), (_, q) in zip(cpu.named_parameters(), strict.named_parameters()):
-        expected = host(p.grad)
-        np.testing.assert_allclose(host(q.grad), expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max(), err_msg=name)
+        np.testing.assert_allclose(host(q.grad), host(p.grad), rtol=1e-4, atol=1e-6 * scale, err_msg=name)
 
 
 def test_model_moved_with_to_strict_gives_the_same_logits():

@@ -1,7 +1,8 @@
-"""The CPU fast path: blocks on threads (Backend.run_blocks), split matrix products
-(Backend.matmul), the fast scatter-add, and the autograd engine keeping fresh gradient
-arrays without copies. Speed is measured in benchmarks/, never here; these tests pin
-that the fast paths give the same numbers as the plain ones."""
+"""The CPU fast path's machinery: blocks on threads (kernels.threads.run_blocks), split matrix
+products (threads.matmul), the sort-based scatter-add of the embedding kernel, and the
+autograd engine keeping fresh gradient arrays without copies. Speed is measured in
+benchmarks/, never here; these tests pin that the fast paths give the same numbers as the
+plain ones (tests/test_kernels.py compares every kernel with its plain op)."""
 import threading
 
 import numpy as np
@@ -9,13 +10,13 @@ import pytest
 
 import tinygpt as tg
 import tinygpt.functional as F
-from tinygpt import backend
+from tinygpt.kernels import cpu, threads
 
 
 @pytest.fixture
 def two_threads(monkeypatch):
     monkeypatch.setenv("TINYGPT_NUM_THREADS", "2")
-    return backend.get_backend("cpu")
+    return threads
 
 
 def test_run_blocks_covers_every_row_once_on_several_threads(two_threads):
@@ -71,15 +72,21 @@ def test_blas_runs_on_one_thread_only_while_blocks_run(two_threads):
     assert blas.lib_controllers[0].num_threads == before
 
 
-@pytest.mark.parametrize("index", [[3, 1, 3, 0, 3], [-1, 9, 0, -10, 2]])
-def test_scatter_add_counts_every_repeat_like_add_at(index):
+@pytest.mark.parametrize("index", [[3, 1, 3, 0, 3], [9, 9, 0, 0, 2], [4]])
+def test_embedding_scatter_add_counts_every_repeat_like_add_at(index):
     rng = np.random.default_rng(1)
     index = np.array(index)
     values = rng.standard_normal((len(index), 4))
-    fast, reference = np.zeros((10, 4)), np.zeros((10, 4))
-    backend.index_add(fast, index, values)
+    reference = np.zeros((10, 4))
     np.add.at(reference, index, values)
-    np.testing.assert_allclose(fast, reference, rtol=1e-15)
+    np.testing.assert_allclose(cpu.embedding_backward(index, values, 10), reference, rtol=1e-15)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_num_threads_refuses_what_is_not_a_positive_integer(monkeypatch, value):
+    monkeypatch.setenv("TINYGPT_NUM_THREADS", value)
+    with pytest.raises(ValueError, match=f"TINYGPT_NUM_THREADS must be a positive integer, got '{value}'"):
+        threads.num_threads()
 
 
 def test_blocked_ops_give_the_same_result_on_one_and_on_two_threads(monkeypatch):

@@ -12,16 +12,14 @@ Three backends, named by device:
            written on a laptop will also run on a GPU. See `tinygpt/strict.py`.
 
 The backend also owns the library's random numbers (one seeded generator per backend,
-all reseeded by `manual_seed`) and the default floating-point dtype.
+all reseeded by `manual_seed`), the default floating-point dtype, and moves between host
+and device. Fast versions of the big ops live apart, in tinygpt/kernels/.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import functools
 import os
-import threading
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -55,30 +53,25 @@ class Backend:
     def rand(self, shape: tuple[int, ...], dtype):
         return self.xp.asarray(self.rng.random(shape, dtype=np.float64).astype(dtype))
 
-    def uniform(self, shape: tuple[int, ...], seed: int):
-        """Uniform [0, 1) float32 numbers that depend only on `seed` and `shape`.
+    def uniform(self, shape: tuple[int, ...], seed: int, start: int = 0):
+        """Uniform [0, 1) float32 numbers that depend only on `seed` and `shape`: element i
+        (in C order) is number i of the stream of default_rng(seed).
 
         Dropout draws its mask from here with a seed it remembers, so that backward can
-        rebuild the mask instead of keeping it in memory."""
-        return self.xp.asarray(np.random.default_rng(seed).random(shape, dtype=np.float32))
+        rebuild the mask instead of keeping it in memory. With `start`, the numbers are
+        those from position `start` of the stream on, so a blocked kernel can draw its own
+        part of a mask and get exactly the numbers of the whole: the generator (PCG64)
+        jumps ahead in O(log n), and makes each 64-bit output into two float32 numbers."""
+        generator = np.random.PCG64(seed)
+        generator.advance(start // 2)
+        size = int(np.prod(shape))
+        numbers = np.random.Generator(generator).random(size + start % 2, dtype=np.float32)[start % 2:]
+        return self.xp.asarray(numbers.reshape(shape))
 
     def index_add(self, target, index, values) -> None:
-        """target[index] += values, adding repeated indices once per occurrence.
-
-        (Plain `target[index] += values` keeps only one of the repeats.) `np.add.at` does
-        this one element at a time; sorting the indices and summing each run of equal ones
-        with `add.reduceat` does the same in a few vectorised passes."""
-        xp = self.xp
-        rows_of_target = (getattr(index, "ndim", 0) == 1 and index.dtype.kind in "iu" and values.ndim == target.ndim > 1
-                          and values.shape[0] == index.shape[0] and values.shape[1:] == target.shape[1:])
-        if not rows_of_target:  # the general case (any index, any shapes)
-            xp.add.at(target, index, values)
-            return
-        index = xp.where(index < 0, index + target.shape[0], index)  # -1 and n - 1 are one row
-        order = xp.argsort(index, kind="stable")
-        ids = index[order]
-        starts = xp.flatnonzero(xp.concatenate([xp.ones(1, dtype=bool), ids[1:] != ids[:-1]])) if ids.size else ids
-        target[ids[starts]] += xp.add.reduceat(values[order], starts, axis=0)
+        """target[index] += values, adding repeated indices once per occurrence (plain
+        `target[index] += values` keeps only one of the repeats)."""
+        self.xp.add.at(target, index, values)
 
     def to_host(self, array) -> np.ndarray:
         return array.copy()
@@ -87,130 +80,18 @@ class Backend:
         """A copy of host array `array` on this backend's device."""
         return self.xp.array(array)
 
-    # Fused GPU kernels for the big ops (tinygpt/cuda_kernels.py), or None where the ops'
-    # array code runs as written (NumPy, strict). See CupyBackend.kernels.
-    kernels = None
-
-    def matmul(self, a, b):
-        """a @ b for 2-D arrays (NumPy splits it across threads; see NumpyBackend)."""
-        return a @ b
-
     def full_precision(self):
         """A with-block where matrix products use the full precision of their dtype (no
-        TF32 on GPUs, see cuda_kernels.allow_tf32); gradcheck runs inside one."""
+        TF32 on GPUs, see CupyBackend.allow_tf32); gradcheck runs inside one."""
         return contextlib.nullcontext()
-
-    def run_blocks(self, fn: Callable[[slice], None], n: int, block: int) -> None:
-        """fn(slice) for consecutive slices of range(n), `block` long (the last may be
-        shorter). Each call must touch only its own rows of any output. Here (the strict
-        backend) one after another, so tests run the block logic exactly as the CPU does."""
-        for start in range(0, n, block):
-            fn(slice(start, min(start + block, n)))
-
-
-def rows_per_block(row_size: int, target: int = 1 << 18) -> int:
-    """How many rows of `row_size` elements make a block of about `target` elements
-    (256K float32 = 1 MB: a few such blocks stay in a core's L2 cache)."""
-    return max(1, target // max(row_size, 1))
-
-
-def num_threads() -> int:
-    """Threads for NumPy's blocked kernels: $TINYGPT_NUM_THREADS, else the usable cores."""
-    if os.environ.get("TINYGPT_NUM_THREADS"):
-        return max(1, int(os.environ["TINYGPT_NUM_THREADS"]))
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-class NumpyBackend(Backend):
-    """NumPy runs each elementwise operation on one core, but releases the GIL while it
-    runs, as OpenBLAS does in a matrix product. So a big kernel split into blocks (see
-    run_blocks) runs on every core from plain Python threads, and each block, small enough
-    to stay in cache, is read from memory once instead of once per operation.
-
-    While blocks run, the BLAS library is held to one thread per call: its own threads
-    would compete with ours for the same cores (and, spinning while they wait for work,
-    slow everything else down). Matrix products are split across our threads instead
-    (see matmul), which keeps every core busy with no such contention."""
-
-    _pool: concurrent.futures.ThreadPoolExecutor | None = None
-    _pool_threads = 0
-    _worker = threading.local()
-    _blas: list | None = None  # threadpoolctl controllers of the BLAS libraries NumPy loaded
-
-    def run_blocks(self, fn: Callable[[slice], None], n: int, block: int) -> None:
-        slices = [slice(start, min(start + block, n)) for start in range(0, n, block)]
-        threads = num_threads()
-        if threads == 1 or len(slices) == 1 or getattr(self._worker, "busy", False):
-            for s in slices:  # one thread, one block, or already inside a block: run here
-                fn(s)
-            return
-        if NumpyBackend._pool_threads != threads:
-            NumpyBackend._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tinygpt")
-            NumpyBackend._pool_threads = threads
-        with _blas_threads(1):
-            list(NumpyBackend._pool.map(functools.partial(self._in_worker, fn), slices))  # list(): re-raise errors
-
-    def matmul(self, a, b):
-        """a @ b for 2-D a [M, K] and b [K, N], split into one piece per thread: rows of a
-        when there are many, else columns of b (a single token's products)."""
-        threads = num_threads()
-        m, n = a.shape[0], b.shape[1]
-        if threads == 1 or getattr(self._worker, "busy", False) or m * n < (1 << 16):
-            return a @ b
-        out = np.empty((m, n), dtype=np.result_type(a.dtype, b.dtype))
-        if m >= 16 * threads:
-            def piece(s):
-                np.matmul(a[s], b, out=out[s])
-            self.run_blocks(piece, m, -(-m // threads))
-        else:
-            def piece(s):
-                out[:, s] = a @ b[:, s]
-            self.run_blocks(piece, n, -(-n // threads))
-        return out
-
-    def _in_worker(self, fn, s: slice) -> None:
-        self._worker.busy = True
-        try:
-            fn(s)
-        finally:
-            self._worker.busy = False
-
-
-@contextlib.contextmanager
-def _blas_threads(n: int):
-    """Hold NumPy's BLAS library to n threads per call inside the with-block."""
-    if NumpyBackend._blas is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-
-            NumpyBackend._blas = ThreadpoolController().select(user_api="blas").lib_controllers
-        except Exception:  # no threadpoolctl, or a BLAS it cannot steer: leave BLAS as it is
-            NumpyBackend._blas = []
-    before = [lib.num_threads for lib in NumpyBackend._blas]
-    for lib in NumpyBackend._blas:
-        lib.set_num_threads(n)
-    try:
-        yield
-    finally:
-        for lib, count in zip(NumpyBackend._blas, before):
-            lib.set_num_threads(count)
 
 
 class CupyBackend(Backend):
-    @functools.cached_property
-    def kernels(self):
-        """One CUDA kernel per op direction instead of a chain of elementwise launches."""
-        from tinygpt import cuda_kernels
-
-        return cuda_kernels
-
-    def full_precision(self):
-        return self.kernels.tf32_disabled()
-
-    def run_blocks(self, fn, n, block):
-        fn(slice(0, n))  # one launch over everything: the GPU parallelises inside each operation
-
-    def uniform(self, shape, seed):
+    def uniform(self, shape, seed, start: int = 0):
+        """CuPy's own generator: on the GPU the mask is drawn in one piece, so `start` is
+        only supported as 0."""
+        if start:
+            raise ValueError("the CUDA backend draws dropout masks in one piece (start must be 0)")
         return self.xp.random.RandomState(seed).random_sample(shape, dtype=self.xp.float32)
 
     def index_add(self, target, index, values) -> None:
@@ -220,6 +101,30 @@ class CupyBackend(Backend):
 
     def to_host(self, array) -> np.ndarray:
         return array.get()
+
+    # TF32. CuPy has no public switch for the compute type of matrix products besides the
+    # CUPY_TF32 environment variable, read once at import, so these two use the setting
+    # CuPy keeps in cupy._core._routines_linalg.
+    @staticmethod
+    def allow_tf32(flag: bool) -> None:
+        """Let float32 matrix products run on the tensor cores of Ampere and newer GPUs in
+        TF32: inputs rounded to 10 mantissa bits (float32 has 23), several times faster, with
+        relative errors near 1e-3 instead of 1e-7. Opt-in: off unless this is called with
+        True, or CuPy was started with CUPY_TF32=1. float64 products are never affected."""
+        from cupy._core import _routines_linalg as linalg
+
+        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if flag else linalg.COMPUTE_TYPE_DEFAULT)
+
+    @contextlib.contextmanager
+    def full_precision(self):
+        from cupy._core import _routines_linalg as linalg
+
+        previous = linalg.get_compute_type(np.float32)
+        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_DEFAULT)
+        try:
+            yield
+        finally:
+            linalg.set_compute_type(np.float32, previous)
 
 
 class StrictBackend(Backend):
@@ -253,7 +158,7 @@ def get_backend(device: str) -> Backend:
     """The backend of a device name ("cpu", "cuda" or "strict"), created on first use."""
     if device not in _backends:
         if device == "cpu":
-            _backends[device] = NumpyBackend("cpu", np, _seed)
+            _backends[device] = Backend("cpu", np, _seed)
         elif device == "cuda":
             _backends[device] = CupyBackend("cuda", _load_cupy(), _seed)
         elif device == "strict":
@@ -261,7 +166,7 @@ def get_backend(device: str) -> Backend:
 
             _backends[device] = StrictBackend("strict", strict.xp, _seed)
         else:
-            raise ValueError(f"unknown device {device!r}; expected one of {DEVICES}")
+            raise ValueError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
     return _backends[device]
 
 
@@ -302,8 +207,12 @@ def is_array(obj) -> bool:
 # ------------------------------------------------------------------ defaults and seeds
 
 def default_device() -> str:
+    """The device of new tensors: set_default_device, else $TINYGPT_DEVICE, else "cpu"."""
     if _default_device is None:
-        set_default_device(os.environ.get("TINYGPT_DEVICE", "cpu"))
+        device = os.environ.get("TINYGPT_DEVICE", "").strip() or "cpu"
+        if device not in DEVICES:
+            raise ValueError(f"TINYGPT_DEVICE must be one of {', '.join(DEVICES)}, got {device!r}")
+        set_default_device(device)
     return _default_device
 
 
@@ -396,6 +305,9 @@ def make_array(data, dtype=None, device: str | None = None):
         data = to_host(data)
     else:
         data = np.asarray(data)
+        if data.dtype.kind not in "biuf":
+            raise TypeError(f"tensor data must be numbers or booleans, got dtype {data.dtype} "
+                            f"({'text' if data.dtype.kind in 'US' else 'objects' if data.dtype.kind == 'O' else data.dtype.kind})")
         if dtype is None:
             dtype = _default_dtype if data.dtype.kind == "f" else data.dtype
     return get_backend(device).from_host(data.astype(dtype, copy=False))

@@ -1,18 +1,30 @@
 """The fused operations a GPT is built from, each with a hand-derived backward.
 
-Each op is a `Function` whose forward is one line of math in its docstring, followed by
-the derivation of its backward. The backward is computed in closed form from a few saved
-arrays; no op here builds a graph of smaller ops. Shapes use B batch, T tokens, C
-channels, H heads, D head size, V vocabulary.
+Each op is a `Function` whose docstring states its forward in one line of math, then derives
+its backward. The code under it is that math on whole arrays: the backward is computed in
+closed form from a few saved arrays, and no op here builds a graph of smaller ops. Shapes use
+B batch, T tokens, C channels, H heads, D head size, V vocabulary, N rows (all axes but the
+last, flattened).
+
+This plain math is the reference. A faster version of an op, for the CPU (blocked, on every
+core) or for CUDA (fused kernels), lives in tinygpt/kernels/ under the same name and is
+tested against it; `fast = kernels.for_array(x)` picks it, and is None on the strict backend
+or with TINYGPT_KERNELS=plain, when the math below is what runs.
 """
 from __future__ import annotations
 
-import functools
 import math
 
-from tinygpt import backend
+from tinygpt import backend, kernels
 from tinygpt.backend import backend_of
+from tinygpt.kernels import GELU_CUBIC, SQRT_2_OVER_PI
 from tinygpt.tensor import Function, Tensor
+
+
+def _swap(xp, a):
+    """a with its last two axes swapped (the transpose of each matrix in a batch)."""
+    return xp.swapaxes(a, -1, -2)
+
 
 # ============================================================================ linear
 
@@ -24,14 +36,15 @@ class Linear(Function):
         dL/dx = dL/dy W              [N, out] @ [out, in] -> [N, in]
         dL/dW = (dL/dy)^T x          [out, N] @ [N, in]   -> [out, in]
         dL/db = sum_r dL/dy_r
-    Working on 2-D row blocks keeps every product one large BLAS call."""
+    Working on 2-D rows keeps every product one large matrix product.
+
+    Tested by: tests/test_ops_gradcheck.py (linear), tests/test_torch_parity_ops.py, tests/test_kernels.py."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        if x.shape[-1] != weight.shape[1]:
-            raise ValueError(f"linear: input shape {tuple(x.shape)} does not match weight shape {tuple(weight.shape)} (in_features {weight.shape[1]})")
+        matmul = kernels.matmul_for(x)
         x2 = x.reshape(-1, x.shape[-1])  # [..., in] -> [N, in]
-        y = _matmul(x2, weight.T)
+        y = matmul(x2, weight.T)  # [N, in] @ [in, out] -> [N, out]
         if bias is not None:
             y += bias
         ctx.save_for_backward(x2, weight)
@@ -41,19 +54,21 @@ class Linear(Function):
     @staticmethod
     def backward(ctx, grad):
         x2, weight = ctx.saved
+        matmul = kernels.matmul_for(grad)
         g2 = grad.reshape(-1, grad.shape[-1])  # [..., out] -> [N, out]
-        grad_x = _matmul(g2, weight).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        grad_w = _matmul(g2.T, x2) if ctx.needs_input_grad[1] else None
+        grad_x = matmul(g2, weight).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_w = matmul(g2.T, x2) if ctx.needs_input_grad[1] else None
         grad_b = g2.sum(axis=0) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
 
-def _matmul(a, b):
-    """a @ b for 2-D arrays, on all cores (backend.matmul)."""
-    return _backend(a).matmul(a, b)
-
-
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x W^T + b for x (..., in_features), weight (out_features, in_features), bias (out_features,)."""
+    _check(weight.ndim == 2, f"linear: weight must be 2-D (out_features, in_features), got shape {weight.shape}")
+    _check(x.ndim >= 1 and x.shape[-1] == weight.shape[1],
+           f"linear: input shape {x.shape} does not match weight shape {weight.shape} (in_features {weight.shape[1]})")
+    _check(bias is None or bias.shape == weight.shape[:1],
+           lambda: f"linear: bias shape {bias.shape} does not match weight shape {weight.shape} (expected ({weight.shape[0]},))")
     return Linear.apply(x, weight, bias)
 
 
@@ -64,33 +79,38 @@ class Embedding(Function):
     """y[..., :] = W[ids[...], :]   (row lookup).
 
     Each output row is a copy of one row of W, so dL/dW[v] is the sum of dL/dy over every
-    position whose id is v: a scatter-add, which counts repeated ids once per occurrence."""
+    position whose id is v: a scatter-add, which counts repeated ids once per occurrence.
+
+    Tested by: tests/test_ops_gradcheck.py (embedding), tests/test_torch_parity_ops.py, tests/test_kernels.py."""
 
     @staticmethod
     def forward(ctx, weight, ids):
-        if ids.dtype.kind not in "iu":
-            raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
-        vocab = weight.shape[0]
-        if ids.size:  # CuPy indexing wraps out-of-range ids silently, so check on every backend
-            low, high = int(ids.min()), int(ids.max())
-            if low < 0 or high >= vocab:
-                bad = low if low < 0 else high
-                raise IndexError(f"embedding: id {bad} is out of range for a vocabulary of {vocab} (valid ids are 0..{vocab - 1})")
-        ctx.ids, ctx.weight_shape, ctx.dtype = ids, weight.shape, weight.dtype
-        return weight[ids]  # [...] -> [..., dim]
+        ctx.ids, ctx.vocab = ids, weight.shape[0]
+        return weight[ids]  # [...] -> [..., C]
 
     @staticmethod
     def backward(ctx, grad):
-        grad_w = backend_of(grad).zeros(ctx.weight_shape, dtype=ctx.dtype)
-        backend.index_add(grad_w, ctx.ids.reshape(-1), grad.reshape(-1, ctx.weight_shape[1]))
+        ids, g2 = ctx.ids.reshape(-1), grad.reshape(-1, grad.shape[-1])  # [...] -> [N], [..., C] -> [N, C]
+        if (fast := kernels.for_array(grad)) is not None:
+            return fast.embedding_backward(ids, g2, ctx.vocab)
+        grad_w = backend_of(grad).zeros((ctx.vocab, g2.shape[1]), dtype=g2.dtype)
+        backend.index_add(grad_w, ids, g2)  # grad_w[ids[r]] += g2[r] for every row r, repeats included
         return grad_w
 
 
 def embedding(ids, weight: Tensor) -> Tensor:
-    """Rows of `weight` selected by integer `ids` (array or Tensor, any shape)."""
-    if isinstance(ids, Tensor):
-        ids = ids.data
-    return Embedding.apply(weight, ids=backend.to_device(ids, weight.device))
+    """Rows of `weight` (vocab, C) selected by integer `ids` (array or Tensor, any shape)."""
+    ids = backend.to_device(ids.data if isinstance(ids, Tensor) else ids, weight.device)
+    _check(weight.ndim == 2, f"embedding: weight must be 2-D (vocab, dim), got shape {weight.shape}")
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
+    vocab = weight.shape[0]
+    if ids.size:  # CuPy indexing wraps out-of-range ids silently, so check on every backend
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            raise IndexError(f"embedding: id {low if low < 0 else high} is out of range for a vocabulary of {vocab} "
+                             f"(valid ids are 0..{vocab - 1})")
+    return Embedding.apply(weight, ids=ids)
 
 
 # ============================================================================ layer norm
@@ -106,160 +126,77 @@ class LayerNorm(Function):
         d xhat_i / dx_j = rstd (delta_ij - 1/C) - rstd xhat_i xhat_j / C
     so  dL/dx_j = sum_i dxhat_i d xhat_i / dx_j
                 = rstd * (dxhat_j - mean(dxhat) - xhat_j * mean(dxhat * xhat)).
-    Rows are independent, so both directions run block by block (backend.run_blocks);
-    the two parameter gradients are sums over rows: each block adds up its own rows, and
-    the blocks' partial sums are added at the end."""
+
+    Tested by: tests/test_ops_gradcheck.py (layer_norm), tests/test_torch_parity_ops.py, tests/test_kernels.py."""
 
     @staticmethod
     def forward(ctx, x, scale, shift, eps):
         xp = backend_of(x)
         x2 = x.reshape(-1, x.shape[-1])  # [..., C] -> [N, C]
-        ctx.x_shape = x.shape
-        if (kernels := _kernels(x)) is not None:
-            y, xhat, rstd = kernels.layer_norm_forward(x2, scale, shift, eps)
-            ctx.save_for_backward(xhat, rstd, scale)
-            return y.reshape(x.shape)
-        dtype = xp.result_type(x.dtype, scale.dtype, shift.dtype)  # as x * scale + shift would give
-        xhat, y = xp.empty(x2.shape, dtype=dtype), xp.empty(x2.shape, dtype=dtype)
-        rstd = xp.empty((x2.shape[0], 1), dtype=dtype)
-
-        def block(s):
-            mean = x2[s].mean(axis=-1, keepdims=True)
-            xp.subtract(x2[s], mean, out=xhat[s])
-            var = (xhat[s] * xhat[s]).mean(axis=-1, keepdims=True)
-            rstd[s] = 1.0 / xp.sqrt(var + eps)
-            xhat[s] *= rstd[s]
-            xp.multiply(xhat[s], scale, out=y[s])
-            y[s] += shift
-
-        _run_rows(block, x2)
+        if (fast := kernels.for_array(x)) is not None:
+            y, xhat, rstd = fast.layer_norm_forward(x2, scale, shift, eps)
+        else:
+            mean = x2.mean(axis=-1, keepdims=True)  # [N, 1]
+            var = ((x2 - mean) ** 2).mean(axis=-1, keepdims=True)
+            rstd = 1.0 / xp.sqrt(var + eps)
+            xhat = (x2 - mean) * rstd
+            y = xhat * scale + shift
         ctx.save_for_backward(xhat, rstd, scale)
+        ctx.x_shape = x.shape
         return y.reshape(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
         xhat, rstd, scale = ctx.saved
-        xp = backend_of(grad)
-        g2 = grad.reshape(xhat.shape)
-        if (kernels := _kernels(grad)) is not None:
-            grad_x, grad_scale, grad_shift = kernels.layer_norm_backward(g2, xhat, rstd, scale)
-            return grad_x.reshape(ctx.x_shape), grad_scale, grad_shift
-        grad_x = xp.empty_like(xhat) if ctx.needs_input_grad[0] else None
-        rows = backend.rows_per_block(xhat.shape[1])
-        partial_scale = xp.zeros((-(-xhat.shape[0] // rows), xhat.shape[1]), dtype=xhat.dtype)  # one row per block
-        partial_shift = xp.zeros_like(partial_scale)
-
-        def block(s):
-            i = s.start // rows
-            partial_shift[i] = g2[s].sum(axis=0)
-            partial_scale[i] = (g2[s] * xhat[s]).sum(axis=0)
-            if grad_x is not None:
-                dxhat = g2[s] * scale
-                xp.subtract(dxhat, dxhat.mean(axis=-1, keepdims=True), out=grad_x[s])
-                dxhat *= xhat[s]
-                grad_x[s] -= xhat[s] * dxhat.mean(axis=-1, keepdims=True)
-                grad_x[s] *= rstd[s]
-
-        _backend(grad).run_blocks(block, xhat.shape[0], rows)
-        grad_scale = partial_scale.sum(axis=0) if ctx.needs_input_grad[1] else None
-        grad_shift = partial_shift.sum(axis=0) if ctx.needs_input_grad[2] else None
-        return None if grad_x is None else grad_x.reshape(ctx.x_shape), grad_scale, grad_shift
-
-
-def _backend(x) -> backend.Backend:
-    """The Backend object that holds array x."""
-    return backend.get_backend(backend.device_of(x))
-
-
-def _kernels(x):
-    """The backend's fused kernels for x's device (CUDA), or None: run the array code here."""
-    return _backend(x).kernels
-
-
-def _rows(x):
-    """x as a 2-D array of rows, [..., C] -> [N, C] (a 0-d x as one 1 x 1 row)."""
-    return x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
-
-
-def _run_rows(block, x2) -> None:
-    """block(s) over row blocks of the 2-D array x2, on x2's backend (see run_blocks)."""
-    _backend(x2).run_blocks(block, x2.shape[0], backend.rows_per_block(x2.shape[1]))
+        g2 = grad.reshape(xhat.shape)  # [..., C] -> [N, C]
+        if (fast := kernels.for_array(grad)) is not None:
+            grad_x, grad_scale, grad_shift = fast.layer_norm_backward(g2, xhat, rstd, scale)
+        else:
+            grad_shift = g2.sum(axis=0)  # [N, C] -> [C]
+            grad_scale = (g2 * xhat).sum(axis=0)
+            dxhat = g2 * scale
+            grad_x = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True) - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+        return grad_x.reshape(ctx.x_shape), grad_scale, grad_shift
 
 
 def layer_norm(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-5) -> Tensor:
+    """Normalise x (..., C) over its last axis, then scale and shift, both (C,)."""
+    _check(x.ndim >= 1, f"layer_norm: input must have a channel axis, got shape {x.shape}")
+    for name, param in (("scale", scale), ("shift", shift)):
+        _check(param.shape == x.shape[-1:],
+               lambda: f"layer_norm: {name} shape {param.shape} does not match input shape {x.shape} (expected ({x.shape[-1]},))")
+    _check(eps > 0, f"layer_norm: eps must be > 0, got {eps}")
     return LayerNorm.apply(x, scale, shift, eps=eps)
 
 
 # ============================================================================ GELU
-
-_GELU_C = math.sqrt(2.0 / math.pi)
 
 
 class GELU(Function):
     """y = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)   (GPT-2's tanh approximation).
 
     With t = tanh(u) and dt/du = 1 - t^2:
-        dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+        dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx,   du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
     Only x is saved; t is recomputed in backward, which costs one tanh but saves a
     full-size buffer (the 4C-wide feed-forward activation is the largest in the block).
-    Both directions run block by block, each block's steps in place in a buffer or two
-    small enough to stay in cache."""
+
+    Tested by: tests/test_ops_gradcheck.py (gelu), tests/test_torch_parity_ops.py, tests/test_kernels.py."""
 
     @staticmethod
     def forward(ctx, x):
-        xp = backend_of(x)
         ctx.save_for_backward(x)
-        if (kernels := _kernels(x)) is not None:
-            return kernels.gelu_forward(x)
-        x2 = _rows(x)
-        y = xp.empty_like(x2)
-
-        def block(s):
-            xs, t = x2[s], y[s]
-            xp.multiply(xs, xs, out=t)   # u = sqrt(2/pi) (x + 0.044715 x^3) = sqrt(2/pi) x (1 + 0.044715 x^2)
-            t *= 0.044715
-            t += 1.0
-            t *= xs
-            t *= _GELU_C
-            xp.tanh(t, out=t)            # t = tanh(u)
-            t += 1.0                     # y = 0.5 x (1 + t)
-            t *= xs
-            t *= 0.5
-
-        _run_rows(block, x2)
-        return y.reshape(x.shape)
+        if (fast := kernels.for_array(x)) is not None:
+            return fast.gelu_forward(x)
+        return 0.5 * x * (1.0 + backend_of(x).tanh(SQRT_2_OVER_PI * (x + GELU_CUBIC * x**3)))
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved
-        xp = backend_of(x)
-        if (kernels := _kernels(x)) is not None:
-            return kernels.gelu_backward(x, grad)
-        x2 = _rows(x)
-        g2 = grad.reshape(x2.shape)
-        dx = xp.empty_like(x2)
-
-        def block(s):
-            xs, dydx = x2[s], dx[s]
-            x_sq = xs * xs
-            xp.multiply(x_sq, 3 * 0.044715, out=dydx)  # 0.5 x sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-            dydx += 1.0
-            dydx *= xs
-            dydx *= 0.5 * _GELU_C
-            t = x_sq                                   # reuse: t = tanh(u)
-            t *= 0.044715
-            t += 1.0
-            t *= xs
-            t *= _GELU_C
-            xp.tanh(t, out=t)
-            dydx *= 1.0 - t * t                        # ... * (1 - t^2)
-            t += 1.0                                   # + 0.5 (1 + t)
-            t *= 0.5
-            dydx += t
-            dydx *= g2[s]
-
-        _run_rows(block, x2)
-        return dx.reshape(x.shape)
+        if (fast := kernels.for_array(x)) is not None:
+            return fast.gelu_backward(x, grad)
+        t = backend_of(x).tanh(SQRT_2_OVER_PI * (x + GELU_CUBIC * x**3))
+        du_dx = SQRT_2_OVER_PI * (1.0 + 3 * GELU_CUBIC * x**2)
+        return grad * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t**2) * du_dx)
 
 
 def gelu(x: Tensor) -> Tensor:
@@ -269,25 +206,20 @@ def gelu(x: Tensor) -> Tensor:
 # ============================================================================ softmax
 
 
-def _softmax(x, axis: int):
-    """exp(x - max) / sum exp(x - max): the same value as exp(x)/sum exp(x), but exp never
-    sees a positive argument, so it cannot overflow."""
-    xp = backend_of(x)
-    e = x - x.max(axis=axis, keepdims=True)
-    xp.exp(e, out=e)
-    e /= e.sum(axis=axis, keepdims=True)
-    return e
-
-
 class Softmax(Function):
-    """y_i = exp(x_i) / sum_j exp(x_j)   along `axis`.
+    """y_i = exp(x_i) / sum_j exp(x_j)   along `axis`,
+    computed as exp(x_i - max) / sum_j exp(x_j - max): the same value, but exp never sees a
+    positive argument, so it cannot overflow.
 
     dy_i/dx_j = y_i (delta_ij - y_j), so dL/dx_j = sum_i g_i y_i (delta_ij - y_j)
-              = y_j (g_j - sum_i g_i y_i)."""
+              = y_j (g_j - sum_i g_i y_i).
+
+    Tested by: tests/test_ops_gradcheck.py (softmax), tests/test_torch_parity_ops.py."""
 
     @staticmethod
     def forward(ctx, x, axis):
-        y = _softmax(x, axis)
+        e = backend_of(x).exp(x - x.max(axis=axis, keepdims=True))
+        y = e / e.sum(axis=axis, keepdims=True)
         ctx.save_for_backward(y)
         ctx.axis = axis
         return y
@@ -299,10 +231,12 @@ class Softmax(Function):
 
 
 class LogSoftmax(Function):
-    """y_i = x_i - log sum_j exp(x_j)   along `axis`.
+    """y_i = x_i - log sum_j exp(x_j)   along `axis` (with the max subtracted first, as in softmax).
 
     dy_i/dx_j = delta_ij - softmax_j, so dL/dx_j = g_j - softmax_j sum_i g_i,
-    with softmax = exp(y)."""
+    with softmax = exp(y).
+
+    Tested by: tests/test_ops_gradcheck.py (log_softmax), tests/test_torch_parity_ops.py."""
 
     @staticmethod
     def forward(ctx, x, axis):
@@ -320,58 +254,42 @@ class LogSoftmax(Function):
 
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    _check_axis("softmax", x, axis)
     return Softmax.apply(x, axis=axis)
 
 
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    _check_axis("log_softmax", x, axis)
     return LogSoftmax.apply(x, axis=axis)
 
 
 # ============================================================================ dropout
 
 
-def _keep_mask(device: str, shape, p: float, seed: int):
-    """The dropout mask for `seed`: True where an element is kept (probability 1 - p)."""
-    return backend.get_backend(device).uniform(shape, seed) >= p
+def _keep_scaled(x, p: float, seed: int):
+    """keep / (1 - p) for an array shaped like x, keep = (uniform >= p) drawn from `seed`:
+    the mask is never stored, backward draws it again from the same seed."""
+    keep = backend.get_backend(backend.device_of(x)).uniform(x.shape, seed) >= p
+    return (keep * (0.0 if p == 1.0 else 1.0 / (1.0 - p))).astype(x.dtype)
 
 
 class Dropout(Function):
     """y = x * keep / (1 - p),  keep ~ Bernoulli(1 - p) per element.   dL/dx = g * keep / (1 - p).
 
-    The mask is not stored: backward draws it again from the same seed. Row blocks draw
-    their parts of the mask from seed + first row, so blocks can run side by side."""
+    Tested by: tests/test_ops_gradcheck.py (dropout), tests/test_kernels.py."""
 
     @staticmethod
     def forward(ctx, x, p, seed):
         ctx.p, ctx.seed = p, seed
-        return _apply_mask(x, p, seed)
+        if (fast := kernels.for_array(x)) is not None:
+            return fast.dropout(x, p, seed)
+        return x * _keep_scaled(x, p, seed)
 
     @staticmethod
     def backward(ctx, grad):
-        return _apply_mask(grad, ctx.p, ctx.seed)
-
-
-def _apply_mask(x, p: float, seed: int):
-    """x * keep / (1 - p), with the mask drawn block by block from seed."""
-    xp, device = backend_of(x), backend.device_of(x)
-    x2 = _rows(x)
-    y = xp.empty_like(x2)
-
-    def block(s):
-        xp.multiply(x2[s], _keep_mask(device, x2[s].shape, p, seed + s.start), out=y[s])
-        y[s] *= _dropout_scale(p)
-
-    _run_rows(block, x2)
-    return y.reshape(x.shape)
-
-
-def _dropout_scale(p: float) -> float:
-    return 0.0 if p == 1.0 else 1.0 / (1.0 - p)
-
-
-def _check_p(p: float) -> None:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        if (fast := kernels.for_array(grad)) is not None:
+            return fast.dropout(grad, ctx.p, ctx.seed)
+        return grad * _keep_scaled(grad, ctx.p, ctx.seed)
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
@@ -386,18 +304,9 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
 # ============================================================================ attention
 
 
-@functools.lru_cache(maxsize=16)
-def _causal_bias(device: str, tq: int, tk: int, dtype):
-    """0 where query i may look at key j, -inf where j is in its future. Query i sits at
-    position tk - tq + i (the last tq of tk positions, as when decoding with a KV cache).
-    Cached: a training run asks for the same (T, T) mask at every layer and step."""
-    xp = backend.get_backend(device).xp
-    query_pos = xp.arange(tq).reshape(-1, 1) + (tk - tq)
-    return xp.where(xp.arange(tk).reshape(1, -1) > query_pos, -math.inf, 0.0).astype(dtype)
-
-
 class ScaledDotProductAttention(Function):
-    """out = dropout(P) V,  P = softmax(S),  S = Q K^T / sqrt(D) (+ -inf above the diagonal).
+    """out = dropout(P) V,  P = softmax(S),  S = Q K^T / sqrt(D) (-inf where a key is in the
+    query's future, when causal).
 
     Backward, with Pd = P * keep / (1 - p) the dropped-out weights and g = dL/dout:
         dL/dV  = Pd^T g                                  [B,H,Tk,Tq] @ [B,H,Tq,Dv]
@@ -407,105 +316,56 @@ class ScaledDotProductAttention(Function):
     Only P (one [B,H,Tq,Tk] buffer) is kept for backward; the dropout mask is redrawn
     from its seed, and masked positions need nothing since P = 0 there.
 
-    Sequences are independent, so both directions run block by block over the batch
-    (backend.run_blocks): each block's scores stay small and its products run beside the
-    other blocks'. Results are written in [B, T, H, D] memory and returned as [B, H, T, D]
-    views, the layout the heads came from, so joining heads afterwards copies nothing."""
+    Tested by: tests/test_ops_gradcheck.py (attention, attention_dropout), tests/test_torch_parity_ops.py,
+    tests/test_kernels.py."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal, dropout_p, seed):
-        xp, device = backend_of(q), backend.device_of(q)
-        (*lead, tq, d), tk, dv = q.shape, k.shape[-2], v.shape[-1]
-        scale = 1.0 / math.sqrt(d)
-        dtype = xp.result_type(q.dtype, k.dtype, v.dtype)
-        probs = xp.empty((*lead, tq, tk), dtype=dtype)
-        out = _heads_last(xp, (*lead, tq, dv), dtype)
-        kernels = _kernels(q)
-        bias = _causal_bias(device, tq, tk, dtype) if causal and kernels is None else None
-
-        def block(s):
-            p = probs[s]
-            xp.matmul(q[s], xp.swapaxes(k[s], -1, -2), out=p)  # S: [b,H,Tq,D] @ [b,H,D,Tk] -> [b,H,Tq,Tk]
-            if kernels is not None:
-                kernels.attention_softmax_(p, scale, causal)
-            else:
-                p *= scale
-                if bias is not None:
-                    p += bias
-                p -= p.max(axis=-1, keepdims=True)  # softmax in place (the scores are not needed afterwards)
-                xp.exp(p, out=p)
-                p /= p.sum(axis=-1, keepdims=True)
-            if dropout_p > 0.0:
-                p = p * _keep_mask(device, p.shape, dropout_p, seed + (s.start or 0)) * _dropout_scale(dropout_p)
-            out[s] = p @ v[s]  # [b,H,Tq,Tk] @ [b,H,Tk,Dv] -> [b,H,Tq,Dv]
-
-        _run_batch(block, q)
+        xp = backend_of(q)
+        ctx.scale, ctx.dropout_p, ctx.seed = 1.0 / math.sqrt(q.shape[-1]), dropout_p, seed
+        if (fast := kernels.for_array(q)) is not None:
+            out, probs = fast.attention_forward(q, k, v, causal, dropout_p, seed)
+        else:
+            scores = q @ _swap(xp, k) * ctx.scale  # [B,H,Tq,D] @ [B,H,D,Tk] -> [B,H,Tq,Tk]
+            if causal:
+                scores = xp.where(_future(xp, *scores.shape[-2:]), -math.inf, scores)
+            probs = xp.exp(scores - scores.max(axis=-1, keepdims=True))
+            probs /= probs.sum(axis=-1, keepdims=True)  # softmax over the keys
+            dropped = probs * _keep_scaled(probs, dropout_p, seed) if dropout_p > 0.0 else probs
+            out = dropped @ v  # [B,H,Tq,Tk] @ [B,H,Tk,Dv] -> [B,H,Tq,Dv]
         ctx.save_for_backward(q, k, v, probs)
-        ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
         return out
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, probs = ctx.saved
-        xp, device = backend_of(grad), backend.device_of(grad)
-        p_drop, need_q, need_k, need_v = ctx.dropout_p, *ctx.needs_input_grad[:3]
-        grad_q = _heads_last(xp, q.shape, q.dtype) if need_q else None
-        grad_k = _heads_last(xp, k.shape, k.dtype) if need_k else None
-        grad_v = _heads_last(xp, v.shape, v.dtype) if need_v else None
-        kernels = _kernels(grad)
-
-        def block(s):
-            p, g = probs[s], grad[s]
-            keep = _keep_mask(device, p.shape, p_drop, ctx.seed + (s.start or 0)) if p_drop > 0.0 else None
-            if need_v:
-                dropped = p if keep is None else p * keep * _dropout_scale(p_drop)
-                grad_v[s] = xp.swapaxes(dropped, -1, -2) @ g  # Pd^T g
-            dscores = g @ xp.swapaxes(v[s], -1, -2)  # dL/dPd: [b,H,Tq,Dv] @ [b,H,Dv,Tk]
-            if keep is not None:
-                dscores *= keep
-                dscores *= _dropout_scale(p_drop)
-            if kernels is not None:
-                kernels.softmax_backward_(dscores, p, ctx.scale)
-            else:
-                dscores -= (dscores * p).sum(axis=-1, keepdims=True)
-                dscores *= p
-                dscores *= ctx.scale
-            if need_q:
-                grad_q[s] = dscores @ k[s]
-            if need_k:
-                grad_k[s] = xp.swapaxes(dscores, -1, -2) @ q[s]
-
-        _run_batch(block, probs)
+        xp = backend_of(grad)
+        if (fast := kernels.for_array(grad)) is not None:
+            return fast.attention_backward(grad, q, k, v, probs, ctx.dropout_p, ctx.seed, ctx.needs_input_grad[:3])
+        keep = _keep_scaled(probs, ctx.dropout_p, ctx.seed) if ctx.dropout_p > 0.0 else 1.0
+        grad_v = _swap(xp, probs * keep) @ grad  # Pd^T g: [B,H,Tk,Tq] @ [B,H,Tq,Dv] -> [B,H,Tk,Dv]
+        grad_probs = (grad @ _swap(xp, v)) * keep  # [B,H,Tq,Dv] @ [B,H,Dv,Tk] -> [B,H,Tq,Tk]
+        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(axis=-1, keepdims=True))
+        grad_q = grad_scores @ k * ctx.scale  # [B,H,Tq,Tk] @ [B,H,Tk,D] -> [B,H,Tq,D]
+        grad_k = _swap(xp, grad_scores) @ q * ctx.scale  # [B,H,Tk,Tq] @ [B,H,Tq,D] -> [B,H,Tk,D]
         return grad_q, grad_k, grad_v
 
 
-def _heads_last(xp, shape, dtype):
-    """An empty [..., H, T, D] array laid out in memory as [..., T, H, D]."""
-    if len(shape) < 3:
-        return xp.empty(shape, dtype=dtype)
-    *lead, h, t, d = shape
-    return xp.swapaxes(xp.empty((*lead, t, h, d), dtype=dtype), -2, -3)
-
-
-def _run_batch(block, x) -> None:
-    """block(s) over slices of x's first axis, one sequence per block (all of x when it
-    has no batch axis)."""
-    bk = _backend(x)
-    if x.ndim < 3:
-        block(slice(None))  # (T, D) inputs: one block
-        return
-    bk.run_blocks(block, x.shape[0], 1)
+def _future(xp, tq: int, tk: int):
+    """True where key j is in the future of query i: j > i + (tk - tq). Query i sits at
+    position tk - tq + i, the last tq of tk positions (as when decoding with a KV cache)."""
+    return xp.arange(tk).reshape(1, -1) > xp.arange(tq).reshape(-1, 1) + (tk - tq)
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, dropout_p: float = 0.0) -> Tensor:
     """Attention over q, k, v of shape (B, H, T, D); `causal` hides future keys.
     Pass dropout_p=0 at evaluation time (as with PyTorch's function of the same name)."""
-    if not (q.ndim == k.ndim == v.ndim) or q.ndim < 2 or q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2] \
-            or q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not agree; "
-                         "expected (..., Tq, D), (..., Tk, D), (..., Tk, Dv) with equal leading axes")
-    if causal and q.shape[-2] > k.shape[-2]:
-        raise ValueError(f"attention: causal attention needs at least as many keys ({k.shape[-2]}) as queries ({q.shape[-2]})")
+    _check((q.ndim == k.ndim == v.ndim) and q.ndim >= 2 and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
+           and q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2],
+           f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not agree; "
+           "expected (..., Tq, D), (..., Tk, D), (..., Tk, Dv) with equal leading axes")
+    _check(not causal or q.shape[-2] <= k.shape[-2],
+           f"attention: causal attention needs at least as many keys ({k.shape[-2]}) as queries ({q.shape[-2]})")
     _check_p(dropout_p)
     seed = backend.get_backend(q.device).random_seed() if dropout_p > 0.0 else 0
     return ScaledDotProductAttention.apply(q, k, v, causal=causal, dropout_p=dropout_p, seed=seed)
@@ -516,44 +376,33 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
 
 class CrossEntropy(Function):
     """loss = mean over rows r with t_r != ignore_index of  -log softmax(z_r)[t_r]
-            = mean_r (logsumexp(z_r) - z_r[t_r]).
+            = mean_r (logsumexp(z_r) - z_r[t_r]),
+    logsumexp(z) = m + log sum_c exp(z_c - m), m = max_c z_c (exp never overflows).
 
     d/dz_rc of logsumexp(z_r) - z_r[t_r] is softmax(z_r)_c - [c == t_r], so
         dL/dz_r = (softmax(z_r) - onehot(t_r)) * g / n   for counted rows, 0 for ignored ones.
     Forward keeps only logsumexp per row (the logits are alive anyway); backward rebuilds
-    softmax as exp(z - logsumexp) directly into the gradient buffer. Both run block by
-    block over rows, so a 50,257-way vocabulary needs no full-size temporary besides that
-    gradient."""
+    softmax from it as exp(z - logsumexp).
+
+    Tested by: tests/test_ops_gradcheck.py (cross_entropy), tests/test_torch_parity_ops.py, tests/test_kernels.py."""
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index):
         xp = backend_of(logits)
-        classes = logits.shape[-1]
-        z = logits.reshape(-1, classes)  # [..., V] -> [N, V]
-        t = targets.reshape(-1)
-        if z.shape[0] != t.shape[0]:
-            raise ValueError(f"cross_entropy: logits shape {tuple(logits.shape)} and targets shape {tuple(targets.shape)} do not match")
+        z, t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)  # [..., V] -> [N, V], [...] -> [N]
         counted = t != ignore_index
         n = int(counted.sum())
         if n == 0:
             raise ValueError(f"cross_entropy: every target equals ignore_index ({ignore_index}); the mean over no targets is undefined")
         t = xp.where(counted, t, 0)
         low, high = int(t.min()), int(t.max())
-        if low < 0 or high >= classes:
-            raise IndexError(f"cross_entropy: target {low if low < 0 else high} is out of range for {classes} classes")
-        lse = xp.empty(z.shape[0], dtype=z.dtype)
-        kernels = _kernels(z)
-
-        def block(s):  # lse = m + log sum exp(z - m), m = max(z): exp never overflows
-            if kernels is not None:
-                lse[s] = kernels.logsumexp_rows(z[s])
-                return
-            m = z[s].max(axis=1, keepdims=True)
-            e = z[s] - m
-            xp.exp(e, out=e)
-            lse[s] = (m + xp.log(e.sum(axis=1, keepdims=True)))[:, 0]
-
-        _run_rows(block, z)
+        if low < 0 or high >= z.shape[1]:
+            raise IndexError(f"cross_entropy: target {low if low < 0 else high} is out of range for {z.shape[1]} classes")
+        if (fast := kernels.for_array(z)) is not None:
+            lse = fast.logsumexp_rows(z)
+        else:
+            m = z.max(axis=1, keepdims=True)  # [N, 1]
+            lse = (m + xp.log(xp.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]  # [N]
         loss = ((lse - z[xp.arange(z.shape[0]), t]) * counted).sum() / n
         ctx.save_for_backward(z, lse, t, counted)
         ctx.n, ctx.shape = n, logits.shape
@@ -563,26 +412,43 @@ class CrossEntropy(Function):
     def backward(ctx, grad):
         z, lse, t, counted = ctx.saved
         xp = backend_of(z)
-        weight = (grad / ctx.n) * counted[:, None]  # g / n on counted rows, 0 on ignored ones
-        if (kernels := _kernels(z)) is not None:
-            return kernels.cross_entropy_backward(z, lse, t, weight).reshape(ctx.shape)
-        dz = xp.empty_like(z)
-
-        def block(s):
-            xp.subtract(z[s], lse[s, None], out=dz[s])
-            xp.exp(dz[s], out=dz[s])  # softmax(z)
-            rows = xp.arange(s.start, s.stop)
-            dz[rows, t[s]] -= 1.0
-            dz[s] *= weight[s]
-
-        _run_rows(block, z)
-        return dz.reshape(ctx.shape)
+        weight = (grad / ctx.n) * counted[:, None]  # g / n on counted rows, 0 on ignored ones: [N, 1]
+        if (fast := kernels.for_array(z)) is not None:
+            return fast.cross_entropy_backward(z, lse, t, weight).reshape(ctx.shape)
+        dz = xp.exp(z - lse[:, None])  # softmax(z): [N, V]
+        dz[xp.arange(z.shape[0]), t] -= 1.0  # - onehot(t)
+        return (dz * weight).reshape(ctx.shape)
 
 
 def cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
     """Mean negative log-likelihood of integer `targets` (N,) under `logits` (N, C); rows whose
     target is `ignore_index` are skipped. Leading axes are flattened, so (B, T, C) logits with
     (B, T) targets work too (the class axis is last, unlike PyTorch's (N, C, d1) layout)."""
-    if isinstance(targets, Tensor):
-        targets = targets.data
-    return CrossEntropy.apply(logits, targets=backend.to_device(targets, logits.device), ignore_index=ignore_index)
+    targets = backend.to_device(targets.data if isinstance(targets, Tensor) else targets, logits.device)
+    rows = math.prod(logits.shape[:-1])
+    _check(logits.ndim >= 1 and (targets.shape == logits.shape[:-1] or targets.shape == (rows,)),
+           f"cross_entropy: logits shape {logits.shape} and targets shape {tuple(targets.shape)} do not match "
+           f"(expected targets of shape {logits.shape[:-1]} or ({rows},))")
+    if targets.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: targets must be integers, got dtype {targets.dtype}")
+    return CrossEntropy.apply(logits, targets=targets, ignore_index=ignore_index)
+
+
+# ============================================================================ argument checks
+
+
+def _check(condition: bool, message) -> None:
+    """Raise ValueError(message) unless condition; message may be a callable, for messages
+    that can only be formatted when the check fails."""
+    if not condition:
+        raise ValueError(message() if callable(message) else message)
+
+
+def _check_axis(op: str, x: Tensor, axis: int) -> None:
+    _check(isinstance(axis, int) and -max(x.ndim, 1) <= axis < max(x.ndim, 1),
+           f"{op}: axis {axis!r} is out of range for an input of shape {x.shape}")
+
+
+def _check_p(p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")

@@ -2,11 +2,10 @@
 learning-rate schedule (book chapter 5 and appendix D)."""
 from __future__ import annotations
 
-import functools
 import math
 from typing import Iterable
 
-from tinygpt import backend
+from tinygpt import backend, kernels
 from tinygpt.backend import backend_of
 from tinygpt.tensor import Tensor, no_grad
 
@@ -50,26 +49,16 @@ class AdamW:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                xp = backend_of(p.data)
                 state = self.state.get(id(p))
                 if state is None:
+                    xp = backend_of(p.data)
                     state = self.state[id(p)] = {"step": 0, "m": xp.zeros_like(p.data), "v": xp.zeros_like(p.data)}
                 state["step"] += 1
                 t = state["step"]
-                arrays = (p.data, p.grad.data, state["m"], state["v"])
-                step_size, rsqrt_correction = lr / (1.0 - b1**t), 1.0 / math.sqrt(1.0 - b2**t)
                 rule = {"lr": lr, "beta1": b1, "beta2": b2, "eps": eps, "weight_decay": wd,
-                        "step_size": step_size, "rsqrt_correction": rsqrt_correction}
-                bk = backend.get_backend(backend.device_of(p.data))
-                if bk.kernels is not None:  # one fused CUDA kernel
-                    bk.kernels.adamw_step_(*arrays, **rule)
-                elif all(a.flags.c_contiguous for a in arrays):
-                    # flat views, updated block by block (backend.run_blocks): each block is read
-                    # from memory once for all the steps, and blocks run on every core
-                    flat = [a.reshape(-1) for a in arrays]
-                    bk.run_blocks(functools.partial(_adamw_block, arrays=flat, xp=xp, **rule), flat[0].size, 1 << 18)
-                else:
-                    _adamw_block(slice(None), arrays, xp=xp, **rule)
+                        "step_size": lr / (1.0 - b1**t), "rsqrt_correction": 1.0 / math.sqrt(1.0 - b2**t)}
+                update = fast.adamw_step_ if (fast := kernels.for_array(p.data)) is not None else adamw_step_
+                update(p.data, p.grad.data, state["m"], state["v"], **rule)
 
     def state_dict(self) -> dict:
         """Hyperparameters and per-parameter state, parameters named by their position."""
@@ -96,24 +85,16 @@ class AdamW:
                                  "v": backend.make_array(s["v"], dtype=p.dtype, device=p.device)}
 
 
-@no_grad()
-def _adamw_block(s, arrays, *, xp, lr, beta1, beta2, eps, weight_decay, step_size, rsqrt_correction) -> None:
-    """One block s of AdamW's update (the rule in AdamW's docstring), in place on the flat
-    (or whole) arrays (w, g, m, v); step_size = lr / (1 - b1^t), rsqrt_correction =
-    1 / sqrt(1 - b2^t)."""
-    w, g, m, v = arrays
-    if weight_decay:
-        w[s] *= 1.0 - lr * weight_decay
-    m[s] *= beta1
-    m[s] += (1.0 - beta1) * g[s]
-    v[s] *= beta2
-    v[s] += (1.0 - beta2) * (g[s] * g[s])
-    denom = xp.sqrt(v[s])
-    denom *= rsqrt_correction
-    denom += eps
-    xp.divide(m[s], denom, out=denom)
-    denom *= step_size
-    w[s] -= denom
+def adamw_step_(w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step_size, rsqrt_correction) -> None:
+    """One AdamW update (the rule in AdamW's docstring) in place on the arrays w, m, v, with
+    step_size = lr / (1 - b1^t) and rsqrt_correction = 1 / sqrt(1 - b2^t), so that
+    lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps) = step_size * m / (sqrt(v) * rsqrt_correction + eps)."""
+    w *= 1.0 - lr * weight_decay
+    m *= beta1
+    m += (1.0 - beta1) * g
+    v *= beta2
+    v += (1.0 - beta2) * g * g
+    w -= step_size * m / (backend_of(v).sqrt(v) * rsqrt_correction + eps)
 
 
 def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> float:

@@ -7,18 +7,25 @@ walks it once in reverse topological order, asks each Function for the gradient 
 the loss with respect to its inputs given the gradient with respect to its output
 (the chain rule, one node at a time), and adds what arrives at each leaf to `.grad`.
 
-Every small op below keeps its backward rule next to its forward. The big fused ops
-(layer norm, attention, cross-entropy, ...) live in `functional.py` on the same base.
+The small ops behind Tensor's operators (add, mul, reshape, ...) are in `ops.py`, each
+with its backward rule next to its forward; the big fused ops (layer norm, attention,
+cross-entropy, ...) are in `functional.py`, on the same `Function` base.
 """
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, Sequence
 
 from tinygpt import backend
 from tinygpt.backend import backend_of, device_of, is_array
 
 _grad_enabled = True
+
+# Watchers of the graph (tinygpt.trace: trace() and detect_anomaly() add one while active).
+# Each has on_forward(ctx, output) and on_backward(node, grad_output, grad_inputs, seconds).
+# Empty by default, so watching costs nothing when nobody watches.
+observers: list = []
 
 
 class no_grad:
@@ -95,7 +102,10 @@ class Function:
         if not is_array(data):  # NumPy reductions return scalars; keep a 0-d array of the same dtype
             data = backend_of(next(t for t in inputs if t is not None).data).asarray(data)
         requires_grad = _grad_enabled and any(ctx.needs_input_grad)
-        return Tensor(data, requires_grad=requires_grad, _ctx=ctx if requires_grad else None)
+        out = Tensor(data, requires_grad=requires_grad, _ctx=ctx if requires_grad else None)
+        for observer in observers:
+            observer.on_forward(ctx, out)
+        return out
 
 
 class Tensor:
@@ -112,6 +122,7 @@ class Tensor:
         self._ctx = _ctx
         self._graph_freed = False
         self._retains_grad = False
+        self._hooks: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -196,48 +207,47 @@ class Tensor:
             if seed.shape != self.data.shape:
                 raise ValueError(f"backward(): gradient shape {tuple(seed.shape)} does not match tensor shape {self.shape}")
 
-        # grads[id(node)]: dL/d(node) summed so far. An array is "owned" when nothing but
-        # this dict refers to it: then sums go into it in place, and a leaf may keep it as
-        # its .grad without a copy. A gradient array returned by backward is owned when
-        # it is new: not a view, not the incoming gradient passed through (as Add does),
-        # not returned twice, and not possibly kept by a graph that lives on (retain_graph).
-        grads, owned = {id(self): seed}, {id(self)}
+        grads = _GradientSums(retain_graph)
+        grads.add(self, seed, fresh=True)
         for node in self._reverse_topological_order():
-            g = grads.pop(id(node), None)
-            if g is None:
+            if not grads.has(node):
                 continue
-            g_owned = id(node) in owned
-            owned.discard(id(node))
+            g, owned = grads.pop(node)
+            g, owned = node._run_hooks(g, owned)
+            if node.is_leaf or node._retains_grad:
+                node._accumulate_grad(g, copy=not owned or not node.is_leaf)
+            if node.is_leaf:
+                continue
             ctx = node._ctx
-            if ctx is None or node._retains_grad:
-                node._accumulate_grad(g, copy=not g_owned or ctx is not None)
-            if ctx is None:
-                continue
-            input_grads = ctx.backward(ctx, g)
-            if not isinstance(input_grads, tuple):
-                input_grads = (input_grads,)
-            returned = [id(a) for a in input_grads if a is not None]
-            for t, tg in zip(ctx.inputs, input_grads):
-                if t is None or tg is None or not t.requires_grad:
-                    continue
-                new = not retain_graph and tg is not g and getattr(tg, "base", None) is None and returned.count(id(tg)) == 1
-                reduced = unbroadcast(tg, t.shape)
-                if reduced is not tg:  # unbroadcast summed into a new array
-                    tg, new = reduced, True
-                if not is_array(tg):  # NumPy turns 0-d results into scalars; keep arrays of t's dtype
-                    tg, new = xp.asarray(tg, dtype=t.dtype), True
-                key = id(t)
-                if key not in grads:
-                    grads[key] = tg
-                    if new:
-                        owned.add(key)
-                elif key in owned:
-                    grads[key] += tg
-                else:
-                    grads[key] = grads[key] + tg
-                    owned.add(key)
+            input_grads = _call_backward(node, g)
+            for t, t_grad in zip(ctx.inputs, input_grads):
+                if t is not None and t_grad is not None and t.requires_grad:
+                    grads.add_from(t, t_grad, g, input_grads)
             if not retain_graph:  # free what backward saved, as soon as it is used
                 node._ctx, node._graph_freed = None, True
+
+    def register_hook(self, fn) -> "_HookHandle":
+        """Call fn(grad) when the gradient of this tensor has been summed, before it is used
+        (passed on through the graph, or added to `.grad` of a leaf). fn may return a Tensor
+        (or array) to use instead. Returns a handle whose remove() takes the hook off."""
+        if not self.requires_grad:
+            raise RuntimeError("register_hook on a tensor that does not require grad")
+        handle = _HookHandle(self._hooks)
+        self._hooks[handle.id] = fn
+        return handle
+
+    def _run_hooks(self, g, owned: bool):
+        """g after this tensor's hooks; a replaced gradient is no longer owned by backward."""
+        for fn in list(self._hooks.values()):
+            result = fn(Tensor(g))
+            if result is not None:
+                new = backend.make_array(result.data if isinstance(result, Tensor) else result, dtype=self.dtype,
+                                         device=self.device)
+                if new.shape != self.data.shape:
+                    raise RuntimeError(f"hook {getattr(fn, '__name__', fn)!r} returned a gradient of shape {tuple(new.shape)} "
+                                       f"for a tensor of shape {self.shape}")
+                g, owned = new, False
+        return g, owned
 
     def _accumulate_grad(self, g, copy: bool = True) -> None:
         if self.grad is None:
@@ -376,6 +386,90 @@ def _index_on_device(index, device: str):
     if isinstance(index, list) or is_array(index):
         return backend.to_device(index, device)
     return index
+
+
+# ====================================================================== backward's helpers
+
+class _GradientSums:
+    """dL/d(node) for the nodes backward has reached, summed as gradients arrive.
+
+    Summing without copying: a gradient array is *owned* when nothing but this table refers
+    to it. Then later gradients are added into it in place, and a leaf may keep it as its
+    `.grad`. An array that a Function's backward returns is owned when it is new: not a view
+    of another array, not the incoming gradient passed straight through (as Add does), not
+    returned twice, and not kept by a graph that lives on (retain_graph). Anything else is
+    copied the first time something is added to it."""
+
+    def __init__(self, retain_graph: bool):
+        self.retain_graph = retain_graph
+        self.sums: dict[int, Any] = {}
+        self.owned: dict[int, bool] = {}
+
+    def has(self, node: "Tensor") -> bool:
+        return id(node) in self.sums
+
+    def pop(self, node: "Tensor"):
+        """(the summed gradient of node, whether it is owned), removed from the table."""
+        return self.sums.pop(id(node)), self.owned.pop(id(node))
+
+    def add(self, node: "Tensor", grad, fresh: bool) -> None:
+        key = id(node)
+        if key not in self.sums:
+            self.sums[key], self.owned[key] = grad, fresh
+        elif self.owned[key]:
+            self.sums[key] += grad
+        else:
+            self.sums[key], self.owned[key] = self.sums[key] + grad, True
+
+    def add_from(self, node: "Tensor", grad, incoming, returned: tuple) -> None:
+        """Add `grad`, one of the gradients `returned` by a backward that was given `incoming`,
+        to node's sum, broadcasting undone."""
+        fresh = (not self.retain_graph and grad is not incoming and getattr(grad, "base", None) is None
+                 and sum(r is grad for r in returned) == 1)
+        reduced = unbroadcast(grad, node.shape)
+        if reduced is not grad:  # unbroadcast summed into a new array
+            grad, fresh = reduced, True
+        if not is_array(grad):  # NumPy turns 0-d results into scalars; keep arrays of node's dtype
+            grad, fresh = backend_of(node.data).asarray(grad, dtype=node.dtype), True
+        self.add(node, grad, fresh)
+
+
+def _call_backward(node: "Tensor", grad) -> tuple:
+    """The backward of the Function that made node, given dL/d(node): one gradient (or None)
+    per input, each checked to fit its input's shape (up to broadcasting)."""
+    ctx = node._ctx
+    started = time.perf_counter() if observers else 0.0
+    grads = ctx.backward(ctx, grad)
+    if not isinstance(grads, tuple):
+        grads = (grads,)
+    name = type(ctx).__name__
+    if len(grads) != len(ctx.inputs):
+        raise RuntimeError(f"{name}.backward returned {len(grads)} gradients for {len(ctx.inputs)} inputs")
+    for i, (t, g) in enumerate(zip(ctx.inputs, grads)):
+        if t is not None and g is not None and t.requires_grad and is_array(g) and not _fits(g.shape, t.shape):
+            raise RuntimeError(f"{name}.backward returned a gradient of shape {tuple(g.shape)} for input {i} of shape {t.shape}")
+    for observer in observers:
+        observer.on_backward(node, grad, grads, time.perf_counter() - started)
+    return grads
+
+
+def _fits(grad_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Whether unbroadcast can sum a gradient of grad_shape down to shape."""
+    extra = len(grad_shape) - len(shape)
+    return extra >= 0 and all(n == 1 or n == m for n, m in zip(shape, grad_shape[extra:]))
+
+
+class _HookHandle:
+    """What register_hook returns: remove() takes the hook off again."""
+    _next_id = 0
+
+    def __init__(self, hooks: dict):
+        self._hooks = hooks
+        self.id = _HookHandle._next_id
+        _HookHandle._next_id += 1
+
+    def remove(self) -> None:
+        self._hooks.pop(self.id, None)
 
 
 # ====================================================================== creation

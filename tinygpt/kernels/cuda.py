@@ -1,9 +1,9 @@
-"""Fused CUDA kernels for the CuPy backend: one launch per op direction where the array code
-in functional.py and optim.py would launch a chain of elementwise operations.
+"""The fused ops' fast paths on CuPy: one CUDA kernel launch per op direction where the plain
+math of functional.py and optim.py would launch a chain of elementwise operations.
 
 Each function takes and returns raw CuPy arrays (float32 or float64) and computes what the
-NumPy code of the op that calls it computes; the math is in that op's docstring and repeated
-above each kernel. Three kinds of kernel:
+plain op of the same name computes; the math is in that op's docstring and repeated above
+each kernel. Three kinds of kernel:
   elementwise  (GELU, cross-entropy backward, AdamW): CuPy's ElementwiseKernel writes the loop
                and the indexing; the body sees one element of each array, and `i`, the element's
                index in the (broadcast) output taken in C order.
@@ -13,18 +13,23 @@ above each kernel. Three kinds of kernel:
   reduction    (layernorm's dL/dscale): CuPy's ReductionKernel, a sum over rows.
 
 The sources are plain strings at module level, so they can be read (and compile-checked by
-tests/test_cuda_kernels.py) without CuPy; the CuPy kernel objects are built on first use.
-At the end: allow_tf32 and tf32_disabled, the switch for TF32 matrix products (off by default).
+tests/test_kernels.py) without CuPy; the CuPy kernel objects are built on first use.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
+import math
 from typing import NamedTuple
 
 import numpy as np
 
+from tinygpt import backend
 from tinygpt.backend import backend_of
+from tinygpt.kernels import GELU_CUBIC, SQRT_2_OVER_PI
+
+_C = f"T({SQRT_2_OVER_PI!r})"  # the GELU constants as CUDA literals of the kernel's type T
+_A = f"T({GELU_CUBIC!r})"
+_3A = f"T({3 * GELU_CUBIC!r})"
 
 
 class ElementwiseSource(NamedTuple):
@@ -49,16 +54,16 @@ class ReductionSource(NamedTuple):
 
 # ============================================================================ elementwise
 
-GELU_FORWARD = ElementwiseSource("T x", "T y", """
+GELU_FORWARD = ElementwiseSource("T x", "T y", f"""
     // y = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
-    const T u = T(0.7978845608028654) * (x + T(0.044715) * x * x * x);
+    const T u = {_C} * (x + {_A} * x * x * x);
     y = T(0.5) * x * (T(1) + tanh(u));
 """, "gelu_forward")
 
-GELU_BACKWARD = ElementwiseSource("T x, T g", "T dx", """
+GELU_BACKWARD = ElementwiseSource("T x, T g", "T dx", f"""
     // t = tanh(u):  dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-    const T t = tanh(T(0.7978845608028654) * (x + T(0.044715) * x * x * x));
-    const T du_dx = T(0.7978845608028654) * (T(1) + T(3 * 0.044715) * x * x);
+    const T t = tanh({_C} * (x + {_A} * x * x * x));
+    const T du_dx = {_C} * (T(1) + {_3A} * x * x);
     dx = g * (T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * du_dx);
 """, "gelu_backward")
 
@@ -236,6 +241,52 @@ def _check_in_place(name: str, a) -> None:
 # ============================================================================ the interface
 
 
+def matmul(a, b):
+    """a @ b for 2-D arrays: cuBLAS already uses the whole GPU."""
+    return a @ b
+
+
+def embedding_backward(ids, grad_rows, vocab: int):
+    """dW[v] = sum of the rows of grad_rows whose id is v (atomic adds on the GPU)."""
+    import cupyx
+
+    grad_w = backend_of(grad_rows).zeros((vocab, grad_rows.shape[1]), dtype=grad_rows.dtype)
+    cupyx.scatter_add(grad_w, ids, grad_rows)
+    return grad_w
+
+
+def dropout(x, p: float, seed: int):
+    """x * keep / (1 - p), keep = uniform >= p from the backend's generator (one piece)."""
+    keep = backend.get_backend("cuda").uniform(x.shape, seed) >= p
+    return x * keep * (0.0 if p == 1.0 else 1.0 / (1.0 - p))
+
+
+def attention_forward(q, k, v, causal: bool, dropout_p: float, seed: int):
+    """(out, probs): the scores by one batched product, softmax (masked, scaled) by one
+    row kernel in place, then dropout and the product with V."""
+    xp = backend_of(q)
+    probs = xp.matmul(q, xp.swapaxes(k, -1, -2))  # S: [B,H,Tq,D] @ [B,H,D,Tk] -> [B,H,Tq,Tk]
+    attention_softmax_(probs, 1.0 / math.sqrt(q.shape[-1]), causal)
+    dropped = probs if dropout_p == 0.0 else dropout(probs, dropout_p, seed)
+    return dropped @ v, probs  # [B,H,Tq,Tk] @ [B,H,Tk,Dv] -> [B,H,Tq,Dv]
+
+
+def attention_backward(grad, q, k, v, probs, dropout_p: float, seed: int, needs):
+    """(dq, dk, dv); the softmax backward and the score scale in one row kernel, in place."""
+    xp = backend_of(q)
+    need_q, need_k, need_v = needs
+    dropped = probs if dropout_p == 0.0 else dropout(probs, dropout_p, seed)
+    grad_v = xp.swapaxes(dropped, -1, -2) @ grad if need_v else None
+    dscores = grad @ xp.swapaxes(v, -1, -2)  # dL/dP, through the dropout mask
+    if dropout_p > 0.0:
+        dscores = dropout(dscores, dropout_p, seed)
+    dscores = xp.ascontiguousarray(dscores)
+    softmax_backward_(dscores, probs, 1.0 / math.sqrt(q.shape[-1]))
+    grad_q = dscores @ k if need_q else None
+    grad_k = xp.swapaxes(dscores, -1, -2) @ q if need_k else None
+    return grad_q, grad_k, grad_v
+
+
 def gelu_forward(x):
     """GELU(x), elementwise, any shape (see functional.GELU)."""
     return _elementwise(GELU_FORWARD)(x)
@@ -311,31 +362,3 @@ def adamw_step_(w, g, m, v, *, lr: float, beta1: float, beta2: float, eps: float
     """One AdamW step on w, m, v in place (see optim.AdamW)."""
     _elementwise(ADAMW_STEP)(g.astype(w.dtype, copy=False), 1.0 - lr * weight_decay, beta1, beta2, eps, step_size,
                              rsqrt_correction, w, m, v)
-
-
-# ============================================================================ TF32
-
-
-def allow_tf32(flag: bool) -> None:
-    """Let float32 matrix products run on the tensor cores of Ampere and newer GPUs in TF32:
-    inputs rounded to 10 mantissa bits (float32 has 23), several times faster, with relative
-    errors near 1e-3 instead of 1e-7. Opt-in: off unless this is called with True, or CuPy was
-    started with CUPY_TF32=1. float64 products are never affected. CuPy warns and stays in
-    float32 on older GPUs."""
-    from cupy._core import _routines_linalg as linalg  # where CuPy keeps its matmul compute type
-
-    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if flag else linalg.COMPUTE_TYPE_DEFAULT)
-
-
-@contextlib.contextmanager
-def tf32_disabled():
-    """Full float32 matrix products inside the with-block (for checks that compare numbers),
-    whatever allow_tf32 or CUPY_TF32 said; the previous setting comes back afterwards."""
-    from cupy._core import _routines_linalg as linalg
-
-    previous = linalg.get_compute_type(np.float32)
-    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_DEFAULT)
-    try:
-        yield
-    finally:
-        linalg.set_compute_type(np.float32, previous)

@@ -1,15 +1,15 @@
-"""The fused CUDA kernels (tinygpt/cuda_kernels.py) and the ops that call them.
+"""The fast kernels (tinygpt/kernels/) against the plain math of functional.py and optim.py.
 
-Three layers of checks:
-  - here, without a GPU: the ops hand a backend's `kernels` exactly what the interface says
-    (shapes, contiguity, in place) and use what it returns as the array code would; shown with
-    `NumpyKernels`, the interface written in NumPy, standing in for the CUDA module;
-  - here, when nvcc is on PATH: every kernel source compiles, for float and double, the
-    elementwise bodies inside a kernel declared as CuPy declares it;
-  - on a GPU: every kernel matches NumpyKernels on odd sizes, rows longer than a warp, causal
-    attention with fewer queries than keys, and a 50,257-way vocabulary; the ops that use the
-    kernels pass float64 gradcheck on rows longer than a warp (the shared gradcheck suites in
-    test_ops_gradcheck.py also run on "cuda", with rows of up to 4 values).
+The plain op is the reference; every fast path must give its numbers:
+  - on the CPU (kernels/cpu.py), element by element, on awkward shapes: one row, row counts
+    that are not a multiple of the block, size-1 dims, 2-D attention, float32 and float64,
+    with blocks made small so that many run on two threads;
+  - the switch: TINYGPT_KERNELS / set_kernels("plain") routes every op to its plain math;
+  - kernels/cuda.py without a GPU: its interface matches cpu.py's, its attention glue runs
+    on NumPy stand-ins for the row kernels, and (when nvcc is on PATH) every CUDA source
+    compiles for float and double;
+  - on a GPU: every op's CUDA path against its plain path on the GPU, and gradcheck on rows
+    longer than a warp.
 """
 from __future__ import annotations
 
@@ -24,12 +24,204 @@ import pytest
 
 import tinygpt as tg
 import tinygpt.functional as F
-from tinygpt import backend
-from tinygpt import cuda_kernels as ck
+from tinygpt import backend, kernels
+from tinygpt.kernels import cpu, threads
+from tinygpt.kernels import cuda as ck
 from tinygpt.optim import AdamW
 from conftest import host
 
-_GELU_C = math.sqrt(2.0 / math.pi)
+
+@pytest.fixture
+def mode():
+    """Restores the kernels mode a test changes."""
+    before = kernels.kernels_mode()
+    yield kernels.set_kernels
+    kernels.set_kernels(before)
+
+
+def _run(fn, inputs, dtype, device="cpu"):
+    """fn's output and the gradients of sum(output * r) for every input, as NumPy arrays;
+    the library's RNG reseeded, so dropout draws the same mask every time."""
+    tg.manual_seed(3)
+    tensors = [tg.tensor(a, requires_grad=True, dtype=dtype, device=device) for a in inputs]
+    out = fn(*tensors)
+    r = np.random.default_rng(7).standard_normal(out.shape)
+    (out * tg.tensor(r, dtype=dtype, device=device)).sum().backward()
+    return [host(out)] + [host(t.grad) for t in tensors]
+
+
+def _plain_and_fast(fn, inputs, dtype, device="cpu"):
+    kernels.set_kernels("plain")
+    plain = _run(fn, inputs, dtype, device)
+    kernels.set_kernels("fast")
+    return plain, _run(fn, inputs, dtype, device)
+
+
+def _tol(dtype, factor: float = 1.0):
+    """Rounding differences only: the kernels add up in another order than the plain math."""
+    rtol, atol = (2e-5, 2e-6) if dtype == np.float32 else (1e-11, 1e-12)
+    return {"rtol": factor * rtol, "atol": factor * atol}
+
+
+rng = np.random.default_rng(0)
+_TARGETS = np.array([[3, -100, 0], [4, 1, -100]])
+_IDS = np.array([[3, 1, 3, 0], [9, 3, 1, 1]])
+OP_CASES = {  # name: (fn, inputs); sizes chosen so blocks of 3 rows leave a short last block
+    "linear, one row": (F.linear, [rng.standard_normal((1, 5)), rng.standard_normal((4, 5)), rng.standard_normal(4)]),
+    "linear, 37 rows": (F.linear, [rng.standard_normal((37, 5)), rng.standard_normal((300, 5)), rng.standard_normal(300)]),
+    "embedding, repeated ids": (lambda w: F.embedding(_IDS, w), [rng.standard_normal((10, 6))]),
+    "layer_norm, one row": (F.layer_norm, [rng.standard_normal((1, 5)), rng.standard_normal(5), rng.standard_normal(5)]),
+    "layer_norm, (3,1,7)": (F.layer_norm, [rng.standard_normal((3, 1, 7)), rng.standard_normal(7), rng.standard_normal(7)]),
+    "layer_norm, 37 rows, one channel": (F.layer_norm, [rng.standard_normal((37, 1)), rng.standard_normal(1),
+                                                        rng.standard_normal(1)]),
+    "gelu, 0-d": (F.gelu, [np.array(1.7)]),
+    "gelu, (37, 13)": (F.gelu, [3 * rng.standard_normal((37, 13))]),
+    "dropout, (37, 13)": (lambda x: F.dropout(x, 0.3), [rng.standard_normal((37, 13))]),
+    "dropout, (1,)": (lambda x: F.dropout(x, 0.5), [rng.standard_normal(1)]),
+    "causal attention, fewer queries than keys": (
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True),
+        [rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((2, 3, 6, 2))]),
+    "attention, 2-D with dropout": (
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=False, dropout_p=0.3),
+        [rng.standard_normal((3, 4)), rng.standard_normal((5, 4)), rng.standard_normal((5, 3))]),
+    "attention, 5 sequences, dropout, one head": (
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=0.5),
+        [rng.standard_normal((5, 1, 3, 2)), rng.standard_normal((5, 1, 3, 2)), rng.standard_normal((5, 1, 3, 1))]),
+    "cross_entropy, ignored targets": (lambda z: F.cross_entropy(z, _TARGETS), [rng.standard_normal((2, 3, 6))]),
+    "cross_entropy, one row": (lambda z: F.cross_entropy(z, np.array([2])), [rng.standard_normal((1, 3))]),
+}
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Two threads, and blocks of 3 rows: every kernel runs many blocks side by side."""
+    monkeypatch.setenv("TINYGPT_NUM_THREADS", "2")
+    monkeypatch.setattr(threads, "rows_per_block", lambda row_size, target=0: 3)
+    monkeypatch.setattr(cpu, "rows_per_block", lambda row_size, target=0: 3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", OP_CASES)
+def test_cpu_kernels_match_the_plain_math_element_by_element(mode, small_blocks, case, dtype):
+    fn, inputs = OP_CASES[case]
+    plain, fast = _plain_and_fast(fn, inputs, dtype)
+    for name, a, b in zip(["output"] + [f"grad {i}" for i in range(len(inputs))], fast, plain):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        np.testing.assert_allclose(a, b, **_tol(dtype), err_msg=name)
+
+
+def test_cpu_kernels_match_the_plain_math_in_one_block_per_thread(mode, monkeypatch):
+    """The default block sizes (about 1 MB), on rows that fill several blocks."""
+    monkeypatch.setenv("TINYGPT_NUM_THREADS", "2")
+    x, scale, shift = rng.standard_normal((700, 1100)), rng.standard_normal(1100), rng.standard_normal(1100)
+    plain, fast = _plain_and_fast(lambda x, s, b: F.gelu(F.layer_norm(x, s, b)), [x, scale, shift], np.float32)
+    for a, b in zip(fast, plain):
+        np.testing.assert_allclose(a, b, **_tol(np.float32, factor=10))
+
+
+def _adamw_steps(steps: int, transposed: bool, dtype) -> list[np.ndarray]:
+    gen = np.random.default_rng(5)
+    shapes = [(33, 65), (3,)]
+    params = [tg.tensor(gen.standard_normal(s), requires_grad=True, dtype=dtype) for s in shapes]
+    if transposed:  # a strided parameter: the kernel must not assume contiguous memory
+        params[0] = tg.tensor(gen.standard_normal(shapes[0][::-1]), requires_grad=True, dtype=dtype)
+        params[0].data = params[0].data.T
+    opt = AdamW([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}], lr=1e-2, weight_decay=0.1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = tg.tensor(gen.standard_normal(p.shape), dtype=dtype)
+        opt.step()
+    return [host(p) for p in params]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_cpu_adamw_kernel_matches_the_plain_update(mode, monkeypatch, transposed, dtype):
+    monkeypatch.setenv("TINYGPT_NUM_THREADS", "2")
+    mode("plain")
+    plain = _adamw_steps(3, transposed, dtype)
+    mode("fast")
+    fast = _adamw_steps(3, transposed, dtype)
+    for a, b in zip(fast, plain):
+        np.testing.assert_allclose(a, b, **_tol(dtype))
+
+
+def test_dropout_mask_drawn_in_blocks_is_the_mask_drawn_whole():
+    cpu_backend = backend.get_backend("cpu")
+    whole = cpu_backend.uniform((7, 9), seed=42)
+    for start in (0, 1, 9, 30, 62):
+        part = cpu_backend.uniform((1,), seed=42, start=start)
+        assert part[0] == whole.reshape(-1)[start]
+    np.testing.assert_array_equal(cpu_backend.uniform((3, 9), seed=42, start=27), whole[3:6])
+
+
+# ============================================================================ the switch
+
+
+class _Spy:
+    """Stands in for a kernels module: records each call, then runs the CPU kernel."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            return getattr(cpu, name)(*args, **kwargs)
+        return call
+
+
+def _gpt_step():
+    from tinygpt.model import GPTModel
+
+    tg.manual_seed(1)
+    model = GPTModel({"vocab_size": 11, "context_length": 4, "emb_dim": 8, "n_heads": 2, "n_layers": 1,
+                      "drop_rate": 0.2, "qkv_bias": False})
+    ids = np.arange(8).reshape(2, 4) % 11
+    F.cross_entropy(model(ids), (ids + 1) % 11).backward()
+    AdamW(model.parameters()).step()
+
+
+def test_every_fused_op_routes_through_the_kernels_and_plain_mode_routes_none(mode, monkeypatch):
+    spy = _Spy()
+    monkeypatch.setitem(__import__("sys").modules, "tinygpt.kernels.cpu", spy)
+    monkeypatch.setattr(kernels, "cpu", spy, raising=False)
+    mode("fast")
+    _gpt_step()
+    assert set(spy.calls) == set(kernels.INTERFACE)  # a GPT training step uses every kernel
+    spy.calls.clear()
+    mode("plain")
+    _gpt_step()
+    assert spy.calls == []
+
+
+def test_unknown_kernels_mode_is_an_error_naming_the_allowed_ones(mode, monkeypatch):
+    with pytest.raises(ValueError, match=r"kernels must be one of 'fast', 'plain', got 'turbo'"):
+        mode("turbo")
+    monkeypatch.setattr(kernels, "_mode", None)
+    monkeypatch.setenv("TINYGPT_KERNELS", "fastest")
+    with pytest.raises(ValueError, match=r"TINYGPT_KERNELS must be one of 'fast', 'plain', got 'fastest'"):
+        kernels.kernels_mode()
+    monkeypatch.setenv("TINYGPT_KERNELS", "plain")
+    assert kernels.kernels_mode() == "plain"
+
+
+def test_strict_backend_has_no_fast_path(mode):
+    mode("fast")
+    assert kernels.for_array(backend.get_backend("strict").xp.zeros(3)) is None
+    assert kernels.for_array(np.zeros(3)) is cpu
+
+
+def test_cpu_and_cuda_kernels_have_the_same_interface():
+    for module in (cpu, ck):
+        for name in kernels.INTERFACE:
+            assert inspect.isfunction(getattr(module, name, None)), f"{module.__name__} has no {name}"
+    for name in kernels.INTERFACE:
+        ours, theirs = inspect.signature(getattr(cpu, name)), inspect.signature(getattr(ck, name))
+        assert [(p.name, p.kind) for p in ours.parameters.values()] == [(p.name, p.kind) for p in theirs.parameters.values()], name
+
+
+# ============================================================================ cuda.py's glue, on the host
 
 
 class NumpyKernels:
@@ -102,83 +294,28 @@ class NumpyKernels:
         w -= step_size * m / (np.sqrt(v) * rsqrt_correction + eps)
 
 
-KERNEL_FUNCTIONS = [name for name, fn in vars(NumpyKernels).items() if not name.startswith("_")]
 
 
-def test_numpy_stand_in_has_the_signature_of_every_cuda_kernel_function():
-    public = {name for name, obj in vars(ck).items() if inspect.isfunction(obj) and obj.__module__ == ck.__name__
-              and not name.startswith("_")} - {"allow_tf32", "tf32_disabled"}
-    assert public == set(KERNEL_FUNCTIONS)
-    for name in KERNEL_FUNCTIONS:
-        ours = inspect.signature(getattr(NumpyKernels(), name)).parameters
-        theirs = inspect.signature(getattr(ck, name)).parameters
-        assert [(p.name, p.kind) for p in ours.values()] == [(p.name, p.kind) for p in theirs.values()], name
-
-
-# ============================================================================ dispatch (host)
-
-
-def _run(fn, inputs):
-    """fn's output and the gradients of sum(output * r) for every input, as NumPy arrays."""
-    tensors = [tg.tensor(a, requires_grad=True, dtype=np.float64) for a in inputs]
-    out = fn(*tensors)
-    r = np.random.default_rng(7).standard_normal(out.shape)
-    (out * tg.tensor(r, dtype=np.float64)).sum().backward()
-    return [host(out)] + [host(t.grad) for t in tensors]
-
-
-rng = np.random.default_rng(0)
-_TARGETS = np.array([[3, -100, 0], [4, 1, -100]])
-OP_CASES = {
-    "gelu": (F.gelu, [3 * rng.standard_normal((2, 3, 5))], ["gelu_forward", "gelu_backward"]),
-    "layer_norm": (F.layer_norm, [rng.standard_normal((2, 3, 7)), rng.standard_normal(7), rng.standard_normal(7)],
-                   ["layer_norm_forward", "layer_norm_backward"]),
-    "causal attention, fewer queries than keys": (
-        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True),
-        [rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((2, 3, 6, 2))],
-        ["attention_softmax_", "softmax_backward_"]),
-    "attention with dropout": (
-        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=False, dropout_p=0.3),
-        [rng.standard_normal((3, 4)), rng.standard_normal((5, 4)), rng.standard_normal((5, 3))],
-        ["attention_softmax_", "softmax_backward_"]),
-    "cross_entropy with ignored targets": (lambda z: F.cross_entropy(z, _TARGETS), [rng.standard_normal((2, 3, 6))],
-                                           ["logsumexp_rows", "cross_entropy_backward"]),
-}
-
-
-@pytest.mark.parametrize("case", OP_CASES)
-def test_ops_route_through_backend_kernels_and_match_the_array_code(monkeypatch, case):
-    fn, inputs, expected_calls = OP_CASES[case]
-    tg.manual_seed(3)
-    plain = _run(fn, inputs)
+@pytest.mark.parametrize("causal, dropout_p", [(True, 0.0), (False, 0.3)])
+def test_cuda_attention_glue_matches_the_plain_math_with_numpy_row_kernels(mode, monkeypatch, causal, dropout_p):
+    """cuda.attention_forward/backward compose the row kernels with products and dropout;
+    run that composition on NumPy, the row kernels replaced by their formulas."""
     stand_in = NumpyKernels()
-    monkeypatch.setattr(backend.NumpyBackend, "kernels", stand_in)
-    tg.manual_seed(3)
-    routed = _run(fn, inputs)
-    assert sorted(set(stand_in.calls)) == sorted(expected_calls)
-    for a, b in zip(routed, plain):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(ck, "attention_softmax_", stand_in.attention_softmax_)
+    monkeypatch.setattr(ck, "softmax_backward_", stand_in.softmax_backward_)
+    monkeypatch.setattr(ck, "dropout", cpu.dropout)  # the CPU's mask: the plain op draws the same
+    monkeypatch.setattr(kernels, "for_array", lambda x: ck)
+    inputs = [rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((2, 3, 6, 2))]
 
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, causal=causal, dropout_p=dropout_p)
 
-def _train_adamw(steps: int) -> list[np.ndarray]:
-    gen = np.random.default_rng(5)
-    params = [tg.tensor(gen.standard_normal(shape), requires_grad=True, dtype=np.float64) for shape in [(4, 3), (3,)]]
-    opt = AdamW([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}], lr=1e-2, weight_decay=0.1)
-    for _ in range(steps):
-        for p in params:
-            p.grad = tg.tensor(gen.standard_normal(p.shape), dtype=np.float64)
-        opt.step()
-    return [host(p) for p in params]
-
-
-def test_adamw_routes_through_backend_kernels_and_matches_the_array_code(monkeypatch):
-    plain = _train_adamw(3)
-    stand_in = NumpyKernels()
-    monkeypatch.setattr(backend.NumpyBackend, "kernels", stand_in)
-    routed = _train_adamw(3)
-    assert stand_in.calls == ["adamw_step_"] * 6
-    for a, b in zip(routed, plain):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    routed = _run(fn, inputs, np.float64)
+    assert stand_in.calls == ["attention_softmax_", "softmax_backward_"]
+    monkeypatch.undo()
+    mode("plain")
+    for a, b in zip(routed, _run(fn, inputs, np.float64)):
+        np.testing.assert_allclose(a, b, **_tol(np.float64))
 
 
 # ============================================================================ compile check (nvcc)
@@ -272,12 +409,6 @@ def test_compile_check_fails_on_a_wrong_kernel(tmp_path, case):
 _cuda_ok, _cuda_reason = backend.cuda_available()
 needs_cuda = pytest.mark.skipif(not _cuda_ok, reason=f"CUDA kernels need CuPy and a GPU: {_cuda_reason}")
 DTYPES = [np.float32, np.float64]
-
-
-def _tol(dtype, factor: float = 1.0):
-    """Rounding differences only: the kernels add up rows in another order than NumPy."""
-    rtol, atol = (2e-5, 2e-6) if dtype == np.float32 else (1e-11, 1e-12)
-    return {"rtol": factor * rtol, "atol": factor * atol}
 
 
 def _gpu(a):
@@ -376,16 +507,15 @@ def test_in_place_kernels_refuse_arrays_that_are_not_contiguous():
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", OP_CASES)
-def test_ops_on_cuda_match_the_cpu_array_code(case):
-    fn, inputs, _ = OP_CASES[case]
-    if "dropout" in case:
-        pytest.skip("the GPU draws dropout masks from CuPy's generator, so they differ from the CPU's")
-    on_cpu = _run(fn, inputs)
-    with backend.device_scope("cuda"):
-        on_cuda = _run(fn, inputs)
-    for a, b in zip(on_cuda, on_cpu):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+def test_cuda_kernels_match_the_plain_math_on_the_gpu(mode, case, dtype):
+    fn, inputs = OP_CASES[case]
+    with backend.get_backend("cuda").full_precision():
+        plain, fast = _plain_and_fast(fn, inputs, dtype, device="cuda")
+    for name, a, b in zip(["output"] + [f"grad {i}" for i in range(len(inputs))], fast, plain):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        np.testing.assert_allclose(a, b, **_tol(dtype, factor=10), err_msg=name)
 
 
 @needs_cuda
@@ -408,23 +538,24 @@ def test_kernel_ops_grads_match_finite_differences_on_rows_longer_than_a_warp():
 
 
 @needs_cuda
-def test_tf32_is_opt_in_and_tf32_disabled_restores_the_previous_setting():
+def test_tf32_is_opt_in_and_full_precision_restores_the_previous_setting():
     import cupy
     from cupy._core import _routines_linalg as linalg
 
     ampere = int(cupy.cuda.Device().compute_capability) >= 80
-    with ck.tf32_disabled():  # leaves the process as it found it
+    cuda = backend.get_backend("cuda")
+    with cuda.full_precision():  # leaves the process as it found it
         assert linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_DEFAULT
         with warnings.catch_warnings():  # before Ampere CuPy warns and stays in float32
             warnings.simplefilter("ignore")
-            ck.allow_tf32(True)
+            cuda.allow_tf32(True)
         enabled = linalg.get_compute_type(np.float32)
         assert enabled == (linalg.COMPUTE_TYPE_TF32 if ampere else linalg.COMPUTE_TYPE_DEFAULT)
-        with ck.tf32_disabled():
+        with cuda.full_precision():
             assert linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_DEFAULT
             a, b = _randn((64, 64), np.float32, 1), _randn((64, 64), np.float32, 2)
             np.testing.assert_allclose(host(_gpu(a) @ _gpu(b)), a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
         assert linalg.get_compute_type(np.float32) == enabled
-        ck.allow_tf32(False)
+        cuda.allow_tf32(False)
         assert linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_DEFAULT
         assert linalg.get_compute_type(np.float64) != linalg.COMPUTE_TYPE_TF32
