@@ -25,7 +25,7 @@ import pytest
 import tinygpt as tg
 import tinygpt.functional as F
 from tinygpt import backend, kernels
-from tinygpt.kernels import cpu, threads
+from tinygpt.kernels import GELU_CUBIC, SQRT_2_OVER_PI, cpu, threads
 from tinygpt.kernels import cuda as ck
 from tinygpt.optim import AdamW
 from conftest import host
@@ -233,13 +233,13 @@ class NumpyKernels:
 
     def gelu_forward(self, x):
         self.calls.append("gelu_forward")
-        return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + 0.044715 * x**3)))
+        return 0.5 * x * (1.0 + np.tanh(SQRT_2_OVER_PI * (x + GELU_CUBIC * x**3)))
 
     def gelu_backward(self, x, grad):
         self.calls.append("gelu_backward")
         assert grad.shape == x.shape
-        t = np.tanh(_GELU_C * (x + 0.044715 * x**3))
-        return grad * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x))
+        t = np.tanh(SQRT_2_OVER_PI * (x + GELU_CUBIC * x**3))
+        return grad * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3 * GELU_CUBIC * x * x))
 
     def layer_norm_forward(self, x2, scale, shift, eps):
         self.calls.append("layer_norm_forward")

@@ -1,5 +1,5 @@
 """Host-side data: tokenizers (GPT-2 via tiktoken, characters, a byte-level BPE trainer) and
-next-token windows with a resumable batch loader. Plain NumPy; imports nothing else from tinygpt."""
+next-token windows with a resumable batch loader. Plain NumPy; from the rest of tinygpt it uses only tinygpt.files (atomic writes)."""
 
 from .bpe import BPETokenizer, train_bpe
 from .char import CharTokenizer
