@@ -14,7 +14,7 @@ import numpy as np
 import tinygpt as tg
 import tinygpt.functional as F
 from tinygpt.exercises import answers
-from tinygpt.exercises.registry import Exercise, central_differences
+from tinygpt.exercises.registry import Exercise, central_differences, scales
 from tinygpt.exercises.sheets import block as sheet
 
 B, T, C, H = 3, 4, 6, 2
@@ -28,7 +28,7 @@ def draw(rng):
     p.update(W_1=rng.normal(0.0, 0.4, (4 * C, C)), W_2=rng.normal(0.0, 0.2, (C, 4 * C)))
     for n, size in (("b_o", C), ("b_1", 4 * C), ("b_2", C), ("shift1", C), ("shift2", C)):
         p[n] = rng.uniform(0.1, 0.5, size) * rng.choice([-1.0, 1.0], size)
-    p.update(scale1=rng.uniform(0.6, 1.4, C), scale2=rng.uniform(0.6, 1.4, C))
+    p.update(scale1=scales(rng, C), scale2=scales(rng, C))
     return {"x": rng.normal(0.0, 1.0, (B, T, C)), "p": {n: p[n] for n in PARAMS}}, rng.normal(0.0, 1.0, (B, T, C))
 
 

@@ -90,7 +90,7 @@ def load(path, name: str):
     except SyntaxError as e:
         raise LearnerError(f"{path}:{e.lineno}: cannot import your file: SyntaxError: {e.msg}") from None
     except (Exception, SystemExit) as e:
-        raise LearnerError(f"cannot import {path}:\n{their_traceback(e, path)}") from None
+        raise LearnerError(their_traceback(e, path, f"importing {path}")) from None
     finally:
         sys.path.remove(str(path.resolve().parent))
     for function in ("forward", "backward"):
@@ -99,11 +99,11 @@ def load(path, name: str):
     return module
 
 
-def their_traceback(error: BaseException, path: Path) -> str:
+def their_traceback(error: BaseException, path: Path, what: str) -> str:
     """The traceback lines that are in the learner's file, then one line naming the error."""
     mine = Path(path).resolve()
     frames = [f for f in traceback.extract_tb(error.__traceback__) if Path(f.filename).resolve() == mine]
-    return "".join(traceback.format_list(frames)) + f"{type(error).__name__}: {error}"
+    return "".join(traceback.format_list(frames)) + f"{what} failed: {type(error).__name__}: {error}"
 
 
 def _call(path: Path, what: str, function, *args):
@@ -112,8 +112,7 @@ def _call(path: Path, what: str, function, *args):
     except NotImplementedError:
         raise LearnerError(f"{path}: {what} still raises NotImplementedError: fill it in, then check again") from None
     except Exception as e:
-        raise LearnerError(f"your {what} raised an error:\n{their_traceback(e, path)}\n"
-                           f"{what} failed with {type(e).__name__}: {e}") from None
+        raise LearnerError(their_traceback(e, path, f"your {what}")) from None
 
 
 def _their_gradients(module, exercise: Exercise, inputs, dout, path: Path) -> dict:

@@ -121,18 +121,22 @@ def constant_factor(theirs, expected, case: Case):
                     f"of every position; it does not average them")
     sign = "-" if k < 0 else ""
     for name, n in _products(case.dims):
-        if abs(abs(k) - n) < 1e-6 * n:
-            return (f"off by a constant factor {sign}{n}: yours = {sign}{n} x expected ({n} = {name}: a sum where "
-                    f"the forward takes a mean over {name}?)")
         for root, value in ((f"sqrt({name})", np.sqrt(n)), (f"1/sqrt({name})", 1 / np.sqrt(n))):
-            if abs(abs(k) - value) < 1e-6 * value:
+            if abs(abs(k) - value) < 1e-6 * value and not _simple_fraction(value):  # 2 = sqrt(4) is named 2
                 return f"off by a constant factor {sign}{root}: yours = {sign}{root} x expected. Is a scale applied twice, or missing?"
-    return f"off by a constant factor {_nice(k)}: yours = {_nice(k)} x expected. Look for a constant (0.5, 2, 1/N) you dropped or added"
+    meaning = next((f" ({n} = {name}: a sum where the forward takes a mean over {name}?)" for name, n in _products(case.dims)
+                    if abs(abs(k) - n) < 1e-6 * n), "")
+    return (f"off by a constant factor {_nice(k)}: yours = {_nice(k)} x expected{meaning}. Look for a constant "
+            f"(0.5, 2, 1/N) you dropped or added")
+
+
+def _simple_fraction(k: float) -> Fraction | None:
+    f = Fraction(k).limit_denominator(12)
+    return f if abs(float(f) - k) < 1e-6 * abs(k) else None
 
 
 def _nice(k: float) -> str:
-    f = Fraction(k).limit_denominator(12)
-    return str(f) if abs(float(f) - k) < 1e-6 * abs(k) else f"{k:.6g}"
+    return str(_simple_fraction(k) or f"{k:.6g}")
 
 
 def swapped_last_axes(theirs, expected, case: Case):
@@ -172,8 +176,10 @@ def softmax_row_term(theirs, expected, case: Case):
     if same(theirs, y * (dy - dy * y)):
         return "missing the sum over the softmax axis: yours uses dy_j y_j where the math has sum_i dy_i y_i (every y_i depends on x_j)"
     implied = s - (theirs - expected) / y  # the s yours used, row by row
-    if not same(implied, implied.mean(axis=-1, keepdims=True)):
+    per_row = implied.mean(axis=-1, keepdims=True)
+    if not same(implied, np.broadcast_to(per_row, implied.shape)):
         return None
+    implied = per_row
     ratio = float((implied[..., 0] * s[..., 0]).sum() / (s[..., 0] ** 2).sum())
     if not same(implied, ratio * s):
         return None
@@ -182,3 +188,24 @@ def softmax_row_term(theirs, expected, case: Case):
     if abs(ratio) < 1e-6:
         return "missing the term - sum_i dy_i y_i: every y_i depends on x_j, not only y_j"
     return f"the per-row term sum_i dy_i y_i is off: yours is {_nice(ratio)} times it"
+
+
+def layer_norm_paths(theirs, expected, case: Case):
+    """layer_norm: dx = rstd dxhat - rstd mean(dxhat) - rstd xhat mean(dxhat xhat), one term
+    per path from x to xhat (direct, through mean, through rstd). Name the path left out."""
+    if case.grad != "dx":
+        return None
+    x, scale, dy = case.inputs["x"], case.inputs["scale"], np.asarray(case.dout)
+    xc = x - x.mean(axis=-1, keepdims=True)
+    rstd = 1 / np.sqrt((xc**2).mean(axis=-1, keepdims=True) + 1e-5)
+    xhat, dxhat = xc * rstd, dy * scale
+    direct = rstd * dxhat
+    via_mean = -rstd * dxhat.mean(axis=-1, keepdims=True)
+    via_rstd = -rstd * xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
+    if same(theirs, direct + via_mean):
+        return "missing the path through rstd: the variance depends on x too, which adds - rstd * xhat * mean(dxhat * xhat)"
+    if same(theirs, direct + via_rstd):
+        return "missing the path through mean: the mean depends on every x_j, which adds - rstd * mean(dxhat)"
+    if same(theirs, direct):
+        return "mean and rstd treated as constants: both depend on x, and each adds a term to dx"
+    return None

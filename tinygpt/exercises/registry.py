@@ -94,6 +94,11 @@ def _signed(rng, *shape, low=0.3, high=1.3):
     return rng.uniform(low, high, shape) * rng.choice([-1.0, 1.0], shape)
 
 
+def scales(rng, n):
+    """Layer-norm scales: positive, at least 0.1 away from 1 (a scale of 1 hides a missing factor)."""
+    return 1.0 + _signed(rng, n, low=0.1, high=0.5)
+
+
 def _op(name, difficulty, summary, dims, draw, op, ops_shown, **extra) -> Exercise:
     inputs, _ = draw(np.random.default_rng(0))
     return Exercise(name, difficulty, summary, dims, draw, engine_grads(op), getattr(answers, name),
@@ -113,9 +118,9 @@ OPS = [
         lambda W, ids: F.embedding(ids, W), [F.Embedding], hints=(hints.repeated_ids,)),
     _op("layer_norm", "medium", "normalise each row, then scale and shift: three paths from x to y",
         {"B": 2, "T": 3, "C": 5},
-        lambda rng: ({"x": rng.normal(0.3, 1.5, (2, 3, 5)), "scale": rng.uniform(0.5, 1.5, 5), "shift": _signed(rng, 5)},
+        lambda rng: ({"x": rng.normal(0.3, 1.5, (2, 3, 5)), "scale": scales(rng, 5), "shift": _signed(rng, 5)},
                      _signed(rng, 2, 3, 5)),
-        lambda x, scale, shift: F.layer_norm(x, scale, shift, eps=EPS), [F.LayerNorm]),
+        lambda x, scale, shift: F.layer_norm(x, scale, shift, eps=EPS), [F.LayerNorm], hints=(hints.layer_norm_paths,)),
     _op("gelu", "easy", "GPT-2's tanh GELU: an elementwise derivative and the chain rule",
         {"B": 2, "T": 3, "C": 5},
         lambda rng: ({"x": rng.normal(0.0, 1.5, (2, 3, 5))}, _signed(rng, 2, 3, 5)),

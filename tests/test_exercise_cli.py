@@ -1,0 +1,160 @@
+"""`tinygpt exercise list | start | check`: what a learner sees, the exit codes, and one
+clear message (never a traceback of ours) for every way a file can be wrong."""
+import inspect
+
+import pytest
+
+import tinygpt.functional as F
+
+from tinygpt.cli import main
+from tinygpt.exercises import EXERCISES
+
+
+def run(capsys, *argv):
+    code = main(["exercise", *map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def sheet_with(tmp_path, capsys, name, old, new, filename=None):
+    """The sheet `start` writes, with one piece of text replaced (the learner's edit)."""
+    path = tmp_path / f"{name}.py"
+    if not path.exists():
+        assert run(capsys, "start", name, "--dir", tmp_path)[0] == 0
+    text = path.read_text()
+    assert old in text
+    target = tmp_path / (filename or f"{name}.py")
+    target.write_text(text.replace(old, new))
+    return target
+
+
+STUB = '    raise NotImplementedError("write dx, dscale and dshift, then return them")'
+RIGHT = """    dxhat = dy * scale
+    dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True) - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    return dx, (dy * xhat).sum(axis=(0, 1)), dy.sum(axis=(0, 1))"""
+
+
+def assert_no_traceback_of_ours(text):
+    assert "Traceback" not in text and "tinygpt/exercises" not in text, text
+
+
+def test_list_shows_every_exercise_with_its_difficulty(capsys):
+    code, out, _ = run(capsys, "list")
+    assert code == 0
+    for name, exercise in EXERCISES.items():
+        line = next(line for line in out.splitlines() if line.startswith(name + " "))
+        assert exercise.difficulty in line and exercise.summary in line
+
+
+def test_start_writes_the_sheet_and_refuses_to_overwrite_without_force(tmp_path, capsys):
+    code, out, _ = run(capsys, "start", "gelu", "--dir", tmp_path / "work")
+    path = tmp_path / "work" / "gelu.py"
+    assert code == 0 and path.exists() and f"tinygpt exercise check gelu {path}" in out
+    path.write_text("my work")
+    code, _, err = run(capsys, "start", "gelu", "--dir", tmp_path / "work")
+    assert code == 1 and path.read_text() == "my work"
+    assert err.strip().count("\n") == 0 and str(path) in err and "--force" in err
+    assert run(capsys, "start", "gelu", "--dir", tmp_path / "work", "--force")[0] == 0
+    assert "def backward(dy, cache)" in path.read_text()
+
+
+@pytest.mark.parametrize("command", [["start", "conv2d"], ["check", "conv2d", "x.py"]])
+def test_unknown_exercise_exits_2_listing_the_valid_ones(capsys, command):
+    code, _, err = run(capsys, *command)
+    assert code == 2 and "unknown exercise 'conv2d'" in err and ", ".join(EXERCISES) in err
+
+
+def test_right_solution_passes_with_exit_0(tmp_path, capsys):
+    path = sheet_with(tmp_path, capsys, "layer_norm", STUB, RIGHT)
+    code, out, _ = run(capsys, "check", "layer_norm", path)
+    assert code == 0 and "PASS: all 3 gradients right" in out
+    assert sum(" exact " in line for line in out.splitlines()) == 3
+
+
+def test_wrong_solution_fails_with_exit_1_and_a_hint(tmp_path, capsys):
+    path = sheet_with(tmp_path, capsys, "layer_norm", STUB, RIGHT.replace("dy.sum(axis=(0, 1))", "dy.sum(axis=0)"))
+    code, out, _ = run(capsys, "check", "layer_norm", path)
+    assert code == 1 and "FAIL: 1 of 3 gradients wrong (dshift)" in out
+    assert "shape (3, 5)    wrong, expected (5,)" in out and "missing the sum over a broadcast axis" in out
+
+
+def test_stub_left_unfilled_is_one_clear_message(tmp_path, capsys):
+    run(capsys, "start", "layer_norm", "--dir", tmp_path)
+    code, out, err = run(capsys, "check", "layer_norm", tmp_path / "layer_norm.py")
+    assert code == 1 and "backward still raises NotImplementedError" in out
+    assert_no_traceback_of_ours(out + err)
+
+
+def test_missing_file_says_how_to_create_it(tmp_path, capsys):
+    code, out, _ = run(capsys, "check", "softmax", tmp_path / "nowhere.py")
+    assert code == 1 and "no such file" in out and "tinygpt exercise start softmax" in out
+
+
+def test_file_that_does_not_import_names_the_line(tmp_path, capsys):
+    path = sheet_with(tmp_path, capsys, "layer_norm", "def backward(dy, cache):", "def backward(dy, cache)", "broken.py")
+    line = path.read_text().splitlines().index("def backward(dy, cache)") + 1
+    code, out, err = run(capsys, "check", "layer_norm", path)
+    assert code == 1 and f"broken.py:{line}: cannot import your file: SyntaxError" in out
+    assert_no_traceback_of_ours(out + err)
+
+
+def test_error_at_import_shows_only_the_learners_lines(tmp_path, capsys):
+    path = tmp_path / "raises.py"
+    path.write_text("import numpy as np\n\nTABLE = np.zeros(3)[7]\n")
+    code, out, err = run(capsys, "check", "gelu", path)
+    assert code == 1 and f'File "{path}", line 3' in out and "TABLE = np.zeros(3)[7]" in out
+    assert out.splitlines()[-2] == f"importing {path} failed: IndexError: index 7 is out of bounds for axis 0 with size 3"
+    assert_no_traceback_of_ours(out + err)
+
+
+def test_exception_inside_backward_shows_their_traceback_then_one_line(tmp_path, capsys):
+    path = sheet_with(tmp_path, capsys, "layer_norm", STUB, "    return helper(dy)\n\n\ndef helper(dy):\n    return dy @ dy")
+    code, out, err = run(capsys, "check", "layer_norm", path)
+    assert code == 1
+    assert "in backward\n    return helper(dy)" in out and "in helper\n    return dy @ dy" in out
+    assert "your backward failed: ValueError: matmul" in out
+    assert_no_traceback_of_ours(out + err)
+
+
+def test_backward_returning_the_wrong_shape_is_reported_per_gradient(tmp_path, capsys):
+    path = sheet_with(tmp_path, capsys, "linear", '    raise NotImplementedError("write dx, dW and db, then return them")',
+                      "    return dy @ W, x.reshape(-1, 4).T @ dy.reshape(-1, 5), dy.sum(axis=(0, 1))")
+    code, out, _ = run(capsys, "check", "linear", path)
+    assert code == 1 and "dW  shape (4, 5)    wrong, expected (5, 4)" in out and "hint: transposed" in out
+    assert "FAIL: 1 of 3 gradients wrong (dW)" in out
+
+
+@pytest.mark.parametrize("body,message", [
+    ("    return dy", "backward returned a ndarray; expected 3: (dx, dscale, dshift)"),
+    ("    return dy, dy", "backward returned 2 values; expected 3: (dx, dscale, dshift)"),
+])
+def test_backward_returning_the_wrong_number_of_values(tmp_path, capsys, body, message):
+    code, out, _ = run(capsys, "check", "layer_norm", sheet_with(tmp_path, capsys, "layer_norm", STUB, body))
+    assert code == 1 and message in out
+
+
+def test_file_without_backward_or_with_a_changed_forward(tmp_path, capsys):
+    path = tmp_path / "empty.py"
+    path.write_text("import numpy as np\n")
+    code, out, _ = run(capsys, "check", "gelu", path)
+    assert code == 1 and "defines no function forward()" in out
+    path = sheet_with(tmp_path, capsys, "gelu", "y = 0.5 * x", "y = 0.6 * x", "changed.py")
+    code, out, _ = run(capsys, "check", "gelu", path)
+    assert code == 1 and "your forward computes something else" in out
+
+
+def test_show_solution_prints_the_engines_own_backward(tmp_path, capsys):
+    path = sheet_with(tmp_path, capsys, "layer_norm", STUB, RIGHT)
+    code, out, _ = run(capsys, "check", "layer_norm", path, "--show-solution")
+    assert code == 0
+    solution = out[out.index("tinygpt's own backward for layer_norm"):]
+    assert "tinygpt.functional.LayerNorm" in solution and "def backward(ctx, grad):" in solution
+    # read from the engine as it is now: its docstring (the derivation) and its backward's source
+    assert inspect.getdoc(F.LayerNorm) in solution and inspect.getsource(F.LayerNorm.backward) in solution
+
+
+def test_show_solution_for_the_block_prints_the_answer_key(tmp_path, capsys):
+    path = tmp_path / "block.py"
+    path.write_text("from tinygpt.exercises.sheets.block import forward\nfrom tinygpt.exercises.answers import block as backward\n")
+    code, out, _ = run(capsys, "check", "block", path, "--show-solution")
+    assert code == 0 and "PASS: all 27 gradients right" in out and "def block(dout, cache):" in out
