@@ -158,3 +158,12 @@ def test_show_solution_for_the_block_prints_the_answer_key(tmp_path, capsys):
     path.write_text("from tinygpt.exercises.sheets.block import forward\nfrom tinygpt.exercises.answers import block as backward\n")
     code, out, _ = run(capsys, "check", "block", path, "--show-solution")
     assert code == 0 and "PASS: all 27 gradients right" in out and "def block(dout, cache):" in out
+
+
+def test_running_the_sheet_with_python_checks_it(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    path = sheet_with(tmp_path, capsys, "layer_norm", STUB, RIGHT)
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "PASS: all 3 gradients right" in done.stdout, done.stderr

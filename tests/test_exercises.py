@@ -7,7 +7,7 @@ import pytest
 
 import tinygpt.functional as F
 import tinygpt as tg
-from tinygpt.exercises import EXERCISES, UnknownExercise, run_check, sheet_text, start
+from tinygpt.exercises import EXERCISES, UnknownExercise, layer_norm_walkthrough, run_check, sheet_text, start
 from tinygpt.exercises.block_case import STEPS, run_steps
 
 NAMES = list(EXERCISES)
@@ -215,3 +215,11 @@ def test_inputs_leave_mistakes_nowhere_to_hide(name):
 def test_unknown_exercise_lists_the_valid_ones(tmp_path):
     with pytest.raises(UnknownExercise, match="choose from: linear, embedding, layer_norm"):
         run_check("conv2d", tmp_path / "x.py")
+
+
+def test_layer_norm_walkthrough_fails_the_first_try_with_both_hints_then_passes(tmp_path):
+    first, fixed = layer_norm_walkthrough(tmp_path)
+    assert [g.name for g in first.wrong] == ["dx", "dshift"]
+    assert "missing the path through rstd" in first.wrong[0].hint
+    assert "missing the sum over a broadcast axis" in first.wrong[1].hint and "(size 3 = T)" in first.wrong[1].hint
+    assert fixed.passed and "PASS: all 3 gradients right" in fixed.report()

@@ -8,6 +8,7 @@ block, each checked against tinygpt's own backward and float64 finite difference
 From Python (the walk-through uses this):
     result = run_check("layer_norm", "layer_norm.py")
     print(result.report()); result.passed; result.grads
+    wrong, right = layer_norm_walkthrough("some/folder")   # a first try with two mistakes, then the fix
 """
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from tinygpt.exercises import checker
 from tinygpt.exercises.block_case import BLOCK
 from tinygpt.exercises.checker import CheckResult, GradResult
 from tinygpt.exercises.registry import OPS, Exercise
+from tinygpt.exercises.walkthrough import layer_norm_walkthrough
 from tinygpt.files import atomic_write_text
 
 EXERCISES: dict[str, Exercise] = {e.name: e for e in (*OPS, BLOCK)}
 
-__all__ = ["EXERCISES", "CheckResult", "GradResult", "UnknownExercise", "check_main", "get", "run_check", "sheet_text",
+__all__ = ["EXERCISES", "CheckResult", "GradResult", "UnknownExercise", "check_main", "get", "layer_norm_walkthrough", "run_check", "sheet_text",
            "solution_text", "start"]
 
 

@@ -1,6 +1,8 @@
 """The text of a check: one block per gradient, then the verdict."""
 from __future__ import annotations
 
+import textwrap
+
 
 def format_report(result) -> str:
     lines = [f"check {result.exercise}: {result.path}"]
@@ -35,5 +37,5 @@ def _gradient_lines(g, width: int, shape_width: int) -> list:
     if g.worst is not None:
         index, theirs, expected, numeric = g.worst
         lines.append(f"{pad}worst element {list(index)}: yours {theirs:.6g}, expected {expected:.6g} (finite differences {numeric:.6g})")
-    lines.append(f"{pad}hint: {g.hint}")
+    lines.append(textwrap.fill(g.hint, 110, initial_indent=f"{pad}hint: ", subsequent_indent=f"{pad}      "))
     return lines
