@@ -267,30 +267,44 @@ def test_finetune_classify_names_the_file_and_the_problem_of_bad_data(char_base,
     assert "Traceback" not in err and not out.exists()
 
 
-def test_finetune_classify_needs_data_unless_resuming_and_no_data_when_resuming(char_base, toy_csv, tmp_path, capsys):
+def test_finetune_classify_needs_data_unless_resuming_and_refuses_to_reuse_a_run(char_base, toy_csv, tmp_path, capsys):
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, "finetune-classify", "--init", char_base, "--out", run, "--no-progress")
-    assert code == 1 and "--data FILE is required (unless --resume DIR)" in err
+    assert code == 2 and "--data FILE is required (unless --resume DIR)" in err
     assert run_cli(capsys, "finetune-classify", "--data", toy_csv, "--init", char_base, "--out", run, "--max-steps", "1",
                    *FAST)[0] == 0
-    code, _, err = run_cli(capsys, "finetune-classify", "--resume", run, "--data", toy_csv, "--no-progress")
-    assert code == 1 and "--resume continues with the run's own data; leave out --data" in err
     latest = (run / "latest").read_text()
     code, _, err = run_cli(capsys, "finetune-classify", "--data", toy_csv, "--init", char_base, "--out", run, *FAST)
-    assert code == 1 and f"{run} already holds a run; continue it with --resume {run}" in err
+    assert code == 2 and f"{run} already holds a run; continue it with --resume {run}" in err
     assert (run / "latest").read_text() == latest
     code, _, err = run_cli(capsys, "finetune-instruct", "--resume", run, "--no-progress")
-    assert code == 1 and f"{run} is not a instruct run (its task is 'classify')" in err
+    assert code == 2 and f"{run} is not a instruct run (its task is 'classify')" in err
+    assert "finetune-classify --resume" in err
 
 
-@pytest.mark.parametrize("option, message", [
-    (["--lora-rank", "0"], "--lora-rank must be >= 1, got 0"),
-    (["--trainable-blocks", "3"], "trainable_blocks is 3 but the model has 2 transformer blocks"),
+def test_finetune_classify_resumed_on_other_data_says_so_and_refuses_new_labels(char_base, toy_csv, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(capsys, "finetune-classify", "--data", toy_csv, "--init", char_base, "--out", run, "--max-steps", "2",
+                   *FAST)[0] == 0
+    other = write_csv(tmp_path / "other.csv", toy_rows(seed=1))
+    code, out, err = run_cli(capsys, "finetune-classify", "--resume", run, "--data", other, "--max-steps", "4", "--no-progress")
+    assert code == 0, err
+    assert f"continuing on {other} instead of {toy_csv}" in out
+    assert load_checkpoint(run).trainer_state["meta"]["data"] == str(other)
+    relabelled = write_csv(tmp_path / "relabelled.csv", toy_rows(names=("ham", "eggs")))
+    code, _, err = run_cli(capsys, "finetune-classify", "--resume", run, "--data", relabelled, "--max-steps", "6",
+                           "--no-progress")
+    assert code == 2 and "labels the classifier was not built for: ['eggs']" in err, err
+
+
+@pytest.mark.parametrize("option, exit_code, message", [
+    (["--lora-rank", "0"], 2, "--lora-rank: must be >= 1, got 0"),
+    (["--trainable-blocks", "3"], 1, "trainable_blocks is 3 but the model has 2 transformer blocks"),
 ])
-def test_finetune_classify_refuses_impossible_settings(char_base, toy_csv, tmp_path, capsys, option, message):
+def test_finetune_classify_refuses_impossible_settings(char_base, toy_csv, tmp_path, capsys, option, exit_code, message):
     code, _, err = run_cli(capsys, "finetune-classify", "--data", toy_csv, "--init", char_base, "--out", tmp_path / "run",
                            *option, "--no-progress")
-    assert code == 1 and message in err, err
+    assert code == exit_code and message in err, err
     assert not (tmp_path / "run").exists()
 
 
@@ -303,20 +317,23 @@ def test_init_that_is_neither_a_model_name_nor_a_folder_is_named(toy_csv, tmp_pa
 
 def test_classify_refuses_a_checkpoint_that_is_not_a_classifier(char_base, tmp_path, capsys):
     code, _, err = run_cli(capsys, "classify", "--checkpoint", char_base, "some text")
-    assert code == 1
+    assert code == 2
     assert f"{resolve_checkpoint(char_base)} is not a classifier from `tinygpt finetune-classify`" in err, err
+    assert "tinygpt generate --checkpoint" in err
     missing = tmp_path / "nothing-here"
     code, _, err = run_cli(capsys, "classify", "--checkpoint", missing, "some text")
-    assert code == 1 and f"no checkpoint in {missing}" in err, err
+    assert code == 2 and f"--checkpoint: no such file or folder: {missing}" in err, err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_cli(capsys, "classify", "--checkpoint", empty, "some text")
+    assert code == 1 and f"no checkpoint in {empty}" in err, err
 
 
 def test_missing_required_arguments_are_usage_errors(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["classify", "some text"])
-    assert exit_info.value.code == 2 and "--checkpoint" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["finetune-classify", "--lora-rank", "two"])
-    assert exit_info.value.code == 2 and "--lora-rank: invalid int value: 'two'" in capsys.readouterr().err
+    assert main(["classify", "some text"]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+    assert main(["finetune-classify", "--lora-rank", "two"]) == 2
+    assert "--lora-rank: expected an integer, got 'two'" in capsys.readouterr().err
 
 
 def test_finetune_instruct_refuses_a_tokenizer_without_end_of_text(char_base, tmp_path, capsys):

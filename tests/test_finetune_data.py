@@ -72,9 +72,22 @@ def test_instruction_batch_scores_the_prompt_too_by_default_and_truncates(char_t
         n = len(dataset[i])
         np.testing.assert_array_equal(targets[row, :n - 1], dataset[i][1:])
     assert inputs.shape == targets.shape == (2, max(len(dataset[1]), len(dataset[2])))
+    unmasked = InstructionDataset(RECORDS, char_tokenizer, pad_token_id=0, allowed_max_length=20)
+    inputs, targets = unmasked.batch([0, 1])
+    assert inputs.shape == targets.shape == (2, 20) and (targets != -100).all()  # the prompt is scored: kept
+
+
+def test_instruction_records_left_without_a_target_by_truncation_are_dropped_and_counted(char_tokenizer):
+    # with the prompt masked, 20 tokens hold only prompt: such a record has nothing to learn
     short = InstructionDataset(RECORDS, char_tokenizer, pad_token_id=0, allowed_max_length=20, mask_prompt=True)
-    inputs, targets = short.batch([0, 1])
-    assert inputs.shape == targets.shape == (2, 20) and (targets == -100).all()  # 20 tokens: all still prompt
+    assert len(short) == 0 and short.dropped == len(RECORDS)
+    prompt_lengths = [len(char_tokenizer.encode(format_input(r))) for r in RECORDS]
+    cut = sorted(prompt_lengths)[1]  # the two shorter prompts keep their first response target, the longest none
+    kept = InstructionDataset(RECORDS, char_tokenizer, pad_token_id=0, allowed_max_length=cut, mask_prompt=True)
+    assert kept.dropped == 1 and len(kept) == 2
+    assert max(prompt_lengths) - 1 >= cut  # the dropped one: its first response target lies past the cut
+    inputs, targets = kept.batch(range(len(kept)))
+    assert ((targets != -100).sum(axis=1) >= 1).all()  # every kept record scores at least one token
 
 
 def test_classification_batch_takes_the_rows_asked_for(char_tokenizer):

@@ -63,9 +63,16 @@ def read_labelled_file(path: str | os.PathLike, text_column: str, label_column: 
         if missing:
             raise ValueError(f"{path} has no column {', '.join(map(repr, missing))}; its columns are {reader.fieldnames}")
         texts, labels = [], []
-        for row_number, row in enumerate(reader, start=2):  # line numbers as an editor shows them
-            if not row[text_column]:
-                raise ValueError(f"{path}, line {row_number}: empty text")
+        for row in reader:
+            line = reader.line_num  # as an editor shows it (a quoted text may span lines)
+            missing = [c for c in (text_column, label_column) if row.get(c) is None]
+            if missing:
+                raise ValueError(f"{path}, line {line}: no value for column {missing[0]!r} "
+                                 f"(the row has {len([x for x in row.values() if x is not None])} of {len(reader.fieldnames)} fields)")
+            if not row[text_column].strip():
+                raise ValueError(f"{path}, line {line}: empty text")
+            if not row[label_column].strip():
+                raise ValueError(f"{path}, line {line}: empty label")
             texts.append(row[text_column])
             labels.append(row[label_column])
     if not texts:
@@ -218,6 +225,8 @@ class ClassifierTrainer(Trainer):
 def classify(text: str, model, tokenizer: Any, label_names: Sequence[str], max_length: int | None = None) -> tuple[str, dict[str, float]]:
     """The predicted label of one text and the probability of every label."""
     ids = encode_text(tokenizer, text)[: max_length or model.cfg["context_length"]]
+    if not ids:
+        raise ValueError("cannot classify an empty text: it has no token whose output could be read")
     was_training = model.training
     model.eval()
     probs = backend.to_host(F.softmax(class_logits(model, np.array([ids]), [len(ids)])).data)[0]

@@ -9,37 +9,102 @@ needs no other option, and `classify` and `chat` need only the checkpoint.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from tinygpt import validation as v
+from tinygpt.validation import UsageError
 
 BOOK = {"lr": 5e-5, "weight_decay": 0.1, "batch_size": 8}  # chapters 6 and 7
+# Defaults of a new run; the options default to None so that --resume can tell which were given
+NEW_RUN = {**BOOK, "lora_alpha": 16.0, "eval_iter": 5, "checkpoint_every": 200, "seed": 123}
+# TrainConfig fields that --resume may change (same names as the options)
+RESUMABLE = ("epochs", "max_steps", "lr", "eval_freq", "eval_iter", "checkpoint_every", "sample_tokens")
 
 
-def _start(args, task: str):
-    """(model, tokenizer, settings, run_dir, checkpoint or None) of a new or resumed run."""
+@dataclass
+class Start:
+    """A new or resumed finetuning run, before its data is read."""
+    model: Any
+    tokenizer: Any
+    settings: dict            # saved as the checkpoint's meta: all a run needs to rebuild its data
+    run_dir: Path
+    checkpoint: Any = None    # the checkpoint resumed from, or None for a new run
+    branched: bool = False    # resumed into another run directory (--out)
+    data_changed: bool = False  # resumed on other data (--data)
+
+
+def _start(args, task: str) -> Start:
     import tinygpt as tg
-    from tinygpt.checkpoint import load_checkpoint, resolve_checkpoint
     from tinygpt.pretrained import load_model_and_tokenizer
+    from tinygpt.rundir import data_identity
 
-    tg.set_default_device(args.device)
-    tg.manual_seed(args.seed)
+    tg.manual_seed(args.seed if args.seed is not None else NEW_RUN["seed"])
     if args.resume:
-        checkpoint = load_checkpoint(args.resume, device=args.device, bpe_file=args.bpe_file)
-        settings = (checkpoint.trainer_state or {}).get("meta", {})
-        if settings.get("task") != task:
-            raise ValueError(f"{args.resume} is not a {task} run (its task is {settings.get('task')!r})")
-        run_dir = resolve_checkpoint(args.resume).parent.parent
-        print(f"resuming {checkpoint.path} at step {checkpoint.trainer_state['step']}")
-        return checkpoint.model, checkpoint.tokenizer, settings, run_dir, checkpoint
-    run_dir = Path(args.out)
-    if (run_dir / "latest").exists():
-        raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pick another --out")
-    if args.lora_rank is not None and args.lora_rank < 1:
-        raise ValueError(f"--lora-rank must be >= 1, got {args.lora_rank}")
+        return _resume(args, task)
+    for key, value in NEW_RUN.items():
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     model, tokenizer = load_model_and_tokenizer(args.init, device=args.device, bpe_file=args.bpe_file)
+    if model.cfg.get("num_classes"):
+        raise UsageError(f"--init {args.init} is a classifier, not a language model; start from a model that predicts "
+                         f"tokens (gpt2, a Hugging Face folder, or a `tinygpt train` run)")
     init = Path(args.init).resolve() if Path(args.init).exists() else args.init  # absolute: resumable from anywhere
-    settings = {"task": task, "init": str(init), "data": str(Path(args.data).resolve()), "seed": args.seed, "batch_size": args.batch_size,
+    settings = {"task": task, "init": str(init), "data": str(Path(args.data).resolve()), "data_identity": data_identity(args.data),
+                "seed": args.seed, "batch_size": args.batch_size,
                 "lora": None if args.lora_rank is None else {"rank": args.lora_rank, "alpha": args.lora_alpha}}
-    return model, tokenizer, settings, run_dir, None
+    return Start(model, tokenizer, settings, Path(args.out))
+
+
+def _resume(args, task: str) -> Start:
+    from tinygpt.checkpoint import load_checkpoint
+    from tinygpt.rundir import check_same_data, data_identity, resume_target
+
+    checkpoint = load_checkpoint(args.resume, device=args.device, bpe_file=args.bpe_file, optimizer=not args.reset_optimizer)
+    settings = dict((checkpoint.trainer_state or {}).get("meta", {}))
+    if settings.get("task") != task:
+        other = f"tinygpt finetune-{settings['task']}" if settings.get("task") else "tinygpt train"
+        raise UsageError(f"{args.resume} is not a {task} run (its task is {settings.get('task')!r}); "
+                         f"continue it with: {other} --resume {args.resume}")
+    run_dir, branched = resume_target(checkpoint.path, checkpoint.trainer_state["step"], args.out)
+    lora = settings.get("lora") or {}
+    v.check_fixed_on_resume(args, {"batch_size": settings["batch_size"], "seed": settings["seed"],
+                                   "weight_decay": checkpoint.trainer_state["config"]["weight_decay"],
+                                   "lora_rank": lora.get("rank"), "lora_alpha": lora.get("alpha"),
+                                   **{key: _saved_option(settings, key) for key in _FIXED[task]}})
+    if args.init is not None and str(Path(args.init).resolve() if Path(args.init).exists() else args.init) != settings["init"]:
+        raise UsageError(f"--init {args.init} cannot change when resuming (the run started from {settings['init']}); leave it out")
+    print(f"resuming {checkpoint.path} at step {checkpoint.trainer_state['step']}" + (f", branching into {run_dir}" if branched else ""))
+    if args.reset_optimizer:
+        print("  --reset-optimizer: AdamW's running averages start again from zero")
+    data_changed = False
+    if args.data is not None:
+        identity = data_identity(args.data)
+        data_changed = identity["path"] != settings["data"] or check_same_data(settings.get("data_identity") or {}, identity) is not None
+        if data_changed:
+            print(f"data: continuing on {identity['path']} instead of {settings['data']} (as --data says)")
+        settings.update(data=identity["path"], data_identity=identity)
+    elif not Path(settings["data"]).is_file():
+        raise UsageError(f"the run's data {settings['data']} is not there any more (moved or deleted); "
+                         f"to continue on a file elsewhere, or on other data, give it with --data NEW")
+    else:
+        problem = check_same_data(settings.get("data_identity") or {}, data_identity(settings["data"]))
+        if problem:
+            raise UsageError(f"{problem}; to continue on the changed file say so with --data {settings['data']}")
+    return Start(checkpoint.model, checkpoint.tokenizer, settings, run_dir, checkpoint, branched, data_changed)
+
+
+# the options (argparse names) that are saved in the run's settings and cannot change on --resume
+_FIXED = {"classify": ("text_column", "label_column", "balance", "train_frac", "val_frac", "trainable_blocks", "max_length"),
+          "instruct": ("train_frac", "test_frac", "mask_prompt", "max_length")}
+
+
+def _saved_option(settings: dict, option: str):
+    if option == "max_length":
+        return settings.get("max_length", settings.get("allowed_max_length"))
+    if option == "trainable_blocks" and settings.get(option) is None:
+        return "all"
+    return settings.get(option)
 
 
 def _train_config(args, settings: dict, checkpoint):
@@ -47,20 +112,29 @@ def _train_config(args, settings: dict, checkpoint):
 
     if checkpoint is not None:
         saved = checkpoint.trainer_state["config"]
-        changed = {key: getattr(args, key) for key in ("epochs", "max_steps") if getattr(args, key) is not None}
-        return TrainConfig(**{**saved, **changed})
+        changes = v.changes_on_resume(args, saved, RESUMABLE)
+        for key, value in changes.items():
+            print(f"  changed on resume: {key} {saved.get(key)} -> {value}")
+        return TrainConfig(**{**saved, **changes})
     return TrainConfig(epochs=args.epochs or settings["default_epochs"], max_steps=args.max_steps, lr=args.lr, weight_decay=args.weight_decay,
                        eval_freq=args.eval_freq, eval_iter=args.eval_iter, checkpoint_every=args.checkpoint_every,
-                       sample_tokens=getattr(args, "sample_tokens", 50))
+                       sample_tokens=getattr(args, "sample_tokens", None) or 50)
 
 
-def _run(trainer, checkpoint) -> None:
-    if checkpoint is not None:
-        trainer.restore(checkpoint.trainer_state, checkpoint.optimizer_state)
+def _run(trainer, start: Start) -> bool:
+    """Train; False when Ctrl-C stopped it (a checkpoint was saved)."""
+    if start.checkpoint is not None:
+        state = start.checkpoint.trainer_state
+        if start.data_changed:  # other data: its batches start at the beginning of the epoch
+            state = {**state, "loader": {**state["loader"], "position": 0}}
+        trainer.restore(state, start.checkpoint.optimizer_state, in_out_dir=not start.branched)
     model = trainer.model
     print(f"trainable parameters: {model.num_parameters(trainable_only=True):,} of {model.num_parameters():,}"
           f"{' (LoRA adapters)' if 'lora' in model.cfg else ''}")
     trainer.fit()
+    if trainer.interrupted:
+        print(f"saved step {trainer.state.step} in {trainer.out_dir}; continue with --resume {trainer.out_dir}")
+    return not trainer.interrupted
 
 
 def _optimizer(model, config):
@@ -71,16 +145,17 @@ def _optimizer(model, config):
 
 # ------------------------------------------------------------------ classification (chapter 6)
 
-def _finetune_classify(args) -> int:
+def _finetune_classify(args, start: Start) -> int:
     from tinygpt.data import DataLoader, encode_text
     from tinygpt.finetune.classify import (ClassificationDataset, ClassifierTrainer, balance_classes, calc_accuracy,
                                            make_classifier, random_split, read_labelled_file, train_only_the_top)
     from tinygpt.finetune.lora import replace_linear_with_lora
 
-    model, tokenizer, settings, run_dir, checkpoint = _start(args, "classify")
+    model, tokenizer, settings, run_dir, checkpoint = start.model, start.tokenizer, start.settings, start.run_dir, start.checkpoint
     if checkpoint is None:
-        settings.update(text_column=args.text_column, label_column=args.label_column, balance=args.balance,
-                        train_frac=args.train_frac, val_frac=args.val_frac, trainable_blocks=args.trainable_blocks,
+        settings.update(text_column=args.text_column or "Text", label_column=args.label_column or "Label",
+                        balance=bool(args.balance), train_frac=args.train_frac or 0.7, val_frac=args.val_frac or 0.1,
+                        trainable_blocks=None if args.trainable_blocks == "all" else (args.trainable_blocks or 1),
                         default_epochs=5)
     texts, labels = read_labelled_file(settings["data"], settings["text_column"], settings["label_column"])
     if settings["balance"]:
@@ -98,8 +173,13 @@ def _finetune_classify(args) -> int:
         make_classifier(model, len(settings["labels"]), settings["trainable_blocks"])
         if settings["lora"]:
             replace_linear_with_lora(model, **settings["lora"])
-    elif not settings["lora"]:
-        train_only_the_top(model, settings["trainable_blocks"])  # LoRA checkpoints reload frozen already
+    else:
+        unknown = sorted(set(labels) - set(settings["labels"]))
+        if unknown:
+            raise UsageError(f"{settings['data']} has labels the classifier was not built for: {unknown} "
+                             f"(its labels are {settings['labels']})")
+        if not settings["lora"]:
+            train_only_the_top(model, settings["trainable_blocks"])  # LoRA checkpoints reload frozen already
     pad = getattr(tokenizer, "eot_token", 0)  # any id works: positions after the last real token are never read
     part = lambda idx: ClassificationDataset([texts[i] for i in idx], [labels[i] for i in idx], tokenizer,
                                              settings["labels"], settings["max_length"], pad)
@@ -111,7 +191,8 @@ def _finetune_classify(args) -> int:
     val_loader = DataLoader(val_set, settings["batch_size"])
     trainer = ClassifierTrainer(model, _optimizer(model, config), train_loader, val_loader, tokenizer, config,
                                 out_dir=run_dir, progress=not args.no_progress, meta=settings)
-    _run(trainer, checkpoint)
+    if not _run(trainer, start):
+        return 130
     accuracy = {name: calc_accuracy(data, model, settings["batch_size"])
                 for name, data in (("train", train_set), ("val", val_set), ("test", test_set))}
     print("accuracy: " + ", ".join(f"{name} {acc:.1%}" for name, acc in accuracy.items()))
@@ -124,10 +205,14 @@ def _classify(args) -> int:
     from tinygpt.finetune.classify import classify
     from tinygpt.finetune.lora import merge_lora
 
-    checkpoint = load_checkpoint(args.checkpoint, device=args.device, bpe_file=args.bpe_file)
+    checkpoint = load_checkpoint(args.checkpoint, device=args.device, bpe_file=args.bpe_file, optimizer=False)
     settings = (checkpoint.trainer_state or {}).get("meta", {})
-    if settings.get("task") != "classify":
-        raise ValueError(f"{checkpoint.path} is not a classifier from `tinygpt finetune-classify` (no labels saved with it)")
+    if settings.get("task") != "classify" or checkpoint.kind != "classifier":
+        raise UsageError(f"{checkpoint.path} is not a classifier from `tinygpt finetune-classify` but a language model; "
+                         f"continue text with `tinygpt generate --checkpoint {args.checkpoint} --prompt TEXT`")
+    empty = [i + 1 for i, text in enumerate(args.texts) if not text.strip()]
+    if empty:
+        raise UsageError(f"TEXT {empty[0]} of {len(args.texts)} is empty: there is nothing to classify")
     model = merge_lora(checkpoint.model)
     for text in args.texts:
         label, probs = classify(text, model, checkpoint.tokenizer, settings["labels"], settings["max_length"])
@@ -137,31 +222,43 @@ def _classify(args) -> int:
 
 # ------------------------------------------------------------------ instruction following (chapter 7)
 
-def _finetune_instruct(args) -> int:
+def _finetune_instruct(args, start: Start) -> int:
     from tinygpt.data import DataLoader
     from tinygpt.finetune.instruct import (InstructionDataset, InstructionTrainer, load_instruction_data,
                                            split_instruction_data, write_responses)
     from tinygpt.finetune.lora import replace_linear_with_lora
 
-    model, tokenizer, settings, run_dir, checkpoint = _start(args, "instruct")
+    model, tokenizer, settings, run_dir, checkpoint = start.model, start.tokenizer, start.settings, start.run_dir, start.checkpoint
     eot = getattr(tokenizer, "eot_token", None)
     if eot is None:
         raise ValueError(f"instruction finetuning needs a tokenizer with an end-of-text token; {args.resume or args.init} "
                          f"uses a {type(tokenizer).__name__}, which has none (train with --tokenizer gpt2 or bpe)")
     if checkpoint is None:
-        settings.update(train_frac=args.train_frac, test_frac=args.test_frac, mask_prompt=args.mask_prompt,
+        settings.update(train_frac=args.train_frac or 0.85, test_frac=args.test_frac if args.test_frac is not None else 0.1,
+                        mask_prompt=bool(args.mask_prompt),
                         allowed_max_length=min(args.max_length or 1024, model.cfg["context_length"]), default_epochs=2)
         if settings["lora"]:
             replace_linear_with_lora(model, **settings["lora"])
     train, val, test = split_instruction_data(load_instruction_data(settings["data"]), settings["train_frac"], settings["test_frac"])
-    part = lambda records: InstructionDataset(records, tokenizer, eot, settings["allowed_max_length"], settings["mask_prompt"])
     print(f"data: {settings['data']}: {len(train)} train / {len(val)} val / {len(test)} test records")
+    datasets = []
+    for name, records in (("training", train), ("validation", val)):
+        dataset = InstructionDataset(records, tokenizer, eot, settings["allowed_max_length"], settings["mask_prompt"])
+        if dataset.dropped:
+            print(f"warning: dropped {dataset.dropped} of {len(records)} {name} records: nothing of their response "
+                  f"fits in {settings['allowed_max_length']} tokens{' after the masked prompt' if settings['mask_prompt'] else ''}"
+                  f" (raise --max-length up to the context, {model.cfg['context_length']}, or shorten them)", file=sys.stderr)
+        if not len(dataset):
+            raise UsageError(f"no {name} record of {settings['data']} keeps any response token within "
+                             f"{settings['allowed_max_length']} tokens: nothing to learn from")
+        datasets.append(dataset)
     config = _train_config(args, settings, checkpoint)
-    train_loader = DataLoader(part(train), settings["batch_size"], shuffle=True, drop_last=True, seed=settings["seed"])
-    val_loader = DataLoader(part(val), settings["batch_size"])
+    train_loader = DataLoader(datasets[0], settings["batch_size"], shuffle=True, drop_last=True, seed=settings["seed"])
+    val_loader = DataLoader(datasets[1], settings["batch_size"])
     trainer = InstructionTrainer(model, _optimizer(model, config), train_loader, val_loader, tokenizer, config,
                                  out_dir=run_dir, progress=not args.no_progress, meta=settings, sample_entry=val[0])
-    _run(trainer, checkpoint)
+    if not _run(trainer, start):
+        return 130
     records = test[:args.responses] if args.responses is not None else test
     if records:
         path = run_dir / "test-responses.json"
@@ -173,17 +270,20 @@ def _finetune_instruct(args) -> int:
 
 def _chat(args) -> int:
     import tinygpt as tg
-    from tinygpt.checkpoint import load_checkpoint
+    from tinygpt.cli import load_language_model
     from tinygpt.finetune.instruct import generate_response
     from tinygpt.finetune.lora import merge_lora
     from tinygpt.generate import StreamPrinter
 
-    checkpoint = load_checkpoint(args.checkpoint, device=args.device, bpe_file=args.bpe_file)
+    checkpoint = load_language_model(args.checkpoint, args.device, args.bpe_file, "chat")
     model, tokenizer = merge_lora(checkpoint.model), checkpoint.tokenizer
+    v.check_top_k(args.top_k, model.cfg["vocab_size"])
     tg.manual_seed(args.seed)
     interactive = args.instruction is None
     if interactive and sys.stdin.isatty():
         print("Type an instruction and press Enter (Ctrl-D to quit).")
+    elif not interactive and not args.instruction.strip():
+        raise UsageError("the INSTRUCTION is empty; give one, or none to read them from stdin")
     instructions = [args.instruction] if not interactive else (line.strip() for line in sys.stdin)
     for instruction in instructions:
         if not instruction:
@@ -212,78 +312,93 @@ def _download(args) -> int:
 # ------------------------------------------------------------------ options
 
 def _common(p, init_default: str, out_default: str, epochs_default: int, eval_freq: int) -> None:
-    p.add_argument("--data", help="the data file (required unless --resume)")
-    p.add_argument("--init", default=init_default,
-                   help=f"gpt2, gpt2-medium, ... (downloaded once), a Hugging Face GPT-2 folder, or a `tinygpt train` run (default {init_default})")
-    p.add_argument("--epochs", type=int, help=f"default {epochs_default}, as the book")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=BOOK["batch_size"])
-    p.add_argument("--lr", type=float, default=BOOK["lr"])
-    p.add_argument("--weight-decay", type=float, default=BOOK["weight_decay"])
-    p.add_argument("--max-length", type=int, help="truncate examples to this many tokens")
-    p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank instead of the weights (appendix E)")
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--eval-freq", type=int, default=eval_freq)
-    p.add_argument("--eval-iter", type=int, default=5)
-    p.add_argument("--checkpoint-every", type=int, default=200)
-    p.add_argument("--out", default=out_default, help="run directory")
-    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
-    p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--bpe-file", help="local GPT-2 ranks file for offline use (or TINYGPT_BPE_FILE)")
+    p.add_argument("--data", type=v.existing_file, help="the data file (required unless --resume; "
+                   "with --resume: continue on this file instead of the run's own)")
+    p.add_argument("--init", help=f"gpt2, gpt2-medium, ... (downloaded once), a Hugging Face GPT-2 folder, "
+                                  f"or a `tinygpt train` run (default {init_default})")
+    p.add_argument("--epochs", type=v.positive_int, help=f"default {epochs_default}, as the book")
+    p.add_argument("--max-steps", type=v.positive_int, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=v.positive_int, help=f"default {BOOK['batch_size']}")
+    p.add_argument("--lr", type=v.positive, help=f"default {BOOK['lr']}; with --resume, e.g. a lower one after a divergence")
+    p.add_argument("--weight-decay", type=v.non_negative, help=f"default {BOOK['weight_decay']}")
+    p.add_argument("--max-length", type=v.positive_int, help="truncate examples to this many tokens")
+    p.add_argument("--lora-rank", type=v.positive_int, help="train LoRA adapters of this rank instead of the weights (appendix E)")
+    p.add_argument("--lora-alpha", type=v.positive, help=f"default {NEW_RUN['lora_alpha']}")
+    p.add_argument("--eval-freq", type=v.positive_int, help=f"evaluate every this many steps (default {eval_freq})")
+    p.add_argument("--eval-iter", type=v.positive_int, help=f"batches per evaluation (default {NEW_RUN['eval_iter']})")
+    p.add_argument("--checkpoint-every", type=v.count, help=f"0: only at the end (default {NEW_RUN['checkpoint_every']})")
+    p.add_argument("--out", help=f"run directory (default {out_default}); with --resume: branch into this new directory")
+    p.add_argument("--resume", metavar="DIR", type=v.existing_path, help="continue the run saved in DIR")
+    p.add_argument("--reset-optimizer", action="store_true", help="with --resume: restart AdamW's running averages (when its state is lost)")
+    p.add_argument("--seed", type=v.seed, help=f"default {NEW_RUN['seed']}")
+    p.add_argument("--device", choices=["cpu", "cuda", "strict"], help="default $TINYGPT_DEVICE or cpu")
+    p.add_argument("--bpe-file", type=v.existing_file, help="local GPT-2 ranks file for offline use (or TINYGPT_BPE_FILE)")
     p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(init_default=init_default, out_default=out_default, eval_freq_default=eval_freq)
 
 
-def _require_data(run):
-    def checked(args) -> int:
-        if not args.resume and not args.data:
-            raise ValueError("--data FILE is required (unless --resume DIR)")
-        if args.resume and args.data:
-            raise ValueError("--resume continues with the run's own data; leave out --data")
-        return run(args)
-    return checked
+def _finetune(task: str, body):
+    """The command: check the options, start or resume the run, and hold its directory's lock."""
+    def run(args) -> int:
+        from tinygpt.checkpoint import checkpoints
+        from tinygpt.rundir import RunLock
+
+        if not args.resume:
+            if not args.data:
+                raise UsageError("--data FILE is required (unless --resume DIR)")
+            if args.reset_optimizer:
+                raise UsageError("--reset-optimizer applies only with --resume DIR")
+            args.init, args.out = args.init or args.init_default, args.out or args.out_default
+            args.eval_freq = args.eval_freq or args.eval_freq_default
+        start = _start(args, task)
+        with RunLock(start.run_dir):
+            if start.checkpoint is None and (checkpoints(start.run_dir) or (start.run_dir / "latest").exists()):
+                raise UsageError(f"{start.run_dir} already holds a run; continue it with --resume {start.run_dir}, "
+                                 f"or pick another --out")
+            return body(args, start)
+    return run
 
 
 def add_commands(sub) -> None:
     p = sub.add_parser("finetune-classify", help="finetune a GPT into a text classifier (book chapter 6)")
     _common(p, "gpt2", "runs/classifier", 5, 50)
-    p.add_argument("--text-column", default="Text")
-    p.add_argument("--label-column", default="Label")
-    p.add_argument("--balance", action="store_true", help="undersample every label to the rarest one's count")
-    p.add_argument("--train-frac", type=float, default=0.7)
-    p.add_argument("--val-frac", type=float, default=0.1)
-    p.add_argument("--trainable-blocks", type=int, default=1, help="train this many top transformer blocks")
-    p.add_argument("--train-all", dest="trainable_blocks", action="store_const", const=None,
+    p.add_argument("--text-column", help="default Text")
+    p.add_argument("--label-column", help="default Label")
+    p.add_argument("--balance", action="store_true", default=None, help="undersample every label to the rarest one's count")
+    p.add_argument("--train-frac", type=v.fraction, help="default 0.7")
+    p.add_argument("--val-frac", type=v.fraction, help="default 0.1")
+    p.add_argument("--trainable-blocks", type=v.count, help="train this many top transformer blocks (default 1)")
+    p.add_argument("--train-all", dest="trainable_blocks", action="store_const", const="all",
                    help="train the whole model, embeddings included")
-    p.set_defaults(run=_require_data(_finetune_classify))
+    p.set_defaults(run=_finetune("classify", _finetune_classify))
 
     p = sub.add_parser("classify", help="label texts with a model from `tinygpt finetune-classify`")
-    p.add_argument("--checkpoint", required=True, metavar="DIR")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", type=v.existing_path)
     p.add_argument("texts", nargs="+", metavar="TEXT")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--bpe-file")
+    p.add_argument("--device", choices=["cpu", "cuda", "strict"], help="default $TINYGPT_DEVICE or cpu")
+    p.add_argument("--bpe-file", type=v.existing_file)
     p.set_defaults(run=_classify)
 
     p = sub.add_parser("finetune-instruct", help="finetune a GPT to follow instructions (book chapter 7)")
     _common(p, "gpt2-medium", "runs/instruct", 2, 5)
-    p.add_argument("--train-frac", type=float, default=0.85)
-    p.add_argument("--test-frac", type=float, default=0.1)
-    p.add_argument("--mask-prompt", action="store_true", help="score only the response tokens")
-    p.add_argument("--sample-tokens", type=int, default=50, help="length of the responses shown while training")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest response to the held-out instructions")
-    p.add_argument("--responses", type=int, help="answer only the first N held-out instructions (default: all)")
-    p.set_defaults(run=_require_data(_finetune_instruct))
+    p.add_argument("--train-frac", type=v.fraction, help="default 0.85")
+    p.add_argument("--test-frac", type=v.real(at_least=0, below=1), help="default 0.1")
+    p.add_argument("--mask-prompt", action="store_true", default=None, help="score only the response tokens")
+    p.add_argument("--sample-tokens", type=v.count, help="length of the responses shown while training (default 50)")
+    p.add_argument("--max-new-tokens", type=v.count, default=256, help="longest response to the held-out instructions")
+    p.add_argument("--responses", type=v.count, help="answer only the first N held-out instructions (default: all)")
+    p.set_defaults(run=_finetune("instruct", _finetune_instruct))
 
     p = sub.add_parser("chat", help="answer instructions with a model from `tinygpt finetune-instruct`")
-    p.add_argument("--checkpoint", required=True, metavar="DIR")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", type=v.existing_path)
     p.add_argument("instruction", nargs="?", help="one instruction (default: read one per line from stdin)")
     p.add_argument("--input", help="the optional input field of the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--bpe-file")
+    p.add_argument("--max-new-tokens", type=v.count, default=256)
+    p.add_argument("--temperature", type=v.non_negative, default=0.0)
+    p.add_argument("--top-k", type=v.positive_int)
+    p.add_argument("--seed", type=v.seed, default=123)
+    p.add_argument("--device", choices=["cpu", "cuda", "strict"], help="default $TINYGPT_DEVICE or cpu")
+    p.add_argument("--bpe-file", type=v.existing_file)
     p.set_defaults(run=_chat)
 
     from tinygpt.pretrained import GPT2_NAMES
@@ -292,4 +407,3 @@ def add_commands(sub) -> None:
     p.add_argument("name", choices=[*GPT2_NAMES, "sms-spam"])
     p.add_argument("--dir", help="where to put it (default: the weights cache, or ./data for sms-spam)")
     p.set_defaults(run=_download)
-

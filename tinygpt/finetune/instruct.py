@@ -65,14 +65,24 @@ def split_instruction_data(records: Sequence[dict], train_frac: float = 0.85, te
 
 class InstructionDataset:
     """Each record as token ids of prompt + response, with the prompt's length (for masking).
-    `batch(indices)` collates records into (inputs, targets), so a DataLoader can serve it."""
+    `batch(indices)` collates records into (inputs, targets), so a DataLoader can serve it.
+
+    A record that would keep no target after truncation to allowed_max_length (with
+    mask_prompt, a prompt that fills the whole length) is dropped, and counted in `dropped`:
+    a batch of such records alone would have no loss to learn from."""
 
     def __init__(self, records: Sequence[dict[str, str]], tokenizer: Any, pad_token_id: int = 50256,
                  allowed_max_length: int | None = None, mask_prompt: bool = False):
-        self.items = []
+        self.items, self.dropped = [], 0
         for entry in records:
             prompt = encode_text(tokenizer, format_input(entry))
-            self.items.append((prompt + encode_text(tokenizer, format_response(entry)), len(prompt)))
+            ids = prompt + encode_text(tokenizer, format_response(entry))
+            # targets[t] predicts token t + 1; the scored ones run from first_scored to len(ids) - 1
+            first_scored = len(prompt) - 1 if mask_prompt else 0
+            if allowed_max_length is not None and first_scored >= min(len(ids), allowed_max_length):
+                self.dropped += 1
+                continue
+            self.items.append((ids, len(prompt)))
         self.pad_token_id, self.allowed_max_length, self.mask_prompt = pad_token_id, allowed_max_length, mask_prompt
 
     def __len__(self) -> int:
