@@ -9,6 +9,7 @@ import pytest
 
 import tinygpt as tg
 import tinygpt.functional as F
+from tinygpt.backend import backend_of
 
 
 def numbers_in(message: str) -> list[int]:
@@ -164,3 +165,86 @@ def test_backward_on_non_scalar_without_gradient_raises_runtime_error_naming_sha
     y = tg.randn(*shape, requires_grad=True) * 2.0
     with pytest.raises(RuntimeError, match=re.escape(str(shape))):
         y.backward()
+
+
+# ============================================================================ shapes of every functional op
+
+SHAPE_ERRORS = {  # name: (call, words the message must hold)
+    "linear bias": (lambda: F.linear(tg.randn(2, 3), tg.randn(4, 3), tg.randn(3)), ["linear", "bias", "(3,)", "(4, 3)"]),
+    "linear weight 1-D": (lambda: F.linear(tg.randn(2, 3), tg.randn(3)), ["linear", "weight", "(3,)"]),
+    "layer_norm scale": (lambda: F.layer_norm(tg.randn(2, 5), tg.randn(4), tg.randn(5)),
+                         ["layer_norm", "scale", "(4,)", "(2, 5)"]),
+    "layer_norm shift": (lambda: F.layer_norm(tg.randn(2, 5), tg.randn(5), tg.randn(1, 5)),
+                         ["layer_norm", "shift", "(1, 5)", "(2, 5)"]),
+    "layer_norm eps": (lambda: F.layer_norm(tg.randn(2, 5), tg.randn(5), tg.randn(5), eps=0.0), ["layer_norm", "eps", "0.0"]),
+    "embedding weight 1-D": (lambda: F.embedding(np.array([0, 1]), tg.randn(4)), ["embedding", "weight", "(4,)"]),
+    "cross_entropy targets": (lambda: F.cross_entropy(tg.randn(2, 3, 4), np.zeros((3, 2), dtype=int)),
+                              ["cross_entropy", "(2, 3, 4)", "(3, 2)"]),
+    "softmax axis": (lambda: F.softmax(tg.randn(2, 3), axis=2), ["softmax", "axis 2", "(2, 3)"]),
+    "log_softmax axis": (lambda: F.log_softmax(tg.randn(2, 3), axis=-3), ["log_softmax", "axis -3", "(2, 3)"]),
+}
+
+
+@pytest.mark.parametrize("case", SHAPE_ERRORS)
+def test_functional_op_with_a_wrong_shape_names_the_op_the_argument_and_the_shapes(device, case):
+    call, words = SHAPE_ERRORS[case]
+    with pytest.raises(ValueError) as raised:
+        call()
+    for word in words:
+        assert word in str(raised.value), (word, str(raised.value))
+
+
+def test_cross_entropy_with_float_targets_is_a_type_error(device):
+    with pytest.raises(TypeError, match="cross_entropy: targets must be integers, got dtype float"):
+        F.cross_entropy(tg.randn(2, 3), np.array([0.0, 1.0]))
+
+
+@pytest.mark.parametrize("data", [["a", "b"], "text", [{"x": 1}], [None, 1.0]])
+def test_tensor_refuses_data_that_is_not_numbers(data):
+    with pytest.raises(TypeError, match="tensor data must be numbers or booleans"):
+        tg.tensor(data)
+
+
+class WrongShapeGradient(tg.Function):
+    """y = 2x with a backward that returns a gradient of the wrong shape."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.reshape(-1)[:1]
+
+
+class TooManyGradients(tg.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2 * grad, grad
+
+
+def test_function_returning_a_wrongly_shaped_gradient_is_named_with_both_shapes(device):
+    x = tg.randn(2, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"WrongShapeGradient.backward returned a gradient of shape \(1,\) for input 0 of shape \(2, 3\)"):
+        WrongShapeGradient.apply(x).sum().backward()
+    with pytest.raises(RuntimeError, match="TooManyGradients.backward returned 2 gradients for 1 inputs"):
+        TooManyGradients.apply(x).sum().backward()
+
+
+def test_a_gradient_that_broadcasts_to_the_input_is_summed_not_refused(device):
+    class Broadcasting(tg.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 1.0
+
+        @staticmethod
+        def backward(ctx, grad):
+            return backend_of(grad).ones((4, 1, 3), dtype=grad.dtype)  # one extra leading axis
+
+    x = tg.tensor(np.ones((1, 3)), requires_grad=True)
+    Broadcasting.apply(x).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [[4.0, 4.0, 4.0]])

@@ -14,18 +14,14 @@ cross-entropy, ...) are in `functional.py`, on the same `Function` base.
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any, Sequence
 
 from tinygpt import backend
 from tinygpt.backend import backend_of, device_of, is_array
+from tinygpt.grads import GradientSums, HookHandle, call_backward, observers
 
 _grad_enabled = True
 
-# Watchers of the graph (tinygpt.trace: trace() and detect_anomaly() add one while active).
-# Each has on_forward(ctx, output) and on_backward(node, grad_output, grad_inputs, seconds).
-# Empty by default, so watching costs nothing when nobody watches.
-observers: list = []
 
 
 class no_grad:
@@ -50,19 +46,6 @@ class no_grad:
 
 def is_grad_enabled() -> bool:
     return _grad_enabled
-
-
-def unbroadcast(grad, shape: tuple[int, ...]):
-    """Undo broadcasting: sum `grad` down to `shape`.
-
-    If y = broadcast(x), each element of x was copied into several elements of y, so
-    dL/dx is the sum of dL/dy over those copies: over the leading axes that broadcasting
-    added, and over the axes where x had size 1."""
-    if grad.shape == tuple(shape):
-        return grad
-    extra = grad.ndim - len(shape)
-    axes = tuple(range(extra)) + tuple(i + extra for i, n in enumerate(shape) if n == 1 and grad.shape[i + extra] != 1)
-    return grad.sum(axis=axes).reshape(shape)
 
 
 class Function:
@@ -207,7 +190,7 @@ class Tensor:
             if seed.shape != self.data.shape:
                 raise ValueError(f"backward(): gradient shape {tuple(seed.shape)} does not match tensor shape {self.shape}")
 
-        grads = _GradientSums(retain_graph)
+        grads = GradientSums(retain_graph)
         grads.add(self, seed, fresh=True)
         for node in self._reverse_topological_order():
             if not grads.has(node):
@@ -219,20 +202,20 @@ class Tensor:
             if node.is_leaf:
                 continue
             ctx = node._ctx
-            input_grads = _call_backward(node, g)
+            input_grads = call_backward(node, g)
             for t, t_grad in zip(ctx.inputs, input_grads):
                 if t is not None and t_grad is not None and t.requires_grad:
                     grads.add_from(t, t_grad, g, input_grads)
             if not retain_graph:  # free what backward saved, as soon as it is used
                 node._ctx, node._graph_freed = None, True
 
-    def register_hook(self, fn) -> "_HookHandle":
+    def register_hook(self, fn) -> HookHandle:
         """Call fn(grad) when the gradient of this tensor has been summed, before it is used
         (passed on through the graph, or added to `.grad` of a leaf). fn may return a Tensor
         (or array) to use instead. Returns a handle whose remove() takes the hook off."""
         if not self.requires_grad:
             raise RuntimeError("register_hook on a tensor that does not require grad")
-        handle = _HookHandle(self._hooks)
+        handle = HookHandle(self._hooks)
         self._hooks[handle.id] = fn
         return handle
 
@@ -386,90 +369,6 @@ def _index_on_device(index, device: str):
     if isinstance(index, list) or is_array(index):
         return backend.to_device(index, device)
     return index
-
-
-# ====================================================================== backward's helpers
-
-class _GradientSums:
-    """dL/d(node) for the nodes backward has reached, summed as gradients arrive.
-
-    Summing without copying: a gradient array is *owned* when nothing but this table refers
-    to it. Then later gradients are added into it in place, and a leaf may keep it as its
-    `.grad`. An array that a Function's backward returns is owned when it is new: not a view
-    of another array, not the incoming gradient passed straight through (as Add does), not
-    returned twice, and not kept by a graph that lives on (retain_graph). Anything else is
-    copied the first time something is added to it."""
-
-    def __init__(self, retain_graph: bool):
-        self.retain_graph = retain_graph
-        self.sums: dict[int, Any] = {}
-        self.owned: dict[int, bool] = {}
-
-    def has(self, node: "Tensor") -> bool:
-        return id(node) in self.sums
-
-    def pop(self, node: "Tensor"):
-        """(the summed gradient of node, whether it is owned), removed from the table."""
-        return self.sums.pop(id(node)), self.owned.pop(id(node))
-
-    def add(self, node: "Tensor", grad, fresh: bool) -> None:
-        key = id(node)
-        if key not in self.sums:
-            self.sums[key], self.owned[key] = grad, fresh
-        elif self.owned[key]:
-            self.sums[key] += grad
-        else:
-            self.sums[key], self.owned[key] = self.sums[key] + grad, True
-
-    def add_from(self, node: "Tensor", grad, incoming, returned: tuple) -> None:
-        """Add `grad`, one of the gradients `returned` by a backward that was given `incoming`,
-        to node's sum, broadcasting undone."""
-        fresh = (not self.retain_graph and grad is not incoming and getattr(grad, "base", None) is None
-                 and sum(r is grad for r in returned) == 1)
-        reduced = unbroadcast(grad, node.shape)
-        if reduced is not grad:  # unbroadcast summed into a new array
-            grad, fresh = reduced, True
-        if not is_array(grad):  # NumPy turns 0-d results into scalars; keep arrays of node's dtype
-            grad, fresh = backend_of(node.data).asarray(grad, dtype=node.dtype), True
-        self.add(node, grad, fresh)
-
-
-def _call_backward(node: "Tensor", grad) -> tuple:
-    """The backward of the Function that made node, given dL/d(node): one gradient (or None)
-    per input, each checked to fit its input's shape (up to broadcasting)."""
-    ctx = node._ctx
-    started = time.perf_counter() if observers else 0.0
-    grads = ctx.backward(ctx, grad)
-    if not isinstance(grads, tuple):
-        grads = (grads,)
-    name = type(ctx).__name__
-    if len(grads) != len(ctx.inputs):
-        raise RuntimeError(f"{name}.backward returned {len(grads)} gradients for {len(ctx.inputs)} inputs")
-    for i, (t, g) in enumerate(zip(ctx.inputs, grads)):
-        if t is not None and g is not None and t.requires_grad and is_array(g) and not _fits(g.shape, t.shape):
-            raise RuntimeError(f"{name}.backward returned a gradient of shape {tuple(g.shape)} for input {i} of shape {t.shape}")
-    for observer in observers:
-        observer.on_backward(node, grad, grads, time.perf_counter() - started)
-    return grads
-
-
-def _fits(grad_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
-    """Whether unbroadcast can sum a gradient of grad_shape down to shape."""
-    extra = len(grad_shape) - len(shape)
-    return extra >= 0 and all(n == 1 or n == m for n, m in zip(shape, grad_shape[extra:]))
-
-
-class _HookHandle:
-    """What register_hook returns: remove() takes the hook off again."""
-    _next_id = 0
-
-    def __init__(self, hooks: dict):
-        self._hooks = hooks
-        self.id = _HookHandle._next_id
-        _HookHandle._next_id += 1
-
-    def remove(self) -> None:
-        self._hooks.pop(self.id, None)
 
 
 # ====================================================================== creation
