@@ -122,6 +122,10 @@ PLANTED = [
     ("block", "b_1", "g = grads['h'].sum(axis=0)", "missing the sum over a broadcast axis"),
     ("block", "scores", "g = -g", "sign flipped"),
     ("block", "shift1", "g = g / 12", "mean instead of sum"),
+    ("block", "x1", "g = g - dout", "missing a path: the gradient through the residual out = x1 + ff_out"),
+    ("block", "x", "g = g - grads['x1']", "missing a path: the gradient through the residual x1 = x + att_out"),
+    ("block", "ln1", "g = g - grads['k'].transpose(0, 2, 1, 3).reshape(3, 4, 6) @ cache['p']['W_k']",
+     "missing a path: the gradient through k = ln1 @ W_k.T"),
 ]
 
 
@@ -223,3 +227,10 @@ def test_layer_norm_walkthrough_fails_the_first_try_with_both_hints_then_passes(
     assert "missing the path through rstd" in first.wrong[0].hint
     assert "missing the sum over a broadcast axis" in first.wrong[1].hint and "(size 3 = T)" in first.wrong[1].hint
     assert fixed.passed and "PASS: all 3 gradients right" in fixed.report()
+
+
+def test_checker_refuses_to_judge_when_the_engine_disagrees_with_finite_differences(tmp_path, monkeypatch):
+    correct = F.LayerNorm.backward
+    monkeypatch.setattr(F.LayerNorm, "backward", staticmethod(lambda ctx, grad: tuple(g * 1.01 for g in correct(ctx, grad))))
+    with pytest.raises(RuntimeError, match="tinygpt's backward and finite differences disagree on dx"):
+        run_check("layer_norm", solution_file(tmp_path, "layer_norm"))

@@ -13,7 +13,7 @@ import numpy as np
 
 import tinygpt as tg
 import tinygpt.functional as F
-from tinygpt.exercises import answers
+from tinygpt.exercises import answers, hints
 from tinygpt.exercises.registry import Exercise, central_differences, scales
 from tinygpt.exercises.sheets import block as sheet
 
@@ -104,10 +104,29 @@ def engine(inputs, dout) -> dict:
     return {name: t.grad.numpy() for name, t in {**e, **p}.items()}
 
 
+def missing_path(theirs, expected, case: hints.Case):
+    """x, x1 and ln1 are each used more than once; their gradient is the sum over the uses.
+    Name the use whose gradient is missing (or the only one present)."""
+    if case.grad not in ("x", "x1", "ln1"):
+        return None
+    _, cache = sheet.forward(case.inputs["x"], case.inputs["p"])
+    d, p = answers.block(case.dout, cache), case.inputs["p"]
+    merged = lambda a: a.transpose(0, 2, 1, 3).reshape(B, T, C)  # noqa: E731
+    uses = {"x1": {"the residual out = x1 + ff_out": case.dout, "ln2 = layer_norm(x1)": d["x1"] - case.dout},
+            "x": {"the residual x1 = x + att_out": d["x1"], "ln1 = layer_norm(x)": d["x"] - d["x1"]},
+            "ln1": {f"{n} = ln1 @ W_{n}.T": merged(d[n]) @ p[f"W_{n}"] for n in "qkv"}}[case.grad]
+    for use, part in uses.items():
+        if hints.same(theirs, expected - part) or (len(uses) == 2 and hints.same(theirs, part)):
+            missing = use if hints.same(theirs, expected - part) else next(u for u in uses if u != use)
+            return (f"missing a path: the gradient through {missing} is not in yours. {case.grad} is used in "
+                    f"{len(uses)} places, so its gradient is the sum of the gradients of all its uses")
+    return None
+
+
 def solution() -> str:
     return f"# the answer key, tinygpt/exercises/answers.py\n{inspect.getsource(answers.block)}"
 
 
 BLOCK = Exercise("block", "hard", "a whole pre-norm GPT-2 block: the gradient of every intermediate, backprop-ninja style",
                  {"B": B, "T": T, "C": C, "H": H, "D": D}, draw, engine, answers.block, solution,
-                 grads=sheet.GRADIENTS, numeric=numeric)
+                 grads=sheet.GRADIENTS, numeric=numeric, hints=(missing_path,))

@@ -12,6 +12,9 @@ from fractions import Fraction
 import numpy as np
 
 
+GENERIC = "no simple pattern"  # how the hint starts when no recogniser fits
+
+
 @dataclass
 class Case:
     """What a recogniser may look at besides the two gradients."""
@@ -36,7 +39,7 @@ def hint(theirs: np.ndarray, expected: np.ndarray, case: Case, extra=()) -> str:
         if found:
             return found
     wrong = ~np.isclose(theirs, expected, rtol=1e-5, atol=1e-6 * max(float(np.abs(expected).max()), 1e-12))
-    return (f"no simple pattern (not a constant factor, not transposed, not a missing sum): {int(wrong.sum())} of "
+    return (f"{GENERIC} (not a constant factor, not transposed, not a missing sum): {int(wrong.sum())} of "
             f"{wrong.size} elements are wrong. Work out the worst element by hand from the forward's math")
 
 
