@@ -84,7 +84,9 @@ def load(path, name: str):
         raise LearnerError(f"{path}: no such file; write one with: tinygpt exercise start {name}")
     spec = importlib.util.spec_from_file_location(f"tinygpt_exercise_{name}", path)
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.resolve().parent))  # so their file may import a helper next to it
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)  # so their file may import a helper next to it
+    sys.modules[spec.name] = module  # as a normal import does (dataclasses in their file look it up)
     try:
         spec.loader.exec_module(module)
     except SyntaxError as e:
@@ -92,7 +94,8 @@ def load(path, name: str):
     except (Exception, SystemExit) as e:
         raise LearnerError(their_traceback(e, path, f"importing {path}")) from None
     finally:
-        sys.path.remove(str(path.resolve().parent))
+        sys.path.remove(folder)
+        sys.modules.pop(spec.name, None)
     for function in ("forward", "backward"):
         if not callable(getattr(module, function, None)):
             raise LearnerError(f"{path} defines no function {function}(); start from the sheet: tinygpt exercise start {name}")
@@ -120,8 +123,11 @@ def _their_gradients(module, exercise: Exercise, inputs, dout, path: Path) -> di
     result = _call(path, "forward", module.forward, *_copy(inputs).values())
     if not (isinstance(result, tuple) and len(result) == 2):
         raise LearnerError(f"{path}: forward must return (output, cache) as the sheet's does")
-    out = np.asarray(result[0], dtype=np.float64)
-    if not hints.same(out, reference):
+    try:
+        out = np.asarray(result[0], dtype=np.float64)
+    except (TypeError, ValueError):
+        out = None
+    if out is None or not hints.same(out, reference):
         raise LearnerError(f"{path}: your forward computes something else than the exercise's forward; keep its "
                            "output as `start` wrote it (saving more in the cache is fine)")
     returned = _call(path, "backward", module.backward, np.array(dout, dtype=np.float64), result[1])

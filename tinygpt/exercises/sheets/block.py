@@ -20,7 +20,8 @@ Your task: write backward(dout, cache) returning a dict {name: dL/dname} for eve
 in GRADIENTS, given dout = dL/dout. Two things to keep in mind:
   - a value used in several places (x, ln1, x1) gets the SUM of the gradients of its uses;
   - reshapes and transposes are undone by the inverse reshape or transpose.
-You did layer_norm, softmax, gelu and linear as single exercises: here they are steps.
+You did layer_norm, softmax, gelu and linear as single exercises: here they are steps
+(recompute what a step's backward needs, such as xhat and rstd, from the values in cache).
 The checker tells you which gradient is the first wrong one going backward: fix that one
 first, the ones after it may only inherit its error.
 
