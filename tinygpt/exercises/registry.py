@@ -19,7 +19,7 @@ import tinygpt.functional as F
 from tinygpt.exercises import answers, hints
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per exercise
 class Exercise:
     name: str
     difficulty: str                     # easy / medium / hard
