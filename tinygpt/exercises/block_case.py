@@ -17,7 +17,7 @@ from tinygpt.exercises import answers, hints
 from tinygpt.exercises.registry import Exercise, central_differences, scales
 from tinygpt.exercises.sheets import block as sheet
 
-B, T, C, H = 3, 4, 6, 2
+B, T, C, H = 5, 4, 6, 2
 D = C // H
 PARAMS = ("scale1", "shift1", "W_q", "W_k", "W_v", "W_o", "b_o", "scale2", "shift2", "W_1", "b_1", "W_2", "b_2")
 FUTURE = np.triu(np.ones((T, T), dtype=bool), k=1)

@@ -7,7 +7,7 @@ The forward below is split into named intermediates. In the spirit of the "backp
 ninja" exercise of Karpathy's makemore series, you write the gradient of the loss with
 respect to every one of them, going backward from out to x, and of every parameter.
 
-Shapes (B = 3, T = 4, C = 6, H = 2 heads of D = 3, hidden 4C = 24 in the check):
+Shapes (B = 5, T = 4, C = 6, H = 2 heads of D = 3, hidden 4C = 24 in the check):
     x, ln1, ctx, att_out, x1, ln2, ff_out, out    [B, T, C]
     q, k, v                                       [B, H, T, D]
     scores, att                                   [B, H, T, T]
