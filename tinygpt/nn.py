@@ -7,11 +7,14 @@ keys the book uses ("trf_blocks.0.att.W_query.weight", ...).
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
 from typing import Iterator
 
-from tinygpt import backend
+from tinygpt import backend, hooks
 from tinygpt import functional as F
-from tinygpt.tensor import Tensor, ones, zeros
+from tinygpt.tensor import Tensor, observers, ones, zeros
+
+_NO_HOOKS = MappingProxyType({})  # read-only: register_*_hook gives a module its own dict
 
 
 class Parameter(Tensor):
@@ -34,12 +37,27 @@ def uniform_parameter(shape: tuple[int, ...], bound: float) -> Parameter:
 
 class Module:
     training = True
+    _forward_hooks = _backward_hooks = _NO_HOOKS
 
     def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
+        if not (observers or self._forward_hooks or self._backward_hooks):
+            return self.forward(*args, **kwargs)
+        return hooks.call_module(self, args, kwargs)  # watched: module path, hooks
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ hooks (PyTorch's semantics)
+    def register_forward_hook(self, fn) -> "hooks.HookHandle":
+        """Call fn(module, inputs, output) after each forward; a value it returns replaces the
+        output. Returns a handle whose remove() takes the hook off."""
+        return hooks.add_hook(self.__dict__.setdefault("_forward_hooks", {}), fn)
+
+    def register_full_backward_hook(self, fn) -> "hooks.HookHandle":
+        """Call fn(module, grad_inputs, grad_outputs) in backward, once the gradients with respect
+        to the module's positional inputs have arrived (None for inputs that are not tensors or
+        need no gradient); a tuple it returns replaces grad_inputs. Returns a handle with remove()."""
+        return hooks.add_hook(self.__dict__.setdefault("_backward_hooks", {}), fn)
 
     # ------------------------------------------------------------------ traversal
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:

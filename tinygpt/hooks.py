@@ -1,0 +1,162 @@
+"""Module hooks with PyTorch's semantics, and the module path of the op being run.
+
+`Module.__call__` (nn.py) comes here only when someone watches: a module has hooks, or a
+trace / anomaly detector is in `tensor.observers`. Otherwise it calls forward directly, so
+an unwatched model pays one truth test per module call.
+
+A full backward hook needs the gradients with respect to a module's inputs and outputs.
+As in PyTorch, each tensor input (and output) is passed through an identity node; a tensor
+hook on the identity's output sees the gradient arriving there. The module's hook is
+called once the gradient of every input has arrived, and may replace them.
+"""
+from __future__ import annotations
+
+import functools
+
+from tinygpt.tensor import Function, Tensor, is_grad_enabled, observers
+from tinygpt.tensor import HookHandle
+
+# The module calls in progress, outermost first, and the path of every module below the
+# outermost one, as its named_modules() gives them ("" is the outermost module itself).
+_paths: list[str] = []
+_names: dict[int, str] = {}
+_parameter_names: dict[int, str] = {}
+
+
+def current_module() -> str | None:
+    """The dotted path of the innermost module being called ("trf_blocks.3.att"), "" for the
+    outermost module's own code, None outside any module. Known only while someone watches."""
+    return _paths[-1] if _paths else None
+
+
+def parameter_name(t: Tensor) -> str | None:
+    """The name of a parameter of the outermost module called last while watching, if t is one."""
+    return _parameter_names.get(id(t))
+
+
+def add_hook(hooks: dict, fn) -> HookHandle:
+    handle = HookHandle(hooks)
+    hooks[handle.id] = fn
+    return handle
+
+
+def call_module(module, args: tuple, kwargs: dict):
+    """module.forward(*args, **kwargs) with its path pushed and its hooks run."""
+    _enter(module)
+    try:
+        backward = _FullBackwardHook(module) if module._backward_hooks else None
+        if backward is not None:
+            args = backward.wrap_inputs(args)
+        output = module.forward(*args, **kwargs)
+        for fn in list(module._forward_hooks.values()):
+            result = fn(module, args, output)
+            if result is not None:
+                output = result
+        if backward is not None:
+            output = backward.wrap_outputs(output)
+        for observer in observers:
+            if hasattr(observer, "on_module"):
+                observer.on_module(_paths[-1], module, output)
+        return output
+    finally:
+        _paths.pop()
+
+
+def _enter(module) -> None:
+    if not _paths:  # the outermost call names every module below it
+        _names.clear()
+        _names.update((id(m), name) for name, m in module.named_modules())
+        _parameter_names.clear()
+        _parameter_names.update((id(p), name) for name, p in module.named_parameters())
+    path = _names.get(id(module))
+    if path is None:  # a module outside the outermost one's tree: name it by its class
+        path = f"{_paths[-1]}.{type(module).__name__}" if _paths[-1] else type(module).__name__
+    _paths.append(path)
+
+
+class HookIdentity(Function):
+    """y = x, dL/dx = dL/dy: a node where a full backward hook can see a gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _FullBackwardHook:
+    """One module call's hooks: collects dL/d(outputs), then dL/d(inputs), then calls them."""
+
+    def __init__(self, module):
+        self.module = module
+        self.grad_inputs: list = []
+        self.grad_outputs: list = []
+        self.wrapped_inputs = self.wrapped_outputs = 0
+        self.inputs_arrived = self.outputs_arrived = 0  # in the backward under way
+
+    def wrap_inputs(self, args: tuple) -> tuple:
+        """args with every tensor that requires grad passed through an identity node."""
+        self.grad_inputs = [None] * len(args)
+        if not is_grad_enabled():
+            return args
+        args = list(args)
+        for i, a in enumerate(args):
+            if isinstance(a, Tensor) and a.requires_grad:
+                args[i] = HookIdentity.apply(a)
+                args[i].register_hook(functools.partial(self._input_arrived, i))
+                self.wrapped_inputs += 1
+        return tuple(args)
+
+    def wrap_outputs(self, output):
+        outputs = list(output) if isinstance(output, tuple) else [output]
+        self.grad_outputs = [None] * len(outputs)
+        for i, o in enumerate(outputs):
+            if isinstance(o, Tensor) and o.requires_grad:
+                outputs[i] = HookIdentity.apply(o)
+                outputs[i].register_hook(functools.partial(self._output_arrived, i))
+                self.wrapped_outputs += 1
+        return tuple(outputs) if isinstance(output, tuple) else outputs[0]
+
+    def _output_arrived(self, i: int, grad: Tensor) -> None:
+        self.grad_outputs[i] = grad
+        self.outputs_arrived += 1
+        if self.outputs_arrived < self.wrapped_outputs:
+            return
+        self.outputs_arrived = 0
+        if self.wrapped_inputs == 0:  # no input needs a gradient: PyTorch calls the hooks now, with None for each
+            for fn in list(self.module._backward_hooks.values()):
+                result = fn(self.module, tuple(self.grad_inputs), tuple(self.grad_outputs))
+                if result is not None and any(r is not None for r in result):
+                    raise RuntimeError(f"backward hook {_name(fn)} of {type(self.module).__name__} returned gradients, "
+                                       "but no input of the module requires grad: return None")
+
+    def _input_arrived(self, i: int, grad: Tensor):
+        """The tensor hook of input i: when it is the last to arrive, run the module's hooks
+        and return the (possibly replaced) gradient of input i."""
+        self.grad_inputs[i] = grad
+        self.inputs_arrived += 1
+        if self.inputs_arrived < self.wrapped_inputs:
+            return None
+        self.inputs_arrived = 0
+        arrived = list(self.grad_inputs)
+        for fn in list(self.module._backward_hooks.values()):
+            result = fn(self.module, tuple(self.grad_inputs), tuple(self.grad_outputs))
+            if result is None:
+                continue
+            result = tuple(result)
+            if len(result) != len(self.grad_inputs):
+                raise RuntimeError(f"backward hook {_name(fn)} returned {len(result)} gradients for "
+                                   f"{len(self.grad_inputs)} inputs of {type(self.module).__name__}")
+            self.grad_inputs = [r if isinstance(r, Tensor) or r is None else Tensor(r) for r in result]
+        for j, (before, after) in enumerate(zip(arrived, self.grad_inputs)):
+            if j != i and after is not before:
+                raise RuntimeError(f"backward hook of {type(self.module).__name__}: replacing the gradient of input {j} "
+                                   "is possible only for the input whose gradient arrived last; this module has several "
+                                   "inputs that require grad")
+        return self.grad_inputs[i]
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__qualname__", repr(fn))
