@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tinygpt.finetune.cli import add_commands
 
     add_commands(sub)
+    from tinygpt.trace_cli import add_commands as add_trace_commands
+
+    add_trace_commands(sub)
     return parser
 
 

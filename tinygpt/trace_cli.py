@@ -1,0 +1,101 @@
+"""`tinygpt trace`: one forward and backward of a GPT on real text, printed node by node.
+
+With no options: the small model of `tinygpt train` (random init), the text that ships with
+Python and its character tokenizer; a second or two on a CPU. `--model gpt2-small` builds
+the GPT-2 shape (random init, nothing downloaded); `--checkpoint DIR` traces a trained run.
+"""
+from __future__ import annotations
+
+import os
+
+from tinygpt import validation as v
+from tinygpt.validation import UsageError
+
+
+def _model_and_tokenizer(args):
+    """(model, tokenizer, what it is) for the options given."""
+    import tinygpt as tg
+    from tinygpt.data import CharTokenizer, gpt2_tokenizer
+    from tinygpt.model import GPT_PRESETS, GPTModel
+    from tinygpt.train_cli import DEFAULT_MODEL, default_corpus
+
+    if args.checkpoint:
+        from tinygpt.cli import load_language_model
+
+        checkpoint = load_language_model(args.checkpoint, args.device, args.bpe_file, "trace")
+        return checkpoint.model, checkpoint.tokenizer, f"checkpoint {checkpoint.path}"
+    tg.manual_seed(args.seed)
+    if args.model:
+        gpt2_tokens = args.bpe_file or os.environ.get("TINYGPT_BPE_FILE")
+        # a random-init model only needs valid ids: characters serve when GPT-2's ranks are not at hand
+        tokenizer = gpt2_tokenizer(args.bpe_file) if gpt2_tokens else CharTokenizer.from_text(default_corpus())
+        words = "GPT-2 tokens" if gpt2_tokens else "character ids (give --bpe-file for GPT-2 tokens)"
+        return GPTModel(GPT_PRESETS[args.model]), tokenizer, f"{args.model} shape, random init, {words}"
+    tokenizer = CharTokenizer.from_text(default_corpus())
+    model = GPTModel({**DEFAULT_MODEL, "vocab_size": tokenizer.n_vocab})
+    return model, tokenizer, "the default model of `tinygpt train`, random init, character tokens"
+
+
+def _batch(tokenizer, batch_size: int, tokens: int):
+    """(inputs, targets), each [B, T]: consecutive windows of the default text."""
+    import numpy as np
+
+    from tinygpt.data import encode_text
+    from tinygpt.train_cli import default_corpus
+
+    needed = batch_size * tokens + 1
+    text = default_corpus()
+    ids = encode_text(tokenizer, text[: 8 * needed])  # a token is at least one character
+    if len(ids) < needed:
+        raise UsageError(f"--batch-size {batch_size} x --tokens {tokens} needs {needed} tokens, "
+                         f"the default text has {len(ids)}")
+    ids = np.asarray(ids[:needed], dtype=np.int64)
+    return ids[:-1].reshape(batch_size, tokens), ids[1:].reshape(batch_size, tokens)
+
+
+def run_trace(args) -> int:
+    import tinygpt as tg
+    import tinygpt.functional as F
+    from tinygpt.files import atomic_write_text
+
+    for option in ("dot", "json", "html"):
+        path = getattr(args, option)
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UsageError(f"--{option} {path}: the folder {os.path.dirname(path)} does not exist")
+    model, tokenizer, what = _model_and_tokenizer(args)
+    context = model.cfg["context_length"]
+    if args.tokens > context:
+        raise UsageError(f"--tokens must be <= the model's context_length {context}, got {args.tokens}")
+    x, y = _batch(tokenizer, args.batch_size, args.tokens)
+    model.train()
+    with tg.trace() as t:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+    print(f"{what}: {model.num_parameters():,} parameters; batch {args.batch_size} x {args.tokens} tokens "
+          f"of the default text; loss {loss.item():.4f}")
+    print("backward nodes in the order they ran" + (" (flat)" if args.flat else ", per module") + ":\n")
+    print(t.table(flat=args.flat))
+    for path, text in ((args.dot, t.to_dot), (args.json, t.to_json), (args.html, t.to_html)):
+        if path:
+            atomic_write_text(path, text())
+            print(f"wrote {path}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    from tinygpt.model import GPT_PRESETS
+
+    p = sub.add_parser("trace", help="run one forward and backward on real text and print every backward node")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", metavar="DIR", type=v.existing_path, help="a run or checkpoint folder written by `tinygpt train`")
+    source.add_argument("--model", choices=list(GPT_PRESETS), help="a GPT-2 shape, random init (default: the small model of `tinygpt train`)")
+    p.add_argument("--batch-size", type=v.positive_int, default=2, help="default 2")
+    p.add_argument("--tokens", type=v.positive_int, default=64, help="tokens per row (default 64)")
+    p.add_argument("--flat", action="store_true", help="one line per node instead of one per module")
+    p.add_argument("--dot", metavar="FILE", help="also write the graph as Graphviz DOT text (draw it with: dot -Tsvg FILE -o graph.svg)")
+    p.add_argument("--json", metavar="FILE", help="also write every record as JSON")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page, one folding section per module")
+    p.add_argument("--bpe-file", type=v.existing_file, help="local GPT-2 ranks file (or TINYGPT_BPE_FILE)")
+    p.add_argument("--seed", type=v.seed, default=123, help="seed of the random init (default 123)")
+    p.add_argument("--device", choices=["cpu", "cuda", "strict"], help="default $TINYGPT_DEVICE or cpu")
+    p.set_defaults(run=run_trace)
