@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
-from tinygpt import validation
+from tinygpt import distributed, validation
 from tinygpt.train_cli import default_corpus  # noqa: F401  (part of this module's interface)
 from tinygpt.validation import UsageError
 
@@ -158,6 +159,7 @@ REPORT_BUG = ("tinygpt: internal error: this is a bug in tinygpt, not a mistake 
               "please report it with the command line and the traceback above")
 
 
+@distributed.end_every_rank_on_failure
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status: 0 done, 1 the run failed, 2 a mistake in
     the command line or the environment, 130 interrupted."""
@@ -170,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     try:
         validation.check_environment()
+        if hasattr(args, "distributed"):  # under mpiexec: join the other ranks; only rank 0 prints
+            distributed.init(force=args.distributed, device=args.device or os.environ.get("TINYGPT_DEVICE") or "cpu")
+            if not distributed.is_main():
+                sys.stdout = open(os.devnull, "w")
+            elif distributed.world_size() > 1:
+                print(distributed.describe())
         validation.choose_device(args)
         return args.run(args)
     except KeyboardInterrupt:

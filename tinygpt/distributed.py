@@ -91,6 +91,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def describe() -> str:
+    """One line naming every rank's process and machine (mpiexec names a dead one by its PID)."""
+    ranks = "; ".join(f"rank {r}: {where}" for r, where in enumerate(_group.where)) if _group else "one process"
+    return f"data parallel over {world_size()} ranks ({ranks})"
+
+
 def all_reduce(arrays, op: str = "mean"):
     """Sum (op "sum") or average (op "mean") each array over the ranks, in place; returns them."""
     if _group is not None:
@@ -121,6 +127,17 @@ def abort(message: str, code: int = 1) -> None:
     print(f"tinygpt: error: rank {rank()} of {world_size()}: {message}", file=sys.stderr, flush=True)
     if _group is not None and _group.size > 1:
         _group.comm.Abort(code)
+
+
+def end_every_rank_on_failure(main):
+    """Wrap a command's main(): when it fails on one rank (non-zero status), stop the whole
+    job rather than leave the other ranks waiting for this one in their next collective."""
+    def run(*args, **kwargs) -> int:
+        code = main(*args, **kwargs)
+        if code and world_size() > 1:
+            abort(f"the command failed (exit status {code}); stopping every rank", code)
+        return code
+    return run
 
 
 class ProcessGroup:

@@ -34,6 +34,10 @@ class RunLock:
         self.held = False
 
     def __enter__(self) -> "RunLock":
+        from tinygpt import distributed
+
+        if not distributed.is_main():  # data parallel: rank 0 alone writes, so it alone locks
+            return self
         self.created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(2):  # a second try after removing a stale lock

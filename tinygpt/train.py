@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tinygpt import backend
+from tinygpt import backend, distributed
 from tinygpt import functional as F
 from tinygpt.checkpoint import NonFiniteError, checkpoints, save_checkpoint
 from tinygpt.files import atomic_write_text
@@ -45,10 +45,9 @@ def calc_loss_loader(data_loader, model, num_batches: int | None = None) -> floa
     if num_batches <= 0:
         return float("nan")
     batches = data_loader.iter_epoch(0) if hasattr(data_loader, "iter_epoch") else iter(data_loader)
-    total = 0.0
-    for _, (x, y) in zip(range(num_batches), batches):
-        total += calc_loss_batch(x, y, model).item()
-    return total / num_batches
+    mine = distributed.take_turns(zip(range(num_batches), batches))  # data parallel: each rank a share of the batches
+    total = sum(calc_loss_batch(x, y, model).item() for _, (x, y) in mine)
+    return distributed.sum_over_ranks(total)[0] / num_batches
 
 
 def perplexity(loss: float) -> float:
@@ -126,7 +125,8 @@ class Trainer:
         self.train_loader, self.val_loader = train_loader, val_loader
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.state = state or TrainState()
-        self.show, self.progress = show, progress
+        # data parallel: only rank 0 prints and shows progress (and writes, see save)
+        self.show, self.progress = (show, progress) if distributed.is_main() else ((lambda text: None), False)
         self.meta = meta or {}  # saved with every checkpoint (e.g. where the data came from)
         self._stop_requested = False
         self.interrupted = False  # the last fit() ended on Ctrl-C (after saving)
@@ -148,6 +148,7 @@ class Trainer:
         the current step and saves a checkpoint (press it twice to abort at once)."""
         from tqdm import tqdm
 
+        distributed.start_training(self.optimizer.parameters(), self._run_description(), self.train_loader.batch_size)
         previous_handler = _install_sigint(self._request_stop)
         bar = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
                    disable=None if self.progress else True)  # None: only on a terminal
@@ -167,6 +168,7 @@ class Trainer:
                         self.evaluate()
                     if self.config.checkpoint_every and self.state.step % self.config.checkpoint_every == 0:
                         self.save()
+                    self._stop_requested = distributed.any_rank(self._stop_requested)  # every rank stops at the same step
                     if self._finished() or self._stop_requested:
                         break
                 if self._stop_requested:
@@ -201,13 +203,12 @@ class Trainer:
         self._lr = self.learning_rate(self.state.step)
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr
-        loss = self.loss_batch(batch)
-        value = loss.item()
+        self.optimizer.zero_grad()
+        # this rank's rows of the batch, gradients summed over the ranks (one process: all rows)
+        value = distributed.forward_backward(self.loss_batch, batch, self.optimizer.parameters())
         if not math.isfinite(value):
             raise TrainingError(f"loss is {value} at step {self.state.step + 1} (epoch {self.train_loader.epoch + 1}); "
                                 f"training stopped and this step was not applied; {self._last_good()}")
-        self.optimizer.zero_grad()
-        loss.backward()
         if self.config.grad_clip:
             clip_grad_norm(self.optimizer.parameters(), self.config.grad_clip)
         self.optimizer.step()
@@ -221,7 +222,8 @@ class Trainer:
         self.record(train_loss=train_loss, val_loss=val_loss)
         self.show(f"step {self.state.step:>6}  tokens {self.state.tokens_seen:>9,}  train loss {train_loss:.3f}  "
                   f"val loss {val_loss:.3f}  (perplexity {perplexity(val_loss):.1f})")
-        self.sample()
+        if distributed.is_main():
+            self.sample()
         self.write_history()
         return train_loss, val_loss
 
@@ -235,6 +237,11 @@ class Trainer:
         return generate_and_print_sample(self.model, self.tokenizer, self.config.start_context, self.config.sample_tokens,
                                          show=lambda text: self.show(f"  sample: {text}"),
                                          temperature=self.config.sample_temperature)
+
+    def _run_description(self) -> dict:
+        """What every rank of a data parallel run must agree on (checked at the start of fit)."""
+        return {"config": asdict(self.config), "model": self.model.cfg, "meta": self.meta, "step": self.state.step,
+                "loader": self.train_loader.state_dict(), "parameters": [p.shape for p in self.optimizer.parameters()]}
 
     # ------------------------------------------------------------------ persistence
     def trainer_state(self) -> dict[str, Any]:
@@ -251,7 +258,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (once per step; weights checked finite first)."""
-        if self.out_dir is None or self._saved_step == self.state.step:
+        if self.out_dir is None or self._saved_step == self.state.step or not distributed.is_main():
             return None
         try:
             path = save_checkpoint(self.out_dir, self.state.step, self.model, self.tokenizer, self.optimizer,
@@ -263,7 +270,7 @@ class Trainer:
         return path
 
     def write_history(self) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or not distributed.is_main():
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         h = self.state.history

@@ -278,4 +278,6 @@ def add_command(sub) -> None:
     p.add_argument("--resume", metavar="DIR", type=v.existing_path, help="continue the run (or checkpoint) saved in DIR exactly where it stopped")
     p.add_argument("--reset-optimizer", action="store_true", help="with --resume: restart AdamW's running averages (when its state is lost)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="data parallel over the ranks MPI started (automatic under mpiexec/mpirun)")
     p.set_defaults(run=run_train)

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from tinygpt import backend, nn
+from tinygpt import backend, distributed, nn
 from tinygpt import functional as F
 from tinygpt.data import encode_text
 from tinygpt.tensor import Tensor, no_grad
@@ -157,13 +157,13 @@ def calc_accuracy(dataset: ClassificationDataset, model, batch_size: int = 8, nu
     was_training = model.training
     model.eval()
     correct = seen = 0
-    for i, (ids, lengths, labels) in enumerate(dataset.batches(batch_size)):
-        if num_batches is not None and i >= num_batches:
-            break
+    batches = (b for i, b in enumerate(dataset.batches(batch_size)) if num_batches is None or i < num_batches)
+    for ids, lengths, labels in distributed.take_turns(batches):  # data parallel: each rank a share of the batches
         predicted = backend.to_host(class_logits(model, ids, lengths).data.argmax(axis=-1))
         correct += int((predicted == labels).sum())
         seen += len(labels)
     model.train(was_training)
+    correct, seen = distributed.sum_over_ranks(correct, seen)
     return correct / seen if seen else float("nan")
 
 
@@ -171,10 +171,11 @@ def calc_accuracy(dataset: ClassificationDataset, model, batch_size: int = 8, nu
 def calc_loss(dataset: ClassificationDataset, model, batch_size: int = 8, num_batches: int | None = None) -> float:
     was_training = model.training
     model.eval()
-    losses = [calc_loss_batch(ids, lengths, labels, model).item()
-              for i, (ids, lengths, labels) in enumerate(dataset.batches(batch_size)) if num_batches is None or i < num_batches]
+    batches = (b for i, b in enumerate(dataset.batches(batch_size)) if num_batches is None or i < num_batches)
+    losses = [calc_loss_batch(ids, lengths, labels, model).item() for ids, lengths, labels in distributed.take_turns(batches)]
     model.train(was_training)
-    return float(np.mean(losses)) if losses else float("nan")
+    total, count = distributed.sum_over_ranks(sum(losses), len(losses))  # data parallel: each rank a share of the batches
+    return total / count if count else float("nan")
 
 
 def train_classifier_simple(model, train_set: ClassificationDataset, val_set: ClassificationDataset, optimizer,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tinygpt import distributed
 from tinygpt import validation as v
 from tinygpt.validation import UsageError
 
@@ -263,7 +264,8 @@ def _finetune_instruct(args, start: Start) -> int:
     if records:
         path = run_dir / "test-responses.json"
         print(f"answering {len(records)} held-out instructions into {path}")
-        write_responses(path, records, model, tokenizer, args.max_new_tokens, show=print)
+        if distributed.is_main():  # data parallel: one rank writes
+            write_responses(path, records, model, tokenizer, args.max_new_tokens, show=print)
     print(f"saved {run_dir}; try: tinygpt chat --checkpoint {run_dir} \"Name a primary color.\"")
     return 0
 
@@ -334,6 +336,8 @@ def _common(p, init_default: str, out_default: str, epochs_default: int, eval_fr
     p.add_argument("--device", choices=["cpu", "cuda", "strict"], help="default $TINYGPT_DEVICE or cpu")
     p.add_argument("--bpe-file", type=v.existing_file, help="local GPT-2 ranks file for offline use (or TINYGPT_BPE_FILE)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--distributed", action="store_true",
+                   help="data parallel over the ranks MPI started (automatic under mpiexec/mpirun)")
     p.set_defaults(init_default=init_default, out_default=out_default, eval_freq_default=eval_freq)
 
 

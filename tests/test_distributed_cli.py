@@ -1,0 +1,98 @@
+"""`mpiexec -n N tinygpt train ...`: the same run as one process, resume on the same and on
+a different N, a rank killed mid-run, a global batch that does not split over the ranks.
+Skipped only where mpi4py or mpiexec is missing (pip install -e ".[mpi]")."""
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from test_distributed import MPIEXEC, needs_mpi, rank_env
+
+pytestmark = needs_mpi
+
+# a tiny character-level model on the text that ships with Python; 6 rows split over 1, 2 or 3 ranks
+TRAIN = ["--batch-size", "6", "--emb-dim", "32", "--n-layers", "1", "--n-heads", "2", "--context-length", "16",
+         "--eval-freq", "2", "--eval-iter", "3", "--checkpoint-every", "2", "--sample-tokens", "3", "--no-progress"]
+
+
+def tinygpt(n: int, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "tinygpt", *args]
+    if n > 1:
+        command = [MPIEXEC, "-n", str(n), *command]
+    done = subprocess.run(command, env=rank_env(), capture_output=True, text=True, timeout=timeout)
+    return done
+
+
+def train(n: int, *args: str) -> str:
+    done = tinygpt(n, "train", *args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def weights(run_dir, step: int) -> dict:
+    return load_file(str(run_dir / "checkpoints" / f"step_{step:06d}" / "model.safetensors"))
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+def test_two_ranks_train_the_model_one_process_trains_and_only_rank_0_speaks(tmp_path):
+    alone = train(1, "--out", str(tmp_path / "one"), "--max-steps", "4", *TRAIN)
+    ranks = train(2, "--out", str(tmp_path / "two"), "--max-steps", "4", *TRAIN)
+    assert re.search(r"data parallel over 2 ranks \(rank 0: pid \d+ on .+; rank 1: pid \d+ on .+\)", ranks)
+    assert ranks.count("sample before training") == 1 and ranks.count("step      3") == 1
+    assert max_difference(weights(tmp_path / "one", 4), weights(tmp_path / "two", 4)) < 1e-5  # float32 rounding
+    losses = lambda out: [float(v) for v in re.findall(r"val loss (\d+\.\d+)", out)]
+    assert losses(ranks) == losses(alone) and len(losses(alone)) == 2  # sharded validation, loss all-reduced
+    assert not (tmp_path / "two" / ".lock").exists()
+
+
+def test_a_run_of_two_ranks_resumes_bit_identically_on_two_and_within_rounding_on_three(tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(2, "--out", str(straight), "--max-steps", "4", *TRAIN)
+    train(2, "--out", str(stopped), "--max-steps", "2", *TRAIN)
+    train(2, "--resume", str(stopped), "--max-steps", "4")
+    expected = weights(straight, 4)
+    assert max_difference(weights(stopped, 4), expected) == 0.0
+    train(3, "--resume", str(stopped / "checkpoints" / "step_000002"), "--out", str(tmp_path / "three"), "--max-steps", "4")
+    # three ranks sum the gradient in another order: the same run up to float32 rounding, not bit for bit
+    assert 0.0 < max_difference(weights(tmp_path / "three", 4), expected) < 1e-5
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_with_both_numbers(tmp_path):
+    done = tinygpt(3, "train", "--out", str(tmp_path / "run"), "--max-steps", "2", *TRAIN[2:], "--batch-size", "4")
+    assert done.returncode != 0
+    assert "--batch-size 4 (the global batch) is not divisible by the 3 ranks: use a multiple of 3, e.g. 3 or 6" in done.stderr
+    assert not (tmp_path / "run" / "latest").exists()
+
+
+def test_a_rank_killed_mid_run_ends_the_job_and_leaves_the_last_whole_checkpoint_as_latest(tmp_path):
+    run_dir = tmp_path / "run"
+    command = [MPIEXEC, "-n", "2", sys.executable, "-m", "tinygpt", "train", "--out", str(run_dir),
+               "--max-steps", "100000", *TRAIN, "--checkpoint-every", "1", "--eval-freq", "1000"]
+    job = subprocess.Popen(command, env=rank_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        banner = job.stdout.readline()
+        pid = int(re.search(r"rank 1: pid (\d+)", banner).group(1))
+        deadline = time.monotonic() + 60
+        while not (run_dir / "checkpoints" / "step_000005").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        killed = time.monotonic()
+        subprocess.run(["kill", "-9", str(pid)])
+        output = job.communicate(timeout=30)[0]
+    finally:
+        job.kill()
+    assert job.returncode != 0 and time.monotonic() - killed < 30
+    assert re.search(rf"PID {pid} RUNNING AT .+\n.*EXIT CODE: 9", output), output  # the banner maps that PID to rank 1
+    latest = (run_dir / "latest").read_text().strip()
+    step = int(latest.rsplit("_", 1)[1])
+    assert step >= 5
+    more = train(1, "--resume", str(run_dir), "--max-steps", str(step + 1))  # loads, manifest checked, and trains on
+    assert f"resuming {run_dir / latest}" in more
