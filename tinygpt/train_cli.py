@@ -280,4 +280,16 @@ def add_command(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--distributed", action="store_true",
                    help="data parallel over the ranks MPI started (automatic under mpiexec/mpirun)")
-    p.set_defaults(run=run_train)
+    p.add_argument("--detect-anomaly", action="store_true",
+                   help="stop at the first op making an inf/NaN (forward or gradient), naming its module and line; slower")
+    p.set_defaults(run=_train_command)
+
+
+def _train_command(args) -> int:
+    """run_train, inside tg.detect_anomaly() when --detect-anomaly is given."""
+    if not args.detect_anomaly:
+        return run_train(args)
+    from tinygpt.trace import detect_anomaly
+
+    with detect_anomaly():
+        return run_train(args)
