@@ -1,5 +1,8 @@
 """The one list of gradcheck cases (tinygpt/opsuite.py) and its pickers (tinygpt/opcase.py):
 what `tinygpt gradcheck` builds from it, and the mistakes in the list that must not pass silently."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -12,6 +15,11 @@ GRADCHECK_OPS = ["add", "sub", "mul", "div", "pow", "neg", "matmul", "getitem", 
                  "split", "sum", "mean", "max", "var", "exp", "log", "tanh", "sqrt", "where", "masked_fill",
                  "linear", "embedding", "layer_norm", "gelu", "softmax", "log_softmax", "attention",
                  "attention_dropout", "cross_entropy", "dropout"]
+
+
+def test_the_list_does_not_need_hypothesis():
+    code = "import sys, tinygpt.opsuite; sys.exit('hypothesis' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_gradcheck_command_still_offers_every_op_it_offered():
@@ -44,10 +52,10 @@ def test_cases_are_made_on_the_device_asked_for():
 
 
 def test_every_example_runs_in_some_test_and_test_ids_are_unique():
-    ids = [test_id for case in CASES for test_id, _, _ in case.variants()]
+    ids = [variant.test_id for case in CASES for variant in case.variants()]
     assert len(ids) == len(set(ids))
     for case in CASES:
-        assert sum(len(examples) for _, _, examples in case.variants()) >= len(case.examples), case.name
+        assert sum(len(variant.examples) for variant in case.variants()) >= len(case.examples), case.name
 
 
 def test_an_example_naming_a_pick_the_case_never_makes_is_an_error():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import groupby
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -58,7 +58,8 @@ class Picker:
 
     def _size(self, name: str | None, draw: Callable[[], Any]):
         """A pick that only sets sizes: the description shows it through the input shapes."""
-        self.sizes.add(name)
+        if name is not None:
+            self.sizes.add(name)
         return self.custom(name, draw)
 
     def dim(self, name: str | None = None, low: int = 1, high: int = MAX_DIM) -> int:
@@ -120,6 +121,13 @@ class FixedPicker(Picker):
         return values[int(self.rng.integers(0, len(values)))]
 
 
+class Variant(NamedTuple):
+    """One test of a case: its id, the picks it pins, and the examples it runs first."""
+    test_id: str
+    overrides: dict[str, Any]
+    examples: list[dict[str, Any]]
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -128,14 +136,14 @@ class Case:
     examples: tuple[dict[str, Any], ...] = ()  # named picks to run as given; the first one is the CLI's
     each: tuple[str, tuple] | None = None  # (pick name, values): one test per value
 
-    def variants(self) -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
-        """(test id, overrides, examples) for each test of this case: "layer_norm", or one
-        per value of `each` ("dropout-0.5"), running the examples that fit that value."""
+    def variants(self) -> list[Variant]:
+        """The tests of this case: one ("layer_norm"), or one per value of `each`
+        ("dropout-0.5"), each running the examples that fit its value."""
         if self.each is None:
-            return [(self.name, {}, list(self.examples))]
+            return [Variant(self.name, {}, list(self.examples))]
         key, values = self.each
-        return [(f"{self.name}-{value}", {key: value},
-                 [{**e, key: value} for e in self.examples if e.get(key, value) == value]) for value in values]
+        return [Variant(f"{self.name}-{value}", {key: value},
+                        [{**e, key: value} for e in self.examples if e.get(key, value) == value]) for value in values]
 
     def first_example(self) -> dict[str, Any]:
         """The picks `tinygpt gradcheck` pins: the first example's, and the first value of `each`."""
@@ -157,8 +165,10 @@ class Case:
 def describe(inputs: Sequence[tg.Tensor], options: dict[str, Any]) -> str:
     """One short line for a built case, e.g. "(2,2,5,3)x3 causal p=0.3": the input shapes (a
     run of equal ones written once), then the options (a true boolean by its name alone)."""
-    shapes = [str(tuple(x.shape)).replace(" ", "") for x in inputs]
-    words = [shape + (f"x{len(run)}" if len(run := list(group)) > 1 else "") for shape, group in groupby(shapes)]
+    words = []
+    for shape, run in groupby(str(tuple(x.shape)).replace(" ", "") for x in inputs):
+        count = len(list(run))
+        words.append(shape if count == 1 else f"{shape}x{count}")
     for key, value in options.items():
         if value is not False:
             words.append(key if value is True else f"{key}={value}".replace(" ", ""))

@@ -26,8 +26,10 @@ from tinygpt.opcase import Build, Case, FixedPicker, Picker
 CASES: list[Case] = []
 
 
-def case(name: str, max_examples: int, examples: Sequence[dict[str, Any]] = (), each: tuple[str, Sequence] | None = None):
-    """Register the decorated build function as a case of the list."""
+def case(name: str, max_examples: int, examples: Sequence[dict[str, Any]] = (),
+         each: tuple[str, Sequence] | None = None):
+    """Add the decorated build function to the list: `max_examples` hypothesis runs per test,
+    `examples` (dicts of named picks) run first, one test per value of `each` (pick name, values)."""
     def register(build: Build) -> Build:
         CASES.append(Case(name, build, max_examples, tuple(examples), each and (each[0], tuple(each[1]))))
         return build
@@ -122,21 +124,22 @@ def _index(kind: str, shape, pick: Picker):
     cols = rng.integers(-n1, n1, size=4)
     cols[1] = cols[0]
     start = int(rng.integers(0, n0))
+    stop, step = int(rng.integers(start + 1, n0 + 1)), int(rng.integers(1, 3))
     mask = rng.random(shape) < 0.5
     mask.flat[int(rng.integers(0, mask.size))] = True
     row_mask = rng.random(n0) < 0.5
     row_mask[start] = True
-    return {"slice": lambda: slice(start, int(rng.integers(start + 1, n0 + 1)), int(rng.integers(1, 3))),
-            "negative_step": lambda: (slice(None, None, -1), Ellipsis, slice(None, None, -2)),
-            "int_and_slice": lambda: (-1, slice(None, None, -1)),
-            "int_array_repeats": lambda: rows,
-            "int_list_repeats": lambda: [int(r) for r in rows],
-            "int_tensor_repeats": lambda: pick.constant(rows),
-            "bool_mask": lambda: mask,
-            "bool_rows": lambda: row_mask,
-            "array_then_slice": lambda: (rows, slice(None, None, -1)),
-            "slice_then_array": lambda: (slice(start, None), cols),
-            "two_arrays": lambda: (rows[:, None], cols[None, :2])}[kind]()  # paired (row, col) picks
+    return {"slice": slice(start, stop, step),
+            "negative_step": (slice(None, None, -1), Ellipsis, slice(None, None, -2)),
+            "int_and_slice": (-1, slice(None, None, -1)),
+            "int_array_repeats": rows,
+            "int_list_repeats": [int(r) for r in rows],
+            "int_tensor_repeats": pick.constant(rows),
+            "bool_mask": mask,
+            "bool_rows": row_mask,
+            "array_then_slice": (rows, slice(None, None, -1)),
+            "slice_then_array": (slice(start, None), cols),
+            "two_arrays": (rows[:, None], cols[None, :2])}[kind]  # paired (row, col) picks
 
 
 @case("getitem", max_examples=40, examples=[{"kind": "array_then_slice", "shape": (4, 3)}], each=("kind", INDEX_KINDS))
