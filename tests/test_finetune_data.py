@@ -190,3 +190,26 @@ def test_stream_printer_finish_shows_what_an_unfinished_character_held_back():
     euro = list("€".encode())
     assert stream([ord("a"), *euro[:2]], finish=False) == ["a"]
     assert stream([ord("a"), *euro[:2]]) == ["a", "\ufffd"]
+
+
+def test_stream_printer_decodes_each_token_a_bounded_number_of_times():
+    # decoding everything so far at every token made long outputs quadratic (issue 13)
+    decoded = []
+
+    class CountingTokenizer(ByteTokenizer):
+        def decode(self, ids):
+            decoded.append(len(ids))
+            return super().decode(ids)
+
+    printer = StreamPrinter(CountingTokenizer(), write=lambda text: None)
+    text = ("naïve café € " * 400).encode()  # 1- to 3-byte characters, 6,400 tokens
+    for token in text:
+        printer(np.array([token]))
+    printer.finish()
+    assert sum(decoded) < 3 * len(text)  # each id decoded at most once per byte of its character
+    assert len(printer.ids) == len(text)
+
+
+def test_stream_printer_prints_a_broken_character_once_it_has_held_too_many_tokens():
+    lone = [0xE2] * (StreamPrinter.HOLD_AT_MOST + 1)  # lead bytes that never complete a character
+    assert "".join(stream(lone, finish=False)) == "\ufffd" * len(lone)

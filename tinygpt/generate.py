@@ -94,18 +94,24 @@ def generate(model, idx, max_new_tokens: int, context_size: int, temperature: fl
     if idx.ndim != 2 or idx.shape[1] == 0:
         raise ValueError(f"the prompt must be a non-empty (batch, tokens) array of ids, got shape {tuple(idx.shape)}")
     context_size = min(context_size, model.cfg["context_length"])
+    batch, start = idx.shape
+    # one buffer for prompt and output: appending a token costs the same at token 10 and at 100,000
+    out = xp.empty((batch, start + max_new_tokens), dtype=idx.dtype)
+    out[:, :start] = idx
+    end = start  # out[:, :end] holds the ids so far
     was_training = model.training
     model.eval()
     try:
-        cache = model.new_cache(idx.shape[0], context_size) if use_cache else None
-        logits = model(idx[:, -context_size:], cache=cache).data[:, -1]
-        finished = xp.zeros(idx.shape[0], dtype=bool)
+        cache = model.new_cache(batch, context_size) if use_cache else None
+        logits = model(out[:, max(0, end - context_size):end], cache=cache).data[:, -1]
+        finished = xp.zeros(batch, dtype=bool)
         for step in range(max_new_tokens):
             next_id = sample_next(logits, temperature, top_k, top_p).astype(idx.dtype)
             if eos_id is not None:
                 next_id = xp.where(finished, eos_id, next_id)
                 finished |= next_id == eos_id
-            idx = xp.concatenate([idx, next_id.reshape(-1, 1)], axis=1)
+            out[:, end] = next_id
+            end += 1
             if on_token is not None:
                 on_token(next_id)
             if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
@@ -113,16 +119,20 @@ def generate(model, idx, max_new_tokens: int, context_size: int, temperature: fl
             if cache is not None and cache.length < context_size:
                 logits = model(next_id.reshape(-1, 1), cache=cache).data[:, -1]
             else:
-                logits = model(idx[:, -context_size:]).data[:, -1]
+                logits = model(out[:, max(0, end - context_size):end]).data[:, -1]
     finally:
         model.train(was_training)
-    return idx
+    return out[:, :end]
 
 
 class StreamPrinter:
-    """Prints generated tokens as they come (`on_token` of generate for one row). Everything
-    so far is decoded each time, since a token can hold half of a UTF-8 character; nothing is
-    printed from `stop_id` on."""
+    """Prints generated tokens as they come (`on_token` of generate for one row). A token can
+    hold half of a UTF-8 character, so the tokens not yet printed are decoded together and
+    held back while their text ends in a broken character; only those are decoded each
+    time, so the cost per token stays the same however long the output. Nothing is printed
+    from `stop_id` on."""
+
+    HOLD_AT_MOST = 16  # tokens; past that, a broken character is printed as it is (U+FFFD)
 
     def __init__(self, tokenizer, stop_id: int | None = None, write=None):
         import sys
@@ -130,7 +140,7 @@ class StreamPrinter:
         self.tokenizer, self.stop_id = tokenizer, stop_id
         self.write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
         self.ids: list[int] = []
-        self.shown = ""
+        self.pending: list[int] = []  # ids whose text is not printed yet
         self.stopped = False
 
     def __call__(self, column) -> None:
@@ -139,11 +149,14 @@ class StreamPrinter:
         if self.stopped:
             return
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if not text.endswith("\ufffd"):
-            self.write(text[len(self.shown):])
-            self.shown = text
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)
+        if not text.endswith("\ufffd") or len(self.pending) > self.HOLD_AT_MOST:
+            self.write(text)
+            self.pending = []
 
     def finish(self) -> None:
         """Print what a half-finished character held back."""
-        self.write(self.tokenizer.decode(self.ids)[len(self.shown):])
+        if self.pending:
+            self.write(self.tokenizer.decode(self.pending))
+            self.pending = []
