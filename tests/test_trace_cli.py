@@ -69,3 +69,17 @@ def test_trace_mistakes_are_one_line_with_exit_status_2(argv, message, capsys):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_backprop_tour_script_traces_a_block_finds_the_nan_and_checks_both_solutions(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "backprop_tour.py"
+    out = subprocess.run([sys.executable, str(script), "--dir", str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert "20 backward nodes" in out  # block 0 alone
+    assert re.search(r"module: +trf_blocks\.1\.att\.W_key\n", out) and "backprop_tour.py:" in out
+    assert "FAIL: 1 of 3 gradients wrong (dx)" in out and "PASS: all 3 gradients right" in out
+    assert (tmp_path / "layer_norm.py").exists()
