@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from tinygpt import backend, kernels
+from tinygpt import backend, kernels, op_checks
 from tinygpt.backend import backend_of
 from tinygpt.kernels import GELU_CUBIC, SQRT_2_OVER_PI
 from tinygpt.tensor import Function, Tensor
@@ -38,7 +38,9 @@ class Linear(Function):
         dL/db = sum_r dL/dy_r
     Working on 2-D rows keeps every product one large matrix product.
 
-    Tested by: tests/test_ops_gradcheck.py (linear), tests/test_torch_parity_ops.py, tests/test_kernels.py."""
+    Tested by: test_ops_gradcheck.py::test_op_grad_matches_finite_differences[DEVICE-linear], [DEVICE-mlp_chain]
+    test_torch_parity_ops.py::test_linear_matches_torch
+    test_kernels.py::test_cpu_kernels_match_the_plain_math_element_by_element[linear*] (in tests/)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -64,11 +66,7 @@ class Linear(Function):
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x W^T + b for x (..., in_features), weight (out_features, in_features), bias (out_features,)."""
-    _check(weight.ndim == 2, f"linear: weight must be 2-D (out_features, in_features), got shape {weight.shape}")
-    _check(x.ndim >= 1 and x.shape[-1] == weight.shape[1],
-           f"linear: input shape {x.shape} does not match weight shape {weight.shape} (in_features {weight.shape[1]})")
-    _check(bias is None or bias.shape == weight.shape[:1],
-           lambda: f"linear: bias shape {bias.shape} does not match weight shape {weight.shape} (expected ({weight.shape[0]},))")
+    op_checks.linear(x, weight, bias)
     return Linear.apply(x, weight, bias)
 
 
@@ -81,7 +79,9 @@ class Embedding(Function):
     Each output row is a copy of one row of W, so dL/dW[v] is the sum of dL/dy over every
     position whose id is v: a scatter-add, which counts repeated ids once per occurrence.
 
-    Tested by: tests/test_ops_gradcheck.py (embedding), tests/test_torch_parity_ops.py, tests/test_kernels.py."""
+    Tested by: test_ops_gradcheck.py::test_op_grad_matches_finite_differences[DEVICE-embedding]
+    test_torch_parity_ops.py::test_embedding_matches_torch_with_repeated_ids
+    test_kernels.py::test_cpu_kernels_match_the_plain_math_element_by_element[embedding*] (in tests/)."""
 
     @staticmethod
     def forward(ctx, weight, ids):
@@ -101,15 +101,7 @@ class Embedding(Function):
 def embedding(ids, weight: Tensor) -> Tensor:
     """Rows of `weight` (vocab, C) selected by integer `ids` (array or Tensor, any shape)."""
     ids = backend.to_device(ids.data if isinstance(ids, Tensor) else ids, weight.device)
-    _check(weight.ndim == 2, f"embedding: weight must be 2-D (vocab, dim), got shape {weight.shape}")
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
-    vocab = weight.shape[0]
-    if ids.size:  # CuPy indexing wraps out-of-range ids silently, so check on every backend
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= vocab:
-            raise IndexError(f"embedding: id {low if low < 0 else high} is out of range for a vocabulary of {vocab} "
-                             f"(valid ids are 0..{vocab - 1})")
+    op_checks.embedding(ids, weight)
     return Embedding.apply(weight, ids=ids)
 
 
@@ -127,7 +119,9 @@ class LayerNorm(Function):
     so  dL/dx_j = sum_i dxhat_i d xhat_i / dx_j
                 = rstd * (dxhat_j - mean(dxhat) - xhat_j * mean(dxhat * xhat)).
 
-    Tested by: tests/test_ops_gradcheck.py (layer_norm), tests/test_torch_parity_ops.py, tests/test_kernels.py."""
+    Tested by: test_ops_gradcheck.py::test_op_grad_matches_finite_differences[DEVICE-layer_norm], [DEVICE-mlp_chain]
+    test_torch_parity_ops.py::test_layer_norm_matches_torch
+    test_kernels.py::test_cpu_kernels_match_the_plain_math_element_by_element[layer_norm*] (in tests/)."""
 
     @staticmethod
     def forward(ctx, x, scale, shift, eps):
@@ -161,11 +155,7 @@ class LayerNorm(Function):
 
 def layer_norm(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-5) -> Tensor:
     """Normalise x (..., C) over its last axis, then scale and shift, both (C,)."""
-    _check(x.ndim >= 1, f"layer_norm: input must have a channel axis, got shape {x.shape}")
-    for name, param in (("scale", scale), ("shift", shift)):
-        _check(param.shape == x.shape[-1:],
-               lambda: f"layer_norm: {name} shape {param.shape} does not match input shape {x.shape} (expected ({x.shape[-1]},))")
-    _check(eps > 0, f"layer_norm: eps must be > 0, got {eps}")
+    op_checks.layer_norm(x, scale, shift, eps)
     return LayerNorm.apply(x, scale, shift, eps=eps)
 
 
@@ -180,7 +170,9 @@ class GELU(Function):
     Only x is saved; t is recomputed in backward, which costs one tanh but saves a
     full-size buffer (the 4C-wide feed-forward activation is the largest in the block).
 
-    Tested by: tests/test_ops_gradcheck.py (gelu), tests/test_torch_parity_ops.py, tests/test_kernels.py."""
+    Tested by: test_ops_gradcheck.py::test_op_grad_matches_finite_differences[DEVICE-gelu], [DEVICE-mlp_chain]
+    test_torch_parity_ops.py::test_gelu_matches_torch_tanh_approximation
+    test_kernels.py::test_cpu_kernels_match_the_plain_math_element_by_element[gelu*] (in tests/)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -214,7 +206,8 @@ class Softmax(Function):
     dy_i/dx_j = y_i (delta_ij - y_j), so dL/dx_j = sum_i g_i y_i (delta_ij - y_j)
               = y_j (g_j - sum_i g_i y_i).
 
-    Tested by: tests/test_ops_gradcheck.py (softmax), tests/test_torch_parity_ops.py."""
+    Tested by: test_ops_gradcheck.py::test_op_grad_matches_finite_differences[DEVICE-softmax]
+    test_torch_parity_ops.py::test_softmax_and_log_softmax_match_torch (in tests/)."""
 
     @staticmethod
     def forward(ctx, x, axis):
@@ -236,7 +229,8 @@ class LogSoftmax(Function):
     dy_i/dx_j = delta_ij - softmax_j, so dL/dx_j = g_j - softmax_j sum_i g_i,
     with softmax = exp(y).
 
-    Tested by: tests/test_ops_gradcheck.py (log_softmax), tests/test_torch_parity_ops.py."""
+    Tested by: test_ops_gradcheck.py::test_op_grad_matches_finite_differences[DEVICE-log_softmax]
+    test_torch_parity_ops.py::test_softmax_and_log_softmax_match_torch (in tests/)."""
 
     @staticmethod
     def forward(ctx, x, axis):
@@ -254,12 +248,12 @@ class LogSoftmax(Function):
 
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
-    _check_axis("softmax", x, axis)
+    op_checks.axis("softmax", x, axis)
     return Softmax.apply(x, axis=axis)
 
 
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
-    _check_axis("log_softmax", x, axis)
+    op_checks.axis("log_softmax", x, axis)
     return LogSoftmax.apply(x, axis=axis)
 
 
@@ -276,7 +270,8 @@ def _keep_scaled(x, p: float, seed: int):
 class Dropout(Function):
     """y = x * keep / (1 - p),  keep ~ Bernoulli(1 - p) per element.   dL/dx = g * keep / (1 - p).
 
-    Tested by: tests/test_ops_gradcheck.py (dropout), tests/test_kernels.py."""
+    Tested by: test_ops_gradcheck.py::test_op_grad_matches_finite_differences[DEVICE-dropout-P]
+    test_kernels.py::test_cpu_kernels_match_the_plain_math_element_by_element[dropout*] (in tests/)."""
 
     @staticmethod
     def forward(ctx, x, p, seed):
@@ -295,7 +290,7 @@ class Dropout(Function):
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """Zero each element with probability p and scale the rest by 1/(1-p); identity when
     not training or p == 0."""
-    _check_p(p)
+    op_checks.dropout_p(p)
     if not training or p == 0.0:
         return x
     return Dropout.apply(x, p=p, seed=backend.get_backend(x.device).random_seed())
@@ -316,8 +311,9 @@ class ScaledDotProductAttention(Function):
     Only P (one [B,H,Tq,Tk] buffer) is kept for backward; the dropout mask is redrawn
     from its seed, and masked positions need nothing since P = 0 there.
 
-    Tested by: tests/test_ops_gradcheck.py (attention, attention_dropout), tests/test_torch_parity_ops.py,
-    tests/test_kernels.py."""
+    Tested by: test_ops_gradcheck.py::test_op_grad_matches_finite_differences[DEVICE-attention], [DEVICE-attention_dropout]
+    test_torch_parity_ops.py::test_scaled_dot_product_attention_matches_torch
+    test_kernels.py::test_cpu_kernels_match_the_plain_math_element_by_element[*attention*] (in tests/)."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal, dropout_p, seed):
@@ -360,13 +356,7 @@ def _future(xp, tq: int, tk: int):
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, dropout_p: float = 0.0) -> Tensor:
     """Attention over q, k, v of shape (B, H, T, D); `causal` hides future keys.
     Pass dropout_p=0 at evaluation time (as with PyTorch's function of the same name)."""
-    _check((q.ndim == k.ndim == v.ndim) and q.ndim >= 2 and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
-           and q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2],
-           f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not agree; "
-           "expected (..., Tq, D), (..., Tk, D), (..., Tk, Dv) with equal leading axes")
-    _check(not causal or q.shape[-2] <= k.shape[-2],
-           f"attention: causal attention needs at least as many keys ({k.shape[-2]}) as queries ({q.shape[-2]})")
-    _check_p(dropout_p)
+    op_checks.attention(q, k, v, causal, dropout_p)
     seed = backend.get_backend(q.device).random_seed() if dropout_p > 0.0 else 0
     return ScaledDotProductAttention.apply(q, k, v, causal=causal, dropout_p=dropout_p, seed=seed)
 
@@ -384,7 +374,9 @@ class CrossEntropy(Function):
     Forward keeps only logsumexp per row (the logits are alive anyway); backward rebuilds
     softmax from it as exp(z - logsumexp).
 
-    Tested by: tests/test_ops_gradcheck.py (cross_entropy), tests/test_torch_parity_ops.py, tests/test_kernels.py."""
+    Tested by: test_ops_gradcheck.py::test_op_grad_matches_finite_differences[DEVICE-cross_entropy], [DEVICE-mlp_chain]
+    test_torch_parity_ops.py::test_cross_entropy_matches_torch_with_ignored_targets
+    test_kernels.py::test_cpu_kernels_match_the_plain_math_element_by_element[cross_entropy*] (in tests/)."""
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index):
@@ -392,12 +384,7 @@ class CrossEntropy(Function):
         z, t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)  # [..., V] -> [N, V], [...] -> [N]
         counted = t != ignore_index
         n = int(counted.sum())
-        if n == 0:
-            raise ValueError(f"cross_entropy: every target equals ignore_index ({ignore_index}); the mean over no targets is undefined")
-        t = xp.where(counted, t, 0)
-        low, high = int(t.min()), int(t.max())
-        if low < 0 or high >= z.shape[1]:
-            raise IndexError(f"cross_entropy: target {low if low < 0 else high} is out of range for {z.shape[1]} classes")
+        t = xp.where(counted, t, 0)  # ignored rows look at class 0, then count 0 times
         if (fast := kernels.for_array(z)) is not None:
             lse = fast.logsumexp_rows(z)
         else:
@@ -425,30 +412,5 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
     target is `ignore_index` are skipped. Leading axes are flattened, so (B, T, C) logits with
     (B, T) targets work too (the class axis is last, unlike PyTorch's (N, C, d1) layout)."""
     targets = backend.to_device(targets.data if isinstance(targets, Tensor) else targets, logits.device)
-    rows = math.prod(logits.shape[:-1])
-    _check(logits.ndim >= 1 and (targets.shape == logits.shape[:-1] or targets.shape == (rows,)),
-           f"cross_entropy: logits shape {logits.shape} and targets shape {tuple(targets.shape)} do not match "
-           f"(expected targets of shape {logits.shape[:-1]} or ({rows},))")
-    if targets.dtype.kind not in "iu":
-        raise TypeError(f"cross_entropy: targets must be integers, got dtype {targets.dtype}")
+    op_checks.cross_entropy(logits, targets, ignore_index)
     return CrossEntropy.apply(logits, targets=targets, ignore_index=ignore_index)
-
-
-# ============================================================================ argument checks
-
-
-def _check(condition: bool, message) -> None:
-    """Raise ValueError(message) unless condition; message may be a callable, for messages
-    that can only be formatted when the check fails."""
-    if not condition:
-        raise ValueError(message() if callable(message) else message)
-
-
-def _check_axis(op: str, x: Tensor, axis: int) -> None:
-    _check(isinstance(axis, int) and -max(x.ndim, 1) <= axis < max(x.ndim, 1),
-           f"{op}: axis {axis!r} is out of range for an input of shape {x.shape}")
-
-
-def _check_p(p: float) -> None:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
