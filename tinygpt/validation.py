@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from pathlib import Path
 
 
@@ -21,6 +22,12 @@ class UsageError(ValueError):
 class Parser(argparse.ArgumentParser):
     """argparse, but a mistake is one line (`tinygpt train: error: argument --lr: must be
     > 0, got -1 (see tinygpt train --help)`) instead of the whole usage block first."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes "-1e-3" for an option (its pattern knows no exponent), so `--lr -1e-3`
+        # would fail as "expected one argument" without naming the value
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
