@@ -31,7 +31,7 @@ def global_batch(task: str, step: int):
     """The same global batch on every rank and in the reference process."""
     rng = np.random.default_rng([11, step])
     ids = rng.integers(0, CFG["vocab_size"], (BATCH, T))
-    if task == "pretrain":
+    if task in ("pretrain", "pretrain_dropout"):
         return ids, rng.integers(0, CFG["vocab_size"], (BATCH, T))
     if task == "classify":
         return ids, rng.integers(1, T + 1, BATCH), rng.integers(0, 2, BATCH)
@@ -44,7 +44,7 @@ def global_batch(task: str, step: int):
 
 def make_model(task: str):
     tg.manual_seed(0)
-    model = GPTModel(CFG)
+    model = GPTModel({**CFG, "drop_rate": 0.3} if task == "pretrain_dropout" else CFG)
     if task == "classify":
         make_classifier(model, 2, trainable_blocks=1)
     return model

@@ -155,6 +155,26 @@ def test_dropout_mask_drawn_in_blocks_is_the_mask_drawn_whole():
     np.testing.assert_array_equal(cpu_backend.uniform((3, 9), seed=42, start=27), whole[3:6])
 
 
+@pytest.mark.parametrize("kernels_mode", ["plain", "fast"])
+def test_a_data_parallel_shard_draws_its_rows_part_of_the_whole_batch_mask(mode, kernels_mode):
+    """backend.batch_shard(first_row): rows 2..4 of a batch, dropped out alone, get the mask
+    that rows 2..4 get when the whole batch is dropped out with the same seed (dropout and
+    attention dropout, forward and backward)."""
+    mode(kernels_mode)
+    x = rng.standard_normal((5, 3, 4))
+    q, k, v = (rng.standard_normal((5, 2, 3, 4)) for _ in range(3))
+
+    def fn(x, q, k, v):
+        return F.dropout(x, 0.4).sum() + F.scaled_dot_product_attention(q, k, v, dropout_p=0.4).sum() * 0.5
+
+    whole = _run(fn, [x, q, k, v], np.float64)
+    with backend.batch_shard(2):
+        part = _run(fn, [x[2:], q[2:], k[2:], v[2:]], np.float64)
+    for a, b in zip(part[1:], whole[1:]):  # the input gradients hold the masks
+        np.testing.assert_allclose(a, b[2:], **_tol(np.float64))
+    assert backend.mask_start((5, 3, 4)) == 0  # the with-block leaves no trace
+
+
 # ============================================================================ the switch
 
 

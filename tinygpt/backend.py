@@ -88,11 +88,12 @@ class Backend:
 
 class CupyBackend(Backend):
     def uniform(self, shape, seed, start: int = 0):
-        """CuPy's own generator: on the GPU the mask is drawn in one piece, so `start` is
-        only supported as 0."""
-        if start:
-            raise ValueError("the CUDA backend draws dropout masks in one piece (start must be 0)")
-        return self.xp.random.RandomState(seed).random_sample(shape, dtype=self.xp.float32)
+        """CuPy's own generator (the GPU's masks differ from the CPU's). It cannot jump ahead,
+        so a `start` past 0 (a data-parallel rank's part of a batch) draws the numbers before
+        it too and drops them."""
+        size = int(np.prod(shape))
+        numbers = self.xp.random.RandomState(seed).random_sample(start + size, dtype=self.xp.float32)
+        return numbers[start:].reshape(shape)
 
     def index_add(self, target, index, values) -> None:
         import cupyx
@@ -264,6 +265,30 @@ def set_rng_state(state: dict) -> None:
     manual_seed(state["seed"])
     for name, bit_state in state["backends"].items():
         get_backend(name).rng.bit_generator.state = bit_state
+
+
+# ------------------------------------------------------------------ data parallel masks
+
+_shard_first_row = 0
+
+
+@contextlib.contextmanager
+def batch_shard(first_row: int):
+    """Inside the with-block this process holds the rows first_row, first_row + 1, ... of a
+    bigger batch whose other rows other processes hold (data parallel). Dropout then draws,
+    for an array whose first axis is the batch, the part of the whole batch's mask that
+    these rows would get in one process: N processes draw exactly the masks of one."""
+    global _shard_first_row
+    previous, _shard_first_row = _shard_first_row, int(first_row)
+    try:
+        yield
+    finally:
+        _shard_first_row = previous
+
+
+def mask_start(shape: tuple[int, ...]) -> int:
+    """Where a batch-first array of `shape` starts in the random stream of its whole batch."""
+    return _shard_first_row * int(np.prod(shape[1:])) if len(shape) else 0
 
 
 # ------------------------------------------------------------------ moving data

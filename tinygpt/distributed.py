@@ -365,8 +365,9 @@ def forward_backward(loss_fn, batch: tuple, params: list) -> float:
     c_mine, c_all = count_targets(mine[-1]), count_targets(batch[-1])
     value = 0.0
     if c_mine or not c_all:  # a rank with no scored target adds nothing; no target anywhere raises as in one process
-        loss = loss_fn(mine)
-        (loss * (c_mine / c_all)).backward()
+        with backend.batch_shard(rank() * len(batch[0]) // world_size()):  # dropout: this rank's part of one mask
+            loss = loss_fn(mine)
+            (loss * (c_mine / c_all)).backward()
         value = loss.item() * c_mine / c_all
     return sum_gradients(params, value)
 

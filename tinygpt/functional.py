@@ -262,8 +262,9 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
 
 def _keep_scaled(x, p: float, seed: int):
     """keep / (1 - p) for an array shaped like x, keep = (uniform >= p) drawn from `seed`:
-    the mask is never stored, backward draws it again from the same seed."""
-    keep = backend.get_backend(backend.device_of(x)).uniform(x.shape, seed) >= p
+    the mask is never stored, backward draws it again from the same seed. (A data-parallel
+    rank draws its rows' part of the whole batch's mask: backend.batch_shard.)"""
+    keep = backend.get_backend(backend.device_of(x)).uniform(x.shape, seed, backend.mask_start(x.shape)) >= p
     return (keep * (0.0 if p == 1.0 else 1.0 / (1.0 - p))).astype(x.dtype)
 
 

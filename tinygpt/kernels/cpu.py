@@ -135,8 +135,10 @@ def dropout(x, p: float, seed: int):
     y = np.empty_like(x2)
     scale = _drop_scale(p)
 
+    first = backend.mask_start(x.shape)
+
     def block(s):  # this block's part of the mask: from its first element's place in the stream
-        keep = _uniform(x2[s].shape, seed, s.start * x2.shape[1]) >= p
+        keep = _uniform(x2[s].shape, seed, first + s.start * x2.shape[1]) >= p
         np.multiply(x2[s], keep, out=y[s])
         y[s] *= scale
 
@@ -166,7 +168,7 @@ def _keep(probs, s, dropout_p: float, seed: int):
     the whole mask's stream that starts at sequence s.start."""
     if dropout_p == 0.0:
         return None
-    return _uniform(probs[s].shape, seed, s.start * probs[0].size) >= dropout_p
+    return _uniform(probs[s].shape, seed, backend.mask_start(probs.shape) + s.start * probs[0].size) >= dropout_p
 
 
 def _drop_scale(p: float) -> float:

@@ -257,7 +257,7 @@ def embedding_backward(ids, grad_rows, vocab: int):
 
 def dropout(x, p: float, seed: int):
     """x * keep / (1 - p), keep = uniform >= p from the backend's generator (one piece)."""
-    keep = backend.get_backend("cuda").uniform(x.shape, seed) >= p
+    keep = backend.get_backend("cuda").uniform(x.shape, seed, backend.mask_start(x.shape)) >= p
     return x * keep * (0.0 if p == 1.0 else 1.0 / (1.0 - p))
 
 
