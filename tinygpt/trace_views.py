@@ -69,14 +69,14 @@ def _flat(nodes) -> list[str]:
 
 
 def _forward(stats) -> list[str]:
-    width = max(len(m.module) for m in stats)
+    width = max(len(m.module or "(outermost module)") for m in stats)
     lines = ["forward statistics (means over calls)",
              f"{'module':<{width}}  {'kind':<18}  {'out mean':>9}  {'out std':>8}  {'GELU |x|>3':>10}  attention entropy per head (nats)"]
     for m in stats:
         tail = "" if m.gelu_tail is None else f"{m.gelu_tail:.1%}"
         entropy = "" if m.attention_entropy is None else " ".join(f"{e:.2f}" for e in m.attention_entropy)
         mean, std = (f"{m.out_mean:>9.3f}", f"{m.out_std:>8.3f}") if m.calls else (f"{'':>9}", f"{'':>8}")
-        lines.append(f"{m.module:<{width}}  {m.kind:<18}  {mean}  {std}  {tail:>10}  {entropy}")
+        lines.append(f"{m.module or '(outermost module)':<{width}}  {m.kind:<18}  {mean}  {std}  {tail:>10}  {entropy}")
     return lines
 
 
