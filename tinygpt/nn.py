@@ -56,7 +56,9 @@ class Module:
     def register_full_backward_hook(self, fn) -> "hooks.HookHandle":
         """Call fn(module, grad_inputs, grad_outputs) in backward, once the gradients with respect
         to the module's positional inputs have arrived (None for inputs that are not tensors or
-        need no gradient); a tuple it returns replaces grad_inputs. Returns a handle with remove()."""
+        need no gradient); a tuple it returns replaces grad_inputs (of a module with several
+        inputs that require grad, only the one whose gradient arrived last can be replaced:
+        tinygpt's ops have one output each). Returns a handle with remove()."""
         return hooks.add_hook(self.__dict__.setdefault("_backward_hooks", {}), fn)
 
     # ------------------------------------------------------------------ traversal
