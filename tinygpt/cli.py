@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 import traceback
+import warnings
 
 from tinygpt import distributed, validation
 from tinygpt.train_cli import default_corpus  # noqa: F401  (part of this module's interface)
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tinygpt.finetune.cli import add_commands
 
     add_commands(sub)
+    from tinygpt.exercises.cli import add_commands as add_exercise_commands
+
+    add_exercise_commands(sub)
     from tinygpt.trace_cli import add_commands as add_trace_commands
 
     add_trace_commands(sub)
@@ -170,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse has printed the usage error (2), or the help (0)
         return e.code if isinstance(e.code, int) else 2
+    # a diverging run overflows on the way; the loss and checkpoint checks say so in one line
+    warnings.filterwarnings("ignore", message="(overflow|invalid value|divide by zero) encountered", category=RuntimeWarning)
     try:
         validation.check_environment()
         if hasattr(args, "distributed"):  # under mpiexec: join the other ranks; only rank 0 prints
