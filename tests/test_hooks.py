@@ -166,3 +166,31 @@ def test_backward_hook_of_a_module_whose_input_needs_no_grad_may_not_return_grad
     ours[0].register_full_backward_hook(lambda mod, gi, go: (go[0],))
     with pytest.raises(RuntimeError, match="no input of the module requires grad"):
         ours(tg.tensor(x)).sum().backward()
+
+
+class _Product(nn.Module):
+    def forward(self, a, b):
+        return a * b + a
+
+
+class _TorchProduct(torch.nn.Module):
+    def forward(self, a, b):
+        return a * b + a
+
+
+def test_full_backward_hook_of_a_two_input_module_sees_both_gradients_and_refuses_an_impossible_replacement():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(2, 3)).astype(np.float32), rng.normal(size=(2, 3)).astype(np.float32)
+    seen_ours, seen_theirs = [], []
+    ours, theirs = _Product(), _TorchProduct()
+    ours.register_full_backward_hook(lambda m, gi, go: seen_ours.append([g.numpy() for g in gi + go]))
+    theirs.register_full_backward_hook(lambda m, gi, go: seen_theirs.append([g.numpy() for g in gi + go]))
+    (ours(tg.tensor(a, requires_grad=True), tg.tensor(b, requires_grad=True)) * 2.0).sum().backward()
+    (theirs(torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)) * 2.0).sum().backward()
+    assert len(seen_ours) == len(seen_theirs) == 1
+    for x, y in zip(seen_ours[0], seen_theirs[0]):
+        np.testing.assert_allclose(x, y, rtol=1e-6)
+    both = _Product()
+    both.register_full_backward_hook(lambda m, gi, go: (gi[0] * 0.0, gi[1] * 0.0))
+    with pytest.raises(RuntimeError, match="replacing the gradient of input"):
+        both(tg.tensor(a, requires_grad=True), tg.tensor(b, requires_grad=True)).sum().backward()
