@@ -118,3 +118,103 @@ def test_default_corpus_without_pydoc_data_asks_for_data(monkeypatch, tmp_path, 
     assert main(["train", "--out", str(tmp_path / "run"), "--no-progress"]) == 1
     assert "--data" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ safe resume (issue 13)
+
+def test_resume_from_an_older_step_is_refused_and_branches_with_out(data_file, tmp_path, capsys):
+    run, branch = tmp_path / "run", tmp_path / "branch"
+    assert train(data_file, run, "--max-steps", "4", "--checkpoint-every", "2") == 0
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints" / "step_000004").iterdir()}
+    older = run / "checkpoints" / "step_000002"
+    capsys.readouterr()
+    assert main(["train", "--resume", str(older), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "later checkpoints (step_000004)" in err and "--out NEW_DIR" in err and "Traceback" not in err
+    assert main(["train", "--resume", str(older), "--out", str(branch), "--no-progress"]) == 0
+    assert f"resuming {older} at step 2, branching into {branch}" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints" / "step_000004").iterdir()} == before  # untouched
+    a, b = load_checkpoint(branch).model, load_checkpoint(run).model  # the branch retraced steps 3 and 4 exactly
+    for name, tensor in a.state_dict().items():
+        assert np.array_equal(host(tensor), host(b.state_dict()[name])), name
+    assert history(branch)["step"] == history(run)["step"]
+
+
+def test_resume_works_from_another_directory_with_a_relative_data_path(data_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(data_file.parent)
+    assert main(["train", "--data", data_file.name, "--out", "run", *SMALL, "--max-steps", "2"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "run"), "--max-steps", "3", "--no-progress"]) == 0
+    assert f"data: {data_file}," in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "run").trainer_state["meta"]["data"]["path"] == str(data_file)
+
+
+def test_resume_refuses_changed_or_moved_data_and_continues_on_data_named_with_data(data_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(data_file, run, "--max-steps", "2") == 0
+    data_file.write_text(data_file.read_text() + "and one more sentence. ", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--max-steps", "3", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{data_file} has changed since the run was saved" in err and f"--data {data_file}" in err
+    assert main(["train", "--resume", str(run), "--data", str(data_file), "--max-steps", "3", "--no-progress"]) == 0
+    assert f"data: continuing on {data_file} instead of {data_file}" in capsys.readouterr().out
+    moved = data_file.rename(tmp_path / "moved.txt")
+    assert main(["train", "--resume", str(run), "--max-steps", "4", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"the run's data {data_file} is not there any more" in err and "--data NEW" in err
+    assert main(["train", "--resume", str(run), "--data", str(moved), "--max-steps", "4", "--no-progress"]) == 0
+    assert load_checkpoint(run).trainer_state["meta"]["data"]["path"] == str(moved)
+
+
+def test_a_deleted_optimizer_file_is_an_error_unless_reset_optimizer(data_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(data_file, run, "--max-steps", "2") == 0
+    optimizer_file = resolve_checkpoint(run) / "optimizer.safetensors"
+    optimizer_file.unlink()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--max-steps", "3", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{optimizer_file} is missing" in err and "--reset-optimizer" in err and "Traceback" not in err
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "the", "--max-new-tokens", "2"]) == 0  # sampling needs no AdamW
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--max-steps", "3", "--reset-optimizer", "--no-progress"]) == 0
+    assert "AdamW's running averages start again from zero" in capsys.readouterr().out
+    assert {s["step"] for s in load_checkpoint(run).optimizer_state["state"].values()} == {1}  # restarted at step 3
+
+
+def test_resume_applies_schedule_and_eval_options_and_says_so(data_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(data_file, run, "--max-steps", "2") == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--max-steps", "5", "--lr", "5e-4", "--eval-freq", "2", "--cosine",
+                 "--warmup-steps", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for change in ("max_steps 2 -> 5", "lr 0.002 -> 0.0005", "eval_freq 3 -> 2", "cosine False -> True", "warmup_steps 0 -> 1"):
+        assert f"changed on resume: {change}" in out
+    config = load_checkpoint(run).trainer_state["config"]
+    assert (config["lr"], config["eval_freq"], config["cosine"], config["max_steps"]) == (5e-4, 2, True, 5)
+    assert history(run)["step"] == [1, 3, 5]  # evaluations every 2 steps from the resume on
+
+
+def test_train_resume_refuses_a_finetuning_run_and_generate_refuses_a_classifier(data_file, tmp_path, capsys):
+    from tinygpt.finetune.classify import make_classifier
+    from tinygpt.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    assert train(data_file, run, "--max-steps", "1") == 0
+    ck = load_checkpoint(run)
+    make_classifier(ck.model, 2)
+    save_checkpoint(tmp_path / "clf", 1, ck.model, ck.tokenizer, trainer_state={**ck.trainer_state, "meta": {
+        "task": "classify", "labels": ["ham", "spam"]}})
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "clf"), "--no-progress"]) == 2
+    assert "tinygpt finetune-classify --resume" in capsys.readouterr().err
+    for argv in (["generate", "--checkpoint", str(tmp_path / "clf"), "--prompt", "the"],
+                 ["chat", "--checkpoint", str(tmp_path / "clf"), "hi"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "is a classifier (labels ['ham', 'spam']), not a language model" in err and "tinygpt classify" in err

@@ -122,6 +122,7 @@ def _write(folder: Path, weights: dict, cfg: dict, tokenizer: Any, opt: dict | N
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     save_tokenizer(tokenizer, folder / "tokenizer.json")
     state = dict(trainer_state or {})
+    state.pop("optimizer", None)  # only the optimizer written here may be described
     if opt is not None:
         save_file(arrays, str(folder / "optimizer.safetensors"))
         state["optimizer"] = {"param_groups": opt["param_groups"], "steps": {str(i): s["step"] for i, s in opt["state"].items()}}
