@@ -208,3 +208,62 @@ def test_a_cpu_checkpoint_loads_onto_the_strict_device(tmp_path):
     optimizer.step()  # the restored m and v live on the strict device too
     assert sorted({s["step"] for s in optimizer.state.values()}) == [3, 4]  # final_norm.shift was one behind
     assert {backend.device_of(s["m"]) for s in optimizer.state.values()} == {"strict"}
+
+
+# ------------------------------------------------------------------ integrity (issue 13)
+
+def test_the_manifest_lists_every_file_with_its_size_and_sha256(tmp_path):
+    import hashlib
+    import json
+
+    tok = CharTokenizer.from_text(TEXT)
+    model = make_model(tok.n_vocab)
+    path = save_checkpoint(tmp_path, 3, model, tok, trained_optimizer(model), {"step": 3})
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.safetensors", "config.json", "tokenizer.json", "optimizer.safetensors",
+                                      "trainer_state.json"}
+    for name, entry in manifest["files"].items():
+        data = (path / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert checkpoint_module.verify_checkpoint(path) is None
+
+
+def test_a_flipped_byte_is_refused_naming_the_file_and_the_previous_checkpoint(tmp_path):
+    tok = CharTokenizer.from_text(TEXT)
+    model = make_model(tok.n_vocab)
+    first = save_checkpoint(tmp_path, 1, model, tok)
+    second = save_checkpoint(tmp_path, 2, model, tok)
+    weights = second / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01  # one bit of one float: safetensors itself would load it without a word
+    weights.write_bytes(bytes(data))
+    with pytest.raises(checkpoint_module.CheckpointError) as error:
+        load_checkpoint(tmp_path)
+    assert f"{weights} does not match its sha256" in str(error.value)
+    assert f"the newest intact checkpoint of this run is {first}" in str(error.value)
+    assert load_checkpoint(first).path == first
+
+
+def test_non_finite_weights_or_optimizer_state_are_never_written(tmp_path):
+    tok = CharTokenizer.from_text(TEXT)
+    model = make_model(tok.n_vocab)
+    optimizer = trained_optimizer(model)
+    model.final_norm.scale.data[0] = np.nan
+    with pytest.raises(checkpoint_module.NonFiniteError, match="weight final_norm.scale"):
+        save_checkpoint(tmp_path, 1, model, tok, optimizer)
+    model.final_norm.scale.data[0] = 1.0
+    next(iter(optimizer.state.values()))["v"][...] = np.inf
+    with pytest.raises(checkpoint_module.NonFiniteError, match="optimizer state"):
+        save_checkpoint(tmp_path, 1, model, tok, optimizer)
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_an_existing_checkpoint_is_never_replaced(tmp_path):
+    tok = CharTokenizer.from_text(TEXT)
+    model = make_model(tok.n_vocab)
+    path = save_checkpoint(tmp_path, 5, model, tok)
+    before = (path / "model.safetensors").read_bytes()
+    model.tok_emb.weight.data *= 2
+    with pytest.raises(FileExistsError, match="step_000005 already exists"):
+        save_checkpoint(tmp_path, 5, model, tok)
+    assert (path / "model.safetensors").read_bytes() == before
