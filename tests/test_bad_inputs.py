@@ -18,7 +18,9 @@ def files(tmp_path_factory):
     data.write_text("the quick brown fox jumps over the lazy dog. " * 50, encoding="utf-8")
     run = root / "run"
     assert main(["train", "--data", str(data), "--out", str(run), "--max-steps", "2", *SMALL]) == 0
-    return {"data": str(data), "run": str(run), "dir": str(root), "missing": str(root / "no-such-file")}
+    csv = root / "two-rows.csv"
+    csv.write_text("Text,Label\nhello,ham\nwin,spam\n", encoding="utf-8")
+    return {"data": str(data), "run": str(run), "dir": str(root), "missing": str(root / "no-such-file"), "csv": str(csv)}
 
 
 T = ["train", "--data", "{data}", "--out", "{dir}/new", *SMALL]  # a new run, to which one bad option is added
@@ -58,6 +60,12 @@ BAD = [  # (command line, environment, exit status, what the message must name)
     (T + ["--device", "tpu"], {}, 2, ["--device", "'tpu'"]),
     (T + ["--context-length", "4096"], {}, 2, ["too short", "--context-length"]),
     (T + ["--reset-optimizer"], {}, 2, ["--reset-optimizer", "--resume"]),
+    (T + ["--lr", "-inf"], {}, 2, ["--lr", "-inf"]),
+    (T + ["--start-context", ""], {}, 2, ["--start-context", "empty"]),
+    (["train", "--data", "{data}", "--out", "{data}", *SMALL], {}, 2, ["--out {data}", "is a file"]),
+    (R + ["--max-steps", "1"], {}, 2, ["complete at step 2", "--max-steps"]),
+    (["finetune-classify", "--data", "{csv}", "--init", "{run}", "--out", "{dir}/clf", "--no-progress"], {}, 2,
+     ["training split of {csv} has 1 texts", "--batch-size 8"]),
     (T + ["--bpe-file", "{missing}"], {}, 2, ["--bpe-file", "{missing}"]),
     (["train", "--data", "{missing}", *SMALL], {}, 2, ["--data", "{missing}", "no such file"]),
     (["train", "--data", "{dir}", *SMALL], {}, 2, ["--data", "{dir}", "folder"]),

@@ -43,7 +43,7 @@ def assert_every_checkpoint_loads_and_is_finite(run):
 
 def command(data, run, *extra):
     return [sys.executable, "-m", "tinygpt", "train", "--data", str(data), "--out", str(run), "--checkpoint-every", "1",
-            *SMALL, *extra]
+            "--epochs", "100000", *SMALL, *extra]
 
 
 # ------------------------------------------------------------------ kill -9, disk full

@@ -38,6 +38,10 @@ class RunLock:
 
         if not distributed.is_main():  # data parallel: rank 0 alone writes, so it alone locks
             return self
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            from tinygpt.validation import UsageError
+
+            raise UsageError(f"--out {self.run_dir} is a file, not a run directory")
         self.created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(2):  # a second try after removing a stale lock

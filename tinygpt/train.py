@@ -158,7 +158,7 @@ class Trainer:
         try:
             self.model.train()
             started, tokens_at_start = time.perf_counter(), self.state.tokens_seen
-            while not self._finished():
+            while not self.finished():
                 for batch in self.train_loader:
                     loss = self._step(batch)
                     bar.update(1)
@@ -169,7 +169,7 @@ class Trainer:
                     if self.config.checkpoint_every and self.state.step % self.config.checkpoint_every == 0:
                         self.save()
                     self._stop_requested = distributed.any_rank(self._stop_requested)  # every rank stops at the same step
-                    if self._finished() or self._stop_requested:
+                    if self.finished() or self._stop_requested:
                         break
                 if self._stop_requested:
                     self.show(f"interrupted at step {self.state.step}: saving a checkpoint to resume from")
@@ -188,7 +188,8 @@ class Trainer:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now; the checkpoint being written is discarded
         self._stop_requested = True
 
-    def _finished(self) -> bool:
+    def finished(self) -> bool:
+        """Whether `epochs` or `max_steps` is reached (fit() would train no further)."""
         c, loader = self.config, self.train_loader
         epochs_done = loader.epoch + (loader.position >= len(loader))  # a finished epoch not yet rolled over
         return epochs_done >= c.epochs or (c.max_steps is not None and self.state.step >= c.max_steps)

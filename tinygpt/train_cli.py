@@ -89,6 +89,7 @@ def run_train(args) -> int:
                              f"(the {args.tokenizer or 'char'} tokenizer's vocabulary is fixed by its text or file)")
         for key, value in NEW_RUN.items():
             setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+        _model_config(args, vocab_size=1)  # the shape's own checks, before any work
         with RunLock(args.out):
             return _new_run(args, Path(args.out))
     checkpoint = load_checkpoint(args.resume, device=args.device, bpe_file=args.bpe_file, optimizer=not args.reset_optimizer)
@@ -224,6 +225,9 @@ def _fit(args, model, tokenizer, config, data, text, run_dir, checkpoint, in_run
                                                      temperature=config.sample_temperature)
     if trainer.state.step == 0:
         sample("before")
+    if checkpoint is not None and trainer.finished():
+        raise UsageError(f"the run is complete at step {trainer.state.step} (max_steps {config.max_steps}, epochs "
+                         f"{config.epochs}); train further with a larger --max-steps or --epochs")
     history = trainer.fit()
     if trainer.interrupted:
         print(f"saved step {trainer.state.step} in {run_dir}; continue with: tinygpt train --resume {run_dir}")
@@ -268,7 +272,7 @@ def add_command(sub) -> None:
     p.add_argument("--eval-freq", type=v.positive_int, help="evaluate every this many steps (default 100)")
     p.add_argument("--eval-iter", type=v.positive_int, help="batches per evaluation (default 10)")
     p.add_argument("--checkpoint-every", type=v.count, help="steps between checkpoints, 0: only at the end (default 200)")
-    p.add_argument("--start-context", help="the prompt of the samples (default 'The ')")
+    p.add_argument("--start-context", type=v.text, help="the prompt of the samples (default 'The ')")
     p.add_argument("--sample-tokens", type=v.count, help="length of the samples (default 100)")
     p.add_argument("--sample-temperature", type=v.non_negative, help="0 for greedy samples (default 0.8)")
     p.add_argument("--seed", type=v.seed, help="default 123")

@@ -27,7 +27,7 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         # argparse takes "-1e-3" for an option (its pattern knows no exponent), so `--lr -1e-3`
         # would fail as "expected one argument" without naming the value
-        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -76,6 +76,13 @@ non_negative = real(at_least=0)
 fraction = real(above=0, below=1)
 probability = real(above=0, at_most=1)
 dropout = real(at_least=0, below=1)
+
+
+def text(value: str) -> str:
+    """An argparse type: a non-empty text (a prompt to start from)."""
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
 
 
 def existing_file(text: str) -> str:

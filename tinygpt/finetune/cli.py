@@ -65,8 +65,8 @@ def _resume(args, task: str) -> Start:
     settings = dict((checkpoint.trainer_state or {}).get("meta", {}))
     if settings.get("task") != task:
         other = f"tinygpt finetune-{settings['task']}" if settings.get("task") else "tinygpt train"
-        raise UsageError(f"{args.resume} is not a {task} run (its task is {settings.get('task')!r}); "
-                         f"continue it with: {other} --resume {args.resume}")
+        what = f"its task is {settings['task']!r}" if settings.get("task") else "it was written by `tinygpt train`"
+        raise UsageError(f"{args.resume} is not a {task} run ({what}); continue it with: {other} --resume {args.resume}")
     run_dir, branched = resume_target(checkpoint.path, checkpoint.trainer_state["step"], args.out)
     lora = settings.get("lora") or {}
     v.check_fixed_on_resume(args, {"batch_size": settings["batch_size"], "seed": settings["seed"],
@@ -138,6 +138,13 @@ def _run(trainer, start: Start) -> bool:
     return not trainer.interrupted
 
 
+def _check_batch(train_set, what: str, settings: dict) -> None:
+    if len(train_set) < settings["batch_size"]:
+        raise UsageError(f"the training split of {settings['data']} has {len(train_set)} {what}, fewer than "
+                         f"--batch-size {settings['batch_size']}: no batch can be made (use more data, a smaller "
+                         f"--batch-size, or a larger --train-frac)")
+
+
 def _optimizer(model, config):
     from tinygpt.optim import AdamW
 
@@ -187,6 +194,7 @@ def _finetune_classify(args, start: Start) -> int:
     train_set, val_set, test_set = part(train), part(val), part(test)
     print(f"data: {settings['data']}, {len(texts):,} texts, labels {settings['labels']}; "
           f"{len(train_set)} train / {len(val_set)} val / {len(test_set)} test, padded to {settings['max_length']} tokens")
+    _check_batch(train_set, "texts", settings)
     config = _train_config(args, settings, checkpoint)
     train_loader = DataLoader(train_set, settings["batch_size"], shuffle=True, drop_last=True, seed=settings["seed"])
     val_loader = DataLoader(val_set, settings["batch_size"])
@@ -253,6 +261,7 @@ def _finetune_instruct(args, start: Start) -> int:
             raise UsageError(f"no {name} record of {settings['data']} keeps any response token within "
                              f"{settings['allowed_max_length']} tokens: nothing to learn from")
         datasets.append(dataset)
+    _check_batch(datasets[0], "records", settings)
     config = _train_config(args, settings, checkpoint)
     train_loader = DataLoader(datasets[0], settings["batch_size"], shuffle=True, drop_last=True, seed=settings["seed"])
     val_loader = DataLoader(datasets[1], settings["batch_size"])
