@@ -129,6 +129,9 @@ def _run(trainer, start: Start) -> bool:
         if start.data_changed:  # other data: its batches start at the beginning of the epoch
             state = {**state, "loader": {**state["loader"], "position": 0}}
         trainer.restore(state, start.checkpoint.optimizer_state, in_out_dir=not start.branched)
+        if trainer.finished():
+            raise UsageError(f"the run is complete at step {trainer.state.step} (max_steps {trainer.config.max_steps}, "
+                             f"epochs {trainer.config.epochs}); train further with a larger --max-steps or --epochs")
     model = trainer.model
     print(f"trainable parameters: {model.num_parameters(trainable_only=True):,} of {model.num_parameters():,}"
           f"{' (LoRA adapters)' if 'lora' in model.cfg else ''}")
