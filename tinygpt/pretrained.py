@@ -285,5 +285,5 @@ def load_model_and_tokenizer(source: str | os.PathLike, device: str | None = Non
         return load_gpt2(source, device=device), gpt2_tokenizer(bpe_file)
     if not folder.exists():
         raise FileNotFoundError(f"{source} is neither one of {', '.join(GPT2_NAMES)} nor a folder")
-    checkpoint = load_checkpoint(folder, device=device, bpe_file=bpe_file)
+    checkpoint = load_checkpoint(folder, device=device, bpe_file=bpe_file, optimizer=False)  # weights only
     return checkpoint.model, checkpoint.tokenizer
