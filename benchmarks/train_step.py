@@ -4,10 +4,16 @@
     python benchmarks/train_step.py --batch 2 --repeats 3 --json step.json
     python benchmarks/train_step.py --emb-dim 64 --n-layers 2 --n-heads 4 --vocab-size 500 \\
         --batch 2 --tokens 32 --repeats 2 --drop-rate 0            # a quick check; losses must agree
+    git worktree add /tmp/old HEAD~5
+    python benchmarks/train_step.py --baseline /tmp/old            # + tinygpt of another checkout
 
 A step is what a training loop does per batch: forward, cross-entropy, backward, AdamW
 update, zero_grad. Both engines run the book's architecture (PyTorch: benchmarks/torch_gpt.py)
 with the same initial weights, the same tokens, the same AdamW hyperparameters and dtype.
+
+With --baseline DIR a third worker runs the tinygpt package found in DIR (another checkout,
+e.g. a git worktree of an older commit) in the same rounds, so a change is measured against
+the code before it and against PyTorch in one run, under the same conditions.
 
 Each engine runs in its own worker process, so that each one's peak memory is its own and
 neither inherits the other's heap, caches or threads. The parent asks the workers for one
@@ -116,7 +122,8 @@ class TinygptEngine:
 
     def about(self) -> dict:
         blas = np.__config__.CONFIG.get("Build Dependencies", {}).get("blas", {})
-        about = {"numpy": np.__version__, "blas": f"{blas.get('name', '?')} {blas.get('version', '')}".strip()}
+        about = {"numpy": np.__version__, "blas": f"{blas.get('name', '?')} {blas.get('version', '')}".strip(),
+                 "from": os.path.dirname(os.path.dirname(sys.modules["tinygpt"].__file__))}
         if self.cupy is not None:
             about["cupy"] = self.cupy.__version__
         return about
@@ -211,7 +218,11 @@ def worker(engine: str, cfg: dict, settings: dict, conn) -> None:
     """A worker process: build the engine, then answer the parent's messages:
     "step" -> (seconds, loss); "finish" -> peak memory, and exit."""
     try:
-        runner = (TinygptEngine if engine == "tinygpt" else TorchEngine)(cfg, settings)
+        if engine == "baseline":  # tinygpt from another checkout: forget the one this script imported
+            for name in [m for m in sys.modules if m == "tinygpt" or m.startswith("tinygpt.")]:
+                del sys.modules[name]
+            sys.path.insert(0, settings["baseline"])
+        runner = (TorchEngine if engine == "torch" else TinygptEngine)(cfg, settings)
         conn.send(("ready", runner.about()))
         while conn.recv() == "step":
             conn.send(("step", runner.timed_step()))
@@ -311,12 +322,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated, from tinygpt,torch")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the tokens")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also step the tinygpt package of this checkout (e.g. a worktree of an older commit)")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     args = parser.parse_args()
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = [e for e in args.engines if e not in ENGINES]
     if unknown or not args.engines:
         parser.error(f"--engines: unknown engine(s) {unknown or args.engines}; choose from {','.join(ENGINES)}")
+    if args.baseline:
+        if not os.path.isfile(os.path.join(args.baseline, "tinygpt", "__init__.py")):
+            parser.error(f"--baseline {args.baseline}: no tinygpt package in that folder")
+        args.baseline = os.path.abspath(args.baseline)
+        args.engines.append("baseline")
     if args.repeats < 1 or args.warmup < 0 or args.batch < 1 or args.tokens < 1:
         parser.error(f"need --repeats >= 1, --warmup >= 0, --batch >= 1, --tokens >= 1; got {args.repeats}, "
                      f"{args.warmup}, {args.batch}, {args.tokens}")
@@ -380,6 +398,9 @@ def print_results(cfg: dict, args: argparse.Namespace, results: dict, ratios: di
               f"{r['first_loss']:>11.5f} {r['last_loss']:>10.5f} {r['gflops']:>8.1f} {r['gemm_fraction']:>8.0%}")
     if ratios:
         print(f"\ntinygpt / torch: step time {ratios['step_time']:.2f}, peak memory {ratios['peak_memory']:.2f}")
+        if "baseline_step_time" in ratios:
+            print(f"baseline / torch: step time {ratios['baseline_step_time']:.2f}, "
+                  f"peak memory {ratios['baseline_peak_memory']:.2f}  (baseline: {args.baseline})")
         difference = ratios["first_loss_difference"]
         if cfg["drop_rate"] > 0:
             print(f"first-step losses differ by {difference:+.2e}: dropout is on ({cfg['drop_rate']}) and the engines "
@@ -399,7 +420,7 @@ def print_results(cfg: dict, args: argparse.Namespace, results: dict, ratios: di
 def main() -> None:
     args = parse_args()
     cfg = model_config(args)
-    settings = {k: getattr(args, k) for k in ("batch", "tokens", "seed", "device", "dtype")}
+    settings = {k: getattr(args, k) for k in ("batch", "tokens", "seed", "device", "dtype", "baseline")}
     notes = []
     if "torch" in args.engines and importlib.util.find_spec("torch") is None:
         args.engines.remove("torch")
@@ -433,10 +454,13 @@ def main() -> None:
                            "gflops": flops / median / 1e9, "gemm_fraction": flops / median / 1e9 / gemm["overall_gflops"],
                            **memory[engine], "about": about[engine]}
     ratios = {}
-    if len(results) == 2:
+    if "tinygpt" in results and "torch" in results:
         ours, theirs = results["tinygpt"], results["torch"]
         ratios = {"step_time": ours["median_s"] / theirs["median_s"], "peak_memory": ours["peak_bytes"] / theirs["peak_bytes"],
                   "first_loss_difference": ours["first_loss"] - theirs["first_loss"]}
+        if "baseline" in results:
+            ratios["baseline_step_time"] = results["baseline"]["median_s"] / theirs["median_s"]
+            ratios["baseline_peak_memory"] = results["baseline"]["peak_bytes"] / theirs["peak_bytes"]
     print_results(cfg, args, results, ratios, gemm, flops)
     for note in notes:
         print(f"note: {note}")

@@ -83,14 +83,13 @@ def layer_norm_backward(g2, xhat, rstd, scale):
     return grad_x, partial_scale.sum(axis=0), partial_shift.sum(axis=0)
 
 
-def _tanh_u(x, out):
-    """out = tanh(u), u = SQRT_2_OVER_PI x (1 + GELU_CUBIC x^2), in place in out."""
-    np.multiply(x, x, out=out)
-    out *= GELU_CUBIC
-    out += 1.0
-    out *= x
-    out *= SQRT_2_OVER_PI
-    return np.tanh(out, out=out)
+def _tanh_u(x, x_sq):
+    """tanh(u), u = SQRT_2_OVER_PI x (1 + GELU_CUBIC x^2), computed in place in x_sq = x * x."""
+    x_sq *= GELU_CUBIC
+    x_sq += 1.0
+    x_sq *= x
+    x_sq *= SQRT_2_OVER_PI
+    return np.tanh(x_sq, out=x_sq)
 
 
 def gelu_forward(x):
@@ -98,7 +97,7 @@ def gelu_forward(x):
     y = np.empty_like(x2)
 
     def block(s):
-        t = _tanh_u(x2[s], out=y[s])   # y = 0.5 x (1 + t)
+        t = _tanh_u(x2[s], np.multiply(x2[s], x2[s], out=y[s]))  # y = 0.5 x (1 + t)
         t += 1.0
         t *= x2[s]
         t *= 0.5
@@ -114,14 +113,14 @@ def gelu_backward(x, grad):
 
     def block(s):
         xs, dydx = x2[s], dx[s]
-        np.multiply(xs, xs, out=dydx)           # 0.5 x (1 - t^2) du/dx, du/dx = SQRT_2_OVER_PI (1 + 3 GELU_CUBIC x^2)
-        dydx *= 3 * GELU_CUBIC
+        x_sq = xs * xs
+        np.multiply(x_sq, 3 * GELU_CUBIC, out=dydx)  # 0.5 x (1 - t^2) du/dx, du/dx = SQRT_2_OVER_PI (1 + 3 GELU_CUBIC x^2)
         dydx += 1.0
         dydx *= xs
         dydx *= 0.5 * SQRT_2_OVER_PI
-        t = _tanh_u(xs, out=np.empty_like(xs))
+        t = _tanh_u(xs, x_sq)
         dydx *= 1.0 - t * t
-        t += 1.0                                # + 0.5 (1 + t)
+        t += 1.0                                     # + 0.5 (1 + t)
         t *= 0.5
         dydx += t
         dydx *= g2[s]
