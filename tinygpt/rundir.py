@@ -60,22 +60,34 @@ class RunLock:
         raise RunLocked(f"could not lock {self.path}")
 
     def _check_stale(self) -> None:
+        busy = self.in_use(self.run_dir)
+        if busy:
+            raise RunLocked(busy)
         try:
-            pid_text, host = (self.path.read_text().split() + ["", ""])[:2]
-            pid = int(pid_text)
-        except (OSError, ValueError):
-            pid, host = None, ""
-        if pid is not None and host not in ("", socket.gethostname()):
-            raise RunLocked(f"{self.run_dir} is in use by process {pid} on {host} (lock file {self.path}); "
-                            f"wait for it, or delete the lock file if that process is gone")
-        if pid is not None and _alive(pid):
-            raise RunLocked(f"{self.run_dir} is in use by process {pid} (lock file {self.path}); "
-                            f"wait for it to finish, or train into another --out")
-        self.show(f"taking over the stale lock {self.path} (process {pid_text or '?'} is gone)")
+            pid_text = (self.path.read_text().split() or ["?"])[0]
+        except OSError:
+            pid_text = "?"
+        self.show(f"taking over the stale lock {self.path} (process {pid_text} is gone)")
         try:
             self.path.unlink()
         except FileNotFoundError:
             pass
+
+    @staticmethod
+    def in_use(run_dir: str | os.PathLike) -> str | None:
+        """Why run_dir is in use by another live process (its lock names one), or None."""
+        path = Path(run_dir) / LOCK
+        try:
+            pid_text, host = (path.read_text().split() + ["", ""])[:2]
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            return None
+        if host not in ("", socket.gethostname()):
+            return (f"{run_dir} is in use by process {pid} on {host} (lock file {path}); "
+                    f"wait for it, or delete the lock file if that process is gone")
+        if _alive(pid):
+            return f"{run_dir} is in use by process {pid} (lock file {path}); wait for it to finish, or train into another --out"
+        return None
 
     def __exit__(self, *exc) -> None:
         if self.held:
@@ -159,6 +171,9 @@ def resume_target(folder: Path, step: int, out: str | os.PathLike | None) -> tup
     if source is None:
         raise UsageError(f"{folder} is not inside a run directory (RUN/checkpoints/step_N); "
                          f"say where to continue with --out DIR")
+    busy = RunLock.in_use(source)  # a live trainer there: that, not its newer checkpoints, is the reason
+    if busy:
+        raise RunLocked(busy)
     later = [p.name for p in checkpoints(source) if step_of(p) > step]
     if later:
         raise UsageError(f"{source} has later checkpoints ({', '.join(later)}) than {folder.name}: training on from "
