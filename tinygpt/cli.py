@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gradcheck", help="check every op's backward against finite differences (in float64)")
     p.add_argument("ops", nargs="*", help="ops to check (default: all)")
     p.add_argument("--device", choices=["cpu", "cuda", "strict"], help="default $TINYGPT_DEVICE or cpu")
-    p.add_argument("--eps", type=validation.positive, default=1e-6, help="finite-difference step (default 1e-6)")
+    # central differences in float64 lose digits to rounding below ~1e-10 and to curvature above ~0.1
+    p.add_argument("--eps", type=validation.real(at_least=1e-10, at_most=0.1), default=1e-6,
+                   help="finite-difference step, 1e-10 to 0.1 (default 1e-6)")
     p.add_argument("--atol", type=validation.non_negative, default=1e-5)
     p.add_argument("--rtol", type=validation.non_negative, default=1e-3)
     p.add_argument("--seed", type=validation.seed, default=0)
