@@ -226,6 +226,13 @@ def test_unknown_kernels_mode_is_an_error_naming_the_allowed_ones(mode, monkeypa
     assert kernels.kernels_mode() == "plain"
 
 
+def test_tg_set_kernels_is_the_switch_every_op_reads(mode):
+    tg.set_kernels("plain")
+    assert tg.kernels_mode() == "plain" and kernels.for_array(np.zeros(3)) is None
+    tg.set_kernels("fast")
+    assert kernels.for_array(np.zeros(3)) is cpu
+
+
 def test_strict_backend_has_no_fast_path(mode):
     mode("fast")
     assert kernels.for_array(backend.get_backend("strict").xp.zeros(3)) is None

@@ -2,6 +2,7 @@
 from tinygpt.backend import (default_device, default_dtype, get_rng_state, manual_seed, set_default_device,
                              set_default_dtype, set_rng_state)
 from tinygpt.gradcheck import gradcheck, gradcheck_report
+from tinygpt.kernels import kernels_mode, set_kernels
 from tinygpt.tensor import Function, Tensor, cat, is_grad_enabled, no_grad, ones, randn, tensor, where, zeros
 from tinygpt import functional  # noqa: E402  (import order: functional builds on tensor)
 from tinygpt.trace import detect_anomaly, trace  # noqa: E402
@@ -10,4 +11,5 @@ __version__ = "0.1.0"
 
 __all__ = ["Tensor", "Function", "tensor", "zeros", "ones", "randn", "cat", "where", "no_grad", "is_grad_enabled",
            "manual_seed", "set_default_device", "set_default_dtype", "default_device", "default_dtype",
-           "get_rng_state", "set_rng_state", "gradcheck", "gradcheck_report", "functional", "trace", "detect_anomaly"]
+           "get_rng_state", "set_rng_state", "gradcheck", "gradcheck_report", "functional", "trace", "detect_anomaly",
+           "set_kernels", "kernels_mode"]
