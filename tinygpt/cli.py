@@ -20,17 +20,19 @@ def _gradcheck(args) -> int:
     unknown = [op for op in args.ops if op not in suite]
     if unknown:
         raise UsageError(f"unknown op(s): {', '.join(unknown)}; choose from: {', '.join(suite)}")
-    failures = 0
+    failures, names = 0, args.ops or list(suite)
+    width = max(len(suite[name][0]) for name in names)
     print(f"gradcheck on {args.device}, eps={args.eps}, atol={args.atol}, rtol={args.rtol}")
-    print(f"{'op':<18} {'shape':<26} {'max abs err':>12} {'max rel err':>12}  result")
-    for name in args.ops or suite:
+    print(f"{'op':<18} {'inputs':<{width}} {'max abs err':>12} {'max rel err':>12}  result")
+    for name in names:
         shape, fn, inputs = suite[name]
         report = tg.gradcheck_report(fn, inputs, eps=args.eps, atol=args.atol, rtol=args.rtol)
         failures += not report.passed
-        print(f"{name:<18} {shape:<26} {report.max_abs_error:>12.2e} {report.max_rel_error:>12.2e}  {'pass' if report.passed else 'FAIL'}")
+        print(f"{name:<18} {shape:<{width}} {report.max_abs_error:>12.2e} {report.max_rel_error:>12.2e}  "
+              f"{'pass' if report.passed else 'FAIL'}")
         if not report.passed:
             print(f"    {report.describe()}")
-    print(f"{len(args.ops or suite) - failures} passed, {failures} failed")
+    print(f"{len(names) - failures} passed, {failures} failed")
     return 1 if failures else 0
 
 
