@@ -171,7 +171,11 @@ def resume_target(folder: Path, step: int, out: str | os.PathLike | None) -> tup
     if source is None:
         raise UsageError(f"{folder} is not inside a run directory (RUN/checkpoints/step_N); "
                          f"say where to continue with --out DIR")
-    busy = RunLock.in_use(source)  # a live trainer there: that, not its newer checkpoints, is the reason
+    from tinygpt import distributed
+
+    # a live trainer there: that, not its newer checkpoints, is the reason. (Rank 0 alone asks:
+    # under mpiexec it takes the lock, and the other ranks may look after it has.)
+    busy = RunLock.in_use(source) if distributed.is_main() else None
     if busy:
         raise RunLocked(busy)
     later = [p.name for p in checkpoints(source) if step_of(p) > step]
