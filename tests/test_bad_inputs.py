@@ -179,4 +179,4 @@ def test_python_dash_m_tinygpt_runs_the_command_line():
 
     result = subprocess.run([sys.executable, "-m", "tinygpt", "gradcheck", "--eps", "-1"], capture_output=True, text=True,
                             timeout=120)
-    assert result.returncode == 2 and "--eps: must be > 0, got -1" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "--eps: must be >= 1e-10, got -1" in result.stderr and "Traceback" not in result.stderr

@@ -70,6 +70,41 @@ def test_kill_9_at_random_moments_leaves_only_checkpoints_that_load_and_resume(d
     assert_every_checkpoint_loads_and_is_finite(run)
 
 
+def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_no_half_checkpoint_under_a_real_name(data_file, tmp_path,
+                                                                                               monkeypatch):
+    """Pruning deletes file by file; a kill in the middle (here: an exception after the first
+    file) must leave only whole checkpoints under step_* names, and the next start cleans up."""
+    run = tmp_path / "run"
+    real_rmtree = checkpoint_module.shutil.rmtree
+
+    class Killed(BaseException):
+        pass
+
+    def killed_after_one_file(path, ignore_errors=False):
+        os.remove(os.path.join(path, sorted(os.listdir(path))[0]))
+        raise Killed  # the process dies here
+
+    monkeypatch.setattr(checkpoint_module.shutil, "rmtree", killed_after_one_file)
+    with pytest.raises(Killed):
+        train_through_the_library(data_file, run)
+    monkeypatch.setattr(checkpoint_module.shutil, "rmtree", real_rmtree)
+    assert_every_checkpoint_loads_and_is_finite(run)
+    assert list((run / "checkpoints").glob(".tmp-*-deleting"))  # the half-deleted one, out of the way
+    assert train("--resume", run, "--max-steps", "5") == 0
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def train_through_the_library(data_file, run):
+    """Train with checkpoints every step straight through the library (no CLI error handling),
+    so that the exception from the patched deletion reaches the test."""
+    from tinygpt.train_cli import run_train
+    from tinygpt.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--data", str(data_file), "--out", str(run), "--max-steps", "4",
+                                      "--checkpoint-every", "1", *SMALL])
+    run_train(args)
+
+
 def test_a_full_disk_during_a_checkpoint_is_one_error_and_the_previous_checkpoint_stays(data_file, tmp_path, capsys,
                                                                                       monkeypatch):
     run = tmp_path / "run"

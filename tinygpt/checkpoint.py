@@ -102,7 +102,11 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: GPTModel, toke
         raise
     atomic_write_text(run_dir / "latest", f"checkpoints/{final.name}\n")
     for old in checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # renamed out of the way first: a kill during the deletion must not leave a half-deleted
+        # checkpoint under its real name (the temporary name is cleaned at the next start)
+        doomed = old.with_name(f".tmp-{old.name}-deleting")
+        os.rename(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
