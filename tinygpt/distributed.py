@@ -126,6 +126,8 @@ def abort(message: str, code: int = 1) -> None:
     an error would leave the others waiting for it forever)."""
     print(f"tinygpt: error: rank {rank()} of {world_size()}: {message}", file=sys.stderr, flush=True)
     if _group is not None and _group.size > 1:
+        sys.stdout.flush()
+        time.sleep(0.5)  # MPI_Abort kills every rank at once: give mpiexec time to forward what they printed
         _group.comm.Abort(code)
 
 
