@@ -9,7 +9,7 @@ import pytest
 import tinygpt as tg
 import tinygpt.functional as F
 from tinygpt.model import GPTModel
-from tinygpt.tensor import observers
+from tinygpt.graph_state import state
 
 CFG = {"vocab_size": 40, "context_length": 12, "emb_dim": 16, "n_heads": 2, "n_layers": 3, "drop_rate": 0.0, "qkv_bias": False}
 
@@ -39,7 +39,7 @@ def test_nan_planted_in_a_weight_of_block_k_attention_is_reported_at_its_first_u
     assert f"parameter trf_blocks.{k}.att.W_value.weight" in message and "already held NaN (1 of 256 values)" in message
     assert "tinygpt/nn.py:" in message  # the line in Linear.forward that called the op
     assert f"test_anomaly.py:{_line_of('marker: forward with a NaN weight')}" in message  # the user's line
-    assert observers == []  # the detector left with the exception
+    assert state.observers == []  # the detector left with the exception
 
 
 @pytest.mark.parametrize("k", [0, 1])
@@ -111,10 +111,10 @@ def test_nothing_changes_when_every_value_is_finite():
 
 
 def test_off_by_default_nobody_watches():
-    assert observers == []
+    assert state.observers == []
     model, x, _ = _model_and_batch()
     model(x)
-    assert observers == []
+    assert state.observers == []
 
 
 def test_train_command_with_detect_anomaly_names_the_op_that_made_the_first_nan(tmp_path, monkeypatch, capsys):

@@ -12,7 +12,7 @@ import pytest
 import tinygpt as tg
 import tinygpt.functional as F
 from tinygpt.model import GPTModel
-from tinygpt.tensor import observers
+from tinygpt.graph_state import state
 
 CFG = {"vocab_size": 30, "context_length": 10, "emb_dim": 8, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}
 
@@ -105,7 +105,7 @@ def test_ops_made_before_the_trace_are_recorded_without_a_module():
         loss.backward()
     assert len(t.nodes) == len(tensors)
     assert {n.module for n in t.nodes} == {None}
-    assert observers == []
+    assert state.observers == []
 
 
 def test_forward_statistics_gelu_tails_output_moments_and_uniform_attention_entropy():
@@ -192,4 +192,4 @@ def test_the_trace_leaves_the_observers_even_when_the_block_raises():
     with pytest.raises(ZeroDivisionError):
         with tg.trace():
             1 / 0
-    assert observers == []
+    assert state.observers == []

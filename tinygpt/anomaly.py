@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from tinygpt import hooks
 from tinygpt.backend import backend_of
-from tinygpt.tensor import Tensor, observers
+from tinygpt.graph_state import state
+from tinygpt.tensor import Tensor
 
 
 class detect_anomaly:
@@ -23,11 +24,11 @@ class detect_anomaly:
     naming the op, its module path, its source lines and the input or gradient at fault."""
 
     def __enter__(self) -> "detect_anomaly":
-        observers.append(self)
+        state.observers.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        observers.remove(self)
+        state.observers.remove(self)
 
     def on_forward(self, ctx, out: Tensor) -> None:
         from tinygpt.trace import label

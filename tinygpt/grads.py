@@ -10,11 +10,8 @@ import time
 from typing import Any
 
 from tinygpt.backend import backend_of, is_array
+from tinygpt.graph_state import state
 
-# Watchers of the graph (tinygpt.trace: trace() and detect_anomaly() add one while active).
-# Each has on_forward(ctx, output) and on_backward(node, grad_output, grad_inputs, seconds).
-# Empty by default, so watching costs nothing when nobody watches.
-observers: list = []
 
 
 def unbroadcast(grad, shape: tuple[int, ...]):
@@ -84,7 +81,7 @@ def call_backward(node, grad) -> tuple:
     """The backward of the Function that made node, given dL/d(node): one gradient (or None)
     per input, each checked to fit its input's shape (up to broadcasting)."""
     ctx = node._ctx
-    started = time.perf_counter() if observers else 0.0
+    started = time.perf_counter() if state.observers else 0.0
     grads = ctx.backward(ctx, grad)
     if not isinstance(grads, tuple):
         grads = (grads,)
@@ -94,7 +91,7 @@ def call_backward(node, grad) -> tuple:
     for i, (t, g) in enumerate(zip(ctx.inputs, grads)):
         if t is not None and g is not None and t.requires_grad and is_array(g) and not fits(g.shape, t.shape):
             raise RuntimeError(f"{name}.backward returned a gradient of shape {tuple(g.shape)} for input {i} of shape {t.shape}")
-    for observer in observers:
+    for observer in state.observers:
         observer.on_backward(node, grad, grads, time.perf_counter() - started)
     return grads
 

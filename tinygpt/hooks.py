@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import functools
 
-from tinygpt.tensor import Function, Tensor, is_grad_enabled, observers
+from tinygpt.graph_state import state
+from tinygpt.tensor import Function, Tensor, is_grad_enabled
 from tinygpt.tensor import HookHandle
 
 # The module calls in progress, outermost first, and the path of every module below the
@@ -54,7 +55,7 @@ def call_module(module, args: tuple, kwargs: dict):
                 output = result
         if backward is not None:
             output = backward.wrap_outputs(output)
-        for observer in observers:
+        for observer in state.observers:
             if hasattr(observer, "on_module"):
                 observer.on_module(_paths[-1], module, output)
         return output

@@ -12,7 +12,8 @@ from typing import Iterator
 
 from tinygpt import backend, hooks
 from tinygpt import functional as F
-from tinygpt.tensor import Tensor, observers, ones, zeros
+from tinygpt.graph_state import state
+from tinygpt.tensor import Tensor, ones, zeros
 
 _NO_HOOKS = MappingProxyType({})  # read-only: register_*_hook gives a module its own dict
 
@@ -40,7 +41,7 @@ class Module:
     _forward_hooks = _backward_hooks = _NO_HOOKS
 
     def __call__(self, *args, **kwargs):
-        if not (observers or self._forward_hooks or self._backward_hooks):
+        if not (state.observers or self._forward_hooks or self._backward_hooks):
             return self.forward(*args, **kwargs)
         return hooks.call_module(self, args, kwargs)  # watched: module path, hooks
 

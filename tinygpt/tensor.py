@@ -18,22 +18,18 @@ from typing import Any, Sequence
 
 from tinygpt import backend
 from tinygpt.backend import backend_of, device_of, is_array
-from tinygpt.grads import GradientSums, HookHandle, call_backward, observers
-
-_grad_enabled = True
-
+from tinygpt.grads import GradientSums, HookHandle, call_backward
+from tinygpt.graph_state import state
 
 
 class no_grad:
     """Context manager (and decorator) in which operations build no graph."""
 
     def __enter__(self):
-        global _grad_enabled
-        self._previous, _grad_enabled = _grad_enabled, False
+        self._previous, state.grad_enabled = state.grad_enabled, False
 
     def __exit__(self, *exc):
-        global _grad_enabled
-        _grad_enabled = self._previous
+        state.grad_enabled = self._previous
 
     def __call__(self, fn):
         @functools.wraps(fn)
@@ -45,7 +41,8 @@ class no_grad:
 
 
 def is_grad_enabled() -> bool:
-    return _grad_enabled
+    """Whether operations in this thread record a graph (False inside no_grad)."""
+    return state.grad_enabled
 
 
 class Function:
@@ -84,9 +81,9 @@ class Function:
         data = cls.forward(ctx, *(None if t is None else t.data for t in inputs), **options)
         if not is_array(data):  # NumPy reductions return scalars; keep a 0-d array of the same dtype
             data = backend_of(next(t for t in inputs if t is not None).data).asarray(data)
-        requires_grad = _grad_enabled and any(ctx.needs_input_grad)
+        requires_grad = state.grad_enabled and any(ctx.needs_input_grad)
         out = Tensor(data, requires_grad=requires_grad, _ctx=ctx if requires_grad else None)
-        for observer in observers:
+        for observer in state.observers:
             observer.on_forward(ctx, out)
         return out
 
@@ -99,7 +96,8 @@ class Tensor:
             data = backend.make_array(data)
         if requires_grad and data.dtype.kind != "f":
             raise TypeError(f"only floating-point tensors can require gradients, got dtype {data.dtype}")
-        self.data = data
+        self._data = data
+        self._version = 0  # how many times .data was assigned (w.data += 1 assigns): anomaly mode compares it
         self.requires_grad = requires_grad
         self.grad: Tensor | None = None
         self._ctx = _ctx
@@ -108,6 +106,16 @@ class Tensor:
         self._hooks: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ properties
+    @property
+    def data(self):
+        """The backend array (numpy.ndarray or cupy.ndarray)."""
+        return self._data
+
+    @data.setter
+    def data(self, array) -> None:
+        self._data = array
+        self._version += 1
+
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.data.shape)

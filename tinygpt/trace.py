@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 
 from tinygpt import backend, hooks
 from tinygpt.backend import backend_of, is_array
-from tinygpt.tensor import Tensor, observers
+from tinygpt.graph_state import state
+from tinygpt.tensor import Tensor
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 # Files that run an op rather than ask for one: the line that *called* an op is outside them.
@@ -105,11 +106,11 @@ class Trace:
         self._waiting: dict[int, tuple] = {}     # id(tensor) -> (weakref, [(consumer, input position)])
 
     def __enter__(self) -> "Trace":
-        observers.append(self)
+        state.observers.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        observers.remove(self)
+        state.observers.remove(self)
 
     # ------------------------------------------------------------------ observer
     def on_forward(self, ctx, out: Tensor) -> None:

@@ -1,0 +1,35 @@
+"""What the autograd engine remembers between calls, kept per thread.
+
+Two things: whether operations record a graph (`no_grad` turns it off), and who watches the
+graph (`trace()` and `detect_anomaly()` add an observer while they are active). Both are per
+thread, as PyTorch's grad mode is: inference under `no_grad` in one thread must not switch
+gradients off for a training loop in another, and a trace records only its own thread's nodes.
+
+An observer has on_forward(ctx, output) and on_backward(node, grad_output, grad_inputs, seconds).
+The list is empty by default, so watching costs nothing when nobody watches.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+
+class _ThreadState(threading.local):
+    def __init__(self):  # runs once in every thread that touches it
+        self.grad_enabled = True
+        self.observers: list = []
+
+
+state = _ThreadState()
+
+
+@contextlib.contextmanager
+def watching(observer):
+    """Add observer to this thread's watchers for the with-block (entered once at a time)."""
+    if any(o is observer for o in state.observers):
+        raise RuntimeError(f"{type(observer).__name__} is already active: enter it once, not nested inside itself")
+    state.observers.append(observer)
+    try:
+        yield observer
+    finally:
+        state.observers.remove(observer)
