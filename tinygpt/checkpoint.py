@@ -21,21 +21,20 @@ state are checked finite before anything is written: a checkpoint on disk is a g
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from tinygpt import backend
 from tinygpt.data import load_tokenizer, save_tokenizer
-from tinygpt.files import atomic_write_text
+from tinygpt.files import atomic_write_text, make_temp_dir, sha256_file
 from tinygpt.model import GPTModel
 from tinygpt.optim import AdamW
 
@@ -88,7 +87,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: GPTModel, toke
     final = parent / f"step_{step:06d}"
     if final.exists():
         raise FileExistsError(f"{final} already exists; refusing to replace it with another step {step}")
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".tmp-{final.name}-"))
+    tmp = make_temp_dir(parent, prefix=f".tmp-{final.name}-")
     try:
         _write(tmp, weights, model.cfg, tokenizer, opt, arrays, trainer_state)
         os.rename(tmp, final)
@@ -122,20 +121,41 @@ def first_non_finite(named_arrays: dict) -> str | None:
 
 def _write(folder: Path, weights: dict, cfg: dict, tokenizer: Any, opt: dict | None, arrays: dict,
            trainer_state: dict | None) -> None:
-    save_file(weights, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    save_tokenizer(tokenizer, folder / "tokenizer.json")
+    _save_arrays(weights, folder / "model.safetensors")
+    _write_file(folder / "config.json", lambda path: path.write_text(json.dumps(cfg, indent=2)))
+    _write_file(folder / "tokenizer.json", lambda path: save_tokenizer(tokenizer, path))
     state = dict(trainer_state or {})
     state.pop("optimizer", None)  # only the optimizer written here may be described
     if opt is not None:
-        save_file(arrays, str(folder / "optimizer.safetensors"))
+        _save_arrays(arrays, folder / "optimizer.safetensors")
         state["optimizer"] = {"param_groups": opt["param_groups"], "steps": {str(i): s["step"] for i, s in opt["state"].items()}}
-    (folder / "trainer_state.json").write_text(json.dumps(state))
+    _write_file(folder / "trainer_state.json", lambda path: path.write_text(json.dumps(state)))
     files = {}
     for path in sorted(folder.iterdir()):
         files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
         _fsync(path)  # on disk before the rename makes the checkpoint visible
-    atomic_write_text(folder / MANIFEST, json.dumps({**MANIFEST_FORMAT, "files": files}, indent=1))
+    manifest = json.dumps({**MANIFEST_FORMAT, "files": files}, indent=1)
+    _write_file(folder / MANIFEST, lambda path: path.write_text(manifest))  # last: its presence means complete
+    _fsync(folder / MANIFEST)
+
+
+def _save_arrays(arrays: dict, path: Path) -> None:
+    """save_file, whose I/O failures (a full disk) arrive as SafetensorError: an OSError naming the file."""
+    def save(path: Path) -> None:
+        try:
+            save_file(arrays, str(path))
+        except SafetensorError as e:
+            raise OSError(str(e).replace("Error while serializing: ", "")) from None
+    _write_file(path, save)
+
+
+def _write_file(path: Path, write) -> None:
+    """write(path), a failure named by the file's name alone: the folder is a temporary one, and
+    save_checkpoint's message names the checkpoint."""
+    try:
+        write(path)
+    except OSError as e:
+        raise OSError(f"{path.name}: {os.strerror(e.errno) if e.errno else e}") from None
 
 
 def _fsync(path: Path) -> None:
@@ -144,14 +164,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------ finding and checking

@@ -13,6 +13,8 @@ import shutil
 import socket
 from pathlib import Path
 
+from tinygpt.files import sha256_file
+
 LOCK = ".lock"
 
 
@@ -131,11 +133,7 @@ def clean_temporary_files(run_dir: str | os.PathLike) -> int:
 def data_identity(path: str | os.PathLike) -> dict:
     """{"path": absolute path, "size": bytes, "sha256": hex} of a data file."""
     path = Path(path).resolve()
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"path": str(path), "size": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"path": str(path), "size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def text_identity(text: str, name: str) -> dict:
