@@ -53,15 +53,39 @@ def _batch(tokenizer, batch_size: int, tokens: int):
     return ids[:-1].reshape(batch_size, tokens), ids[1:].reshape(batch_size, tokens)
 
 
+OUTPUTS = ("dot", "json", "html")
+
+
+def _check_outputs(args) -> None:
+    """Every --dot/--json/--html path writable and free (or --force), before the run."""
+    from tinygpt.files import check_output
+
+    named = [(option, getattr(args, option)) for option in OUTPUTS if getattr(args, option)]
+    for option, path in named:
+        check_output(path, f"--{option}", force=args.force)
+    paths = [os.path.realpath(path) if path != "-" else path for _, path in named]
+    for i, (option, path) in enumerate(named):
+        if paths[i] in paths[:i] and not _writes_directly(path):
+            first = named[paths.index(paths[i])][0]
+            raise UsageError(f"--{first} and --{option} both name {path}; give each its own file")
+
+
+def _writes_directly(path: str) -> bool:
+    from tinygpt.files import writes_directly
+
+    return path == "-" or writes_directly(path)
+
+
 def run_trace(args) -> int:
+    import sys
+
     import tinygpt as tg
     import tinygpt.functional as F
-    from tinygpt.files import atomic_write_text
+    from tinygpt.files import write_output
 
-    for option in ("dot", "json", "html"):
-        path = getattr(args, option)
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise UsageError(f"--{option} {path}: the folder {os.path.dirname(path)} does not exist")
+    _check_outputs(args)
+    # an output sent to standard output ("-") keeps it for itself: the report goes to stderr
+    out = sys.stderr if "-" in (args.dot, args.json, args.html) else sys.stdout
     model, tokenizer, what = _model_and_tokenizer(args)
     context = model.cfg["context_length"]
     if args.tokens > context:
@@ -72,13 +96,13 @@ def run_trace(args) -> int:
         loss = F.cross_entropy(model(x), y)
         loss.backward()
     print(f"{what}: {model.num_parameters():,} parameters; batch {args.batch_size} x {args.tokens} tokens "
-          f"of the default text; loss {loss.item():.4f}")
-    print("backward nodes in the order they ran" + (" (flat)" if args.flat else ", per module") + ":\n")
-    print(t.table(flat=args.flat))
+          f"of the default text; loss {loss.item():.4f}", file=out)
+    print("backward nodes in the order they ran" + (" (flat)" if args.flat else ", per module") + ":\n", file=out)
+    print(t.table(flat=args.flat), file=out)
     for path, text in ((args.dot, t.to_dot), (args.json, t.to_json), (args.html, t.to_html)):
         if path:
-            atomic_write_text(path, text())
-            print(f"wrote {path}")
+            write_output(path, text(), force=args.force)
+            print(f"wrote {'standard output' if path == '-' else path}", file=out)
     return 0
 
 
@@ -92,9 +116,11 @@ def add_commands(sub) -> None:
     p.add_argument("--batch-size", type=v.positive_int, default=2, help="default 2")
     p.add_argument("--tokens", type=v.positive_int, default=64, help="tokens per row (default 64)")
     p.add_argument("--flat", action="store_true", help="one line per node instead of one per module")
-    p.add_argument("--dot", metavar="FILE", help="also write the graph as Graphviz DOT text (draw it with: dot -Tsvg FILE -o graph.svg)")
+    p.add_argument("--dot", metavar="FILE", help="also write the graph as Graphviz DOT text (draw it with: dot -Tsvg FILE -o graph.svg); "
+                   "- for standard output")
     p.add_argument("--json", metavar="FILE", help="also write every record as JSON")
     p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page, one folding section per module")
+    p.add_argument("--force", action="store_true", help="replace --dot/--json/--html files that exist (default: refuse)")
     p.add_argument("--bpe-file", type=v.existing_file, help="local GPT-2 ranks file (or TINYGPT_BPE_FILE)")
     p.add_argument("--seed", type=v.seed, default=123, help="seed of the random init (default 123)")
     p.add_argument("--device", choices=["cpu", "cuda", "strict"], help="default $TINYGPT_DEVICE or cpu")

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from tinygpt import backend, distributed
 from tinygpt import functional as F
 from tinygpt.checkpoint import NonFiniteError, checkpoints, save_checkpoint
-from tinygpt.files import atomic_write_text
+from tinygpt.files import atomic_write_bytes, atomic_write_text
 from tinygpt.generate import generate, text_to_token_ids, token_ids_to_text
 from tinygpt.optim import AdamW, clip_grad_norm, warmup_cosine_lr
 from tinygpt.tensor import Tensor, no_grad
@@ -322,10 +322,10 @@ def plot_losses(history: dict[str, list], path: str | Path) -> bool:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write_bytes(path, png.getvalue())  # a full disk is then an error naming loss.png
     return True
 
 
