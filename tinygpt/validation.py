@@ -12,6 +12,7 @@ import argparse
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 
@@ -107,16 +108,13 @@ def existing_path(text: str) -> str:
 def check_environment(environ=None) -> None:
     """Check every environment variable tinygpt reads; apply TINYGPT_KERNELS (the device
     is applied with the --device option, see choose_device)."""
+    from tinygpt import env
+
     environ = os.environ if environ is None else environ
-    threads = environ.get("TINYGPT_NUM_THREADS")
-    if threads is not None:
-        try:
-            ok = int(threads) >= 1
-        except ValueError:
-            ok = False
-        if not ok:
-            raise UsageError(f"TINYGPT_NUM_THREADS must be a positive integer, got {threads!r}")
-    device = environ.get("TINYGPT_DEVICE")
+    for line in env.unknown(environ):
+        print(f"tinygpt: warning: {line}", file=sys.stderr)
+    _check_numbers(environ)
+    device = env.value("TINYGPT_DEVICE", environ)
     if device is not None and device not in _devices():
         raise UsageError(f"TINYGPT_DEVICE must be one of {', '.join(_devices())}, got {device!r}")
     bpe_file = environ.get("TINYGPT_BPE_FILE")
@@ -138,6 +136,17 @@ def check_environment(environ=None) -> None:
                 raise ValueError("expected 'plain' or 'fast'")
         except ValueError as e:
             raise UsageError(f"TINYGPT_KERNELS={kernels!r}: {e}") from None
+
+
+def _check_numbers(environ) -> None:
+    """The numeric variables, through the parsers that read them during the run."""
+    from tinygpt import env
+
+    for parse in (env.num_threads, env.dist_timeout):
+        try:
+            parse(environ)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 def _devices() -> tuple[str, ...]:

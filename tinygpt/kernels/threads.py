@@ -21,6 +21,8 @@ from typing import Callable
 
 import numpy as np
 
+from tinygpt import env
+
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_threads = 0
 _worker = threading.local()
@@ -29,11 +31,9 @@ _blas: list | None = None  # threadpoolctl controllers of the BLAS libraries Num
 
 def num_threads() -> int:
     """Threads for the blocked kernels: $TINYGPT_NUM_THREADS, else the usable cores."""
-    value = os.environ.get("TINYGPT_NUM_THREADS", "").strip()
-    if value:
-        if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"TINYGPT_NUM_THREADS must be a positive integer, got {value!r}")
-        return int(value)
+    threads = env.num_threads()
+    if threads is not None:
+        return threads
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
