@@ -25,7 +25,7 @@ import pytest
 import tinygpt as tg
 import tinygpt.functional as F
 from tinygpt import backend, kernels
-from tinygpt.kernels import GELU_CUBIC, SQRT_2_OVER_PI, cpu, threads
+from tinygpt.kernels import GELU_CUBIC, SQRT_2_OVER_PI, cpu, fused, threads
 from tinygpt.kernels import cuda as ck
 from tinygpt.optim import AdamW
 from conftest import host
@@ -204,7 +204,7 @@ def _gpt_step():
 
 def test_every_fused_op_routes_through_the_kernels_and_plain_mode_routes_none(mode, monkeypatch):
     spy = _Spy()
-    monkeypatch.setattr(kernels, "_module_of", lambda device: spy if device == "cpu" else None)
+    monkeypatch.setattr(kernels, "module_of", lambda device: spy if device == "cpu" else None)
     mode("fast")
     _gpt_step()
     assert set(spy.calls) == set(kernels.INTERFACE)  # a GPT training step uses every kernel
@@ -227,15 +227,15 @@ def test_unknown_kernels_mode_is_an_error_naming_the_allowed_ones(mode, monkeypa
 
 def test_tg_set_kernels_is_the_switch_every_op_reads(mode):
     tg.set_kernels("plain")
-    assert tg.kernels_mode() == "plain" and kernels.for_array(np.zeros(3)) is None
+    assert tg.kernels_mode() == "plain" and kernels.implementation(F.LayerNorm, np.zeros(3)) is F.LayerNorm
     tg.set_kernels("fast")
-    assert kernels.for_array(np.zeros(3)) is cpu
+    assert kernels.implementation(F.LayerNorm, np.zeros(3)) is fused.LayerNorm
 
 
 def test_strict_backend_has_no_fast_path(mode):
     mode("fast")
-    assert kernels.for_array(backend.get_backend("strict").xp.zeros(3)) is None
-    assert kernels.for_array(np.zeros(3)) is cpu
+    assert kernels.implementation(F.GELU, backend.get_backend("strict").xp.zeros(3)) is F.GELU
+    assert kernels.implementation(F.GELU, np.zeros(3)) is fused.GELU
 
 
 def test_cpu_and_cuda_kernels_have_the_same_interface():
@@ -330,7 +330,7 @@ def test_cuda_attention_glue_matches_the_plain_math_with_numpy_row_kernels(mode,
     monkeypatch.setattr(ck, "attention_softmax_", stand_in.attention_softmax_)
     monkeypatch.setattr(ck, "softmax_backward_", stand_in.softmax_backward_)
     monkeypatch.setattr(ck, "dropout", cpu.dropout)  # the CPU's mask: the plain op draws the same
-    monkeypatch.setattr(kernels, "for_array", lambda x: ck)
+    monkeypatch.setattr(kernels, "module_of", lambda device: ck)
     inputs = [rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((2, 3, 6, 2))]
 
     def fn(q, k, v):

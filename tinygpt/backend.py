@@ -53,7 +53,7 @@ class Backend:
     def rand(self, shape: tuple[int, ...], dtype):
         return self.xp.asarray(self.rng.random(shape, dtype=np.float64).astype(dtype))
 
-    def uniform(self, shape: tuple[int, ...], seed: int, start: int = 0):
+    def uniform(self, shape: tuple[int, ...], seed: int, start: int | None = None):
         """Uniform [0, 1) float32 numbers that depend only on `seed` and `shape`: element i
         (in C order) is number i of the stream of default_rng(seed).
 
@@ -61,7 +61,10 @@ class Backend:
         rebuild the mask instead of keeping it in memory. With `start`, the numbers are
         those from position `start` of the stream on, so a blocked kernel can draw its own
         part of a mask and get exactly the numbers of the whole: the generator (PCG64)
-        jumps ahead in O(log n), and makes each 64-bit output into two float32 numbers."""
+        jumps ahead in O(log n), and makes each 64-bit output into two float32 numbers.
+        Without it, a data-parallel rank starts where its rows start in the whole batch's
+        stream (see batch_shard), so N ranks draw exactly the masks of one process."""
+        start = mask_start(shape) if start is None else start
         generator = np.random.PCG64(seed)
         generator.advance(start // 2)
         size = int(np.prod(shape))
@@ -87,10 +90,11 @@ class Backend:
 
 
 class CupyBackend(Backend):
-    def uniform(self, shape, seed, start: int = 0):
+    def uniform(self, shape, seed, start: int | None = None):
         """CuPy's own generator (the GPU's masks differ from the CPU's). It cannot jump ahead,
         so a `start` past 0 (a data-parallel rank's part of a batch) draws the numbers before
         it too and drops them."""
+        start = mask_start(shape) if start is None else start
         size = int(np.prod(shape))
         numbers = self.xp.random.RandomState(seed).random_sample(start + size, dtype=self.xp.float32)
         return numbers[start:].reshape(shape)

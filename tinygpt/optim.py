@@ -57,7 +57,7 @@ class AdamW:
                 t = state["step"]
                 rule = {"lr": lr, "beta1": b1, "beta2": b2, "eps": eps, "weight_decay": wd,
                         "step_size": lr / (1.0 - b1**t), "rsqrt_correction": 1.0 / math.sqrt(1.0 - b2**t)}
-                update = fast.adamw_step_ if (fast := kernels.for_array(p.data)) is not None else adamw_step_
+                update = kernels.implementation(adamw_step_, p.data)  # the plain update below, or the device's fast one
                 update(p.data, p.grad.data, state["m"], state["v"], **rule)
 
     def state_dict(self) -> dict:

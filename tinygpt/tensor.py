@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Sequence
 
-from tinygpt import backend
+from tinygpt import backend, kernels
 from tinygpt.backend import backend_of, device_of, is_array
 from tinygpt.grads import GradientSums, HookHandle, call_backward
 from tinygpt.graph_state import state
@@ -77,10 +77,12 @@ class Function:
         devices = {t.device for t in inputs if t is not None}
         if len(devices) > 1:
             raise RuntimeError(f"{cls.__name__}: expected all tensors on one device, got {' and '.join(sorted(devices))}")
-        ctx = cls(inputs)
-        data = cls.forward(ctx, *(None if t is None else t.data for t in inputs), **options)
+        first = next(t for t in inputs if t is not None).data
+        op = kernels.implementation(cls, first)  # cls itself, or its fast version (kernels/fused.py)
+        ctx = op(inputs)
+        data = op.forward(ctx, *(None if t is None else t.data for t in inputs), **options)
         if not is_array(data):  # NumPy reductions return scalars; keep a 0-d array of the same dtype
-            data = backend_of(next(t for t in inputs if t is not None).data).asarray(data)
+            data = backend_of(first).asarray(data)
         requires_grad = state.grad_enabled and any(ctx.needs_input_grad)
         out = Tensor(data, requires_grad=requires_grad, _ctx=ctx if requires_grad else None)
         for observer in state.observers:

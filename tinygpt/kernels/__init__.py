@@ -1,16 +1,19 @@
-"""Fast paths for the fused ops of functional.py: one module per backend, the same functions.
+"""Fast versions of the fused ops of functional.py, and the one place that picks which runs.
 
 functional.py writes every op as plain whole-array math. That is the reference: what a
-learner reads and steps through, and what runs on the strict backend. The modules here
-compute the same numbers faster, and tests/test_kernels.py checks each of them element by
-element against the plain op:
+learner reads and steps through, and what runs on the strict backend. The code here computes
+the same numbers faster, and tests/test_kernels.py checks each of them element by element
+against the plain op:
 
+    fused.py  the fast ops, under the names of functional's op classes (LayerNorm, GELU, ...),
+              each a subclass of the plain op with the same forward(ctx, ...) and
+              backward(ctx, grad), computed by the array functions of the device's module:
     cpu.py    NumPy, blocked: rows split into cache-sized blocks on a thread pool, BLAS held
               to one thread while they run, matrix products split across the threads
               (threads.py holds that machinery).
     cuda.py   CuPy: one fused CUDA kernel per op direction instead of a chain of launches.
 
-Every module has these functions (arrays in and out, no Tensors):
+cpu.py and cuda.py have these functions (arrays in and out, no Tensors):
 
     matmul(a, b)                                   2-D product
     embedding_backward(ids, grad_rows, vocab)      scatter-add of [N, C] rows into [vocab, C]
@@ -24,10 +27,11 @@ Every module has these functions (arrays in and out, no Tensors):
     cross_entropy_backward(z, lse, t, weight)      (softmax(z) - onehot(t)) * weight
     adamw_step_(w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step_size, rsqrt_correction)
 
-An op picks its path with `fast = kernels.for_array(x)`: the module for x's device, or None
-(plain math) on the strict backend or when the fast paths are switched off with
-TINYGPT_KERNELS=plain or set_kernels("plain") — so a learner can step through the reference
-math in a debugger on a real GPT run, and a benchmark can show what each kernel buys.
+`implementation(op, x)` is the choice: the fast version of op for the device of array x, or
+op itself on the strict backend, or when the fast paths are switched off with
+TINYGPT_KERNELS=plain or set_kernels("plain") (so a learner can step through the reference
+math in a debugger on a real GPT run, and a benchmark can show what each kernel buys).
+Function.apply asks it for every op; optim.AdamW asks it for its update.
 """
 from __future__ import annotations
 
@@ -69,32 +73,29 @@ def kernels_mode() -> str:
     return _mode
 
 
-def for_array(x):
-    """The fast kernels for the device of array x, or None: run the plain math."""
-    if (_mode or kernels_mode()) == "plain":
-        return None
-    return _module_of(backend.device_of(x))
+def implementation(op, x):
+    """What runs op (an op class of functional.py, or optim.adamw_step_) on array x: its fast
+    version of the same name for x's device, or op itself."""
+    if (_mode or kernels_mode()) == "plain" or op.__name__ not in FAST_OPS:
+        return op
+    if backend.device_of(x) not in ("cpu", "cuda"):  # the strict backend: how tests prove the plain math runs on CuPy
+        return op
+    from tinygpt.kernels import fused  # imported on first use: it imports functional, which imports tensor
+
+    return getattr(fused, op.__name__)
+
+
+FAST_OPS = frozenset({"Linear", "Embedding", "LayerNorm", "GELU", "Dropout", "ScaledDotProductAttention",
+                      "CrossEntropy", "adamw_step_"})  # the names fused.py defines
 
 
 @functools.cache
-def _module_of(device: str):
+def module_of(device: str):
     """kernels.cpu or kernels.cuda, imported on first use (CuPy only when a GPU is asked for)."""
     if device == "cpu":
         from tinygpt.kernels import cpu
 
         return cpu
-    if device == "cuda":
-        from tinygpt.kernels import cuda
+    from tinygpt.kernels import cuda
 
-        return cuda
-    return None  # the strict backend: the plain math, which is how tests prove it runs on CuPy
-
-
-def matmul_for(x):
-    """The 2-D matrix product to use for x's device: the fast kernel's, or plain `a @ b`."""
-    fast = for_array(x)
-    return fast.matmul if fast is not None else _plain_matmul
-
-
-def _plain_matmul(a, b):
-    return a @ b
+    return cuda

@@ -16,10 +16,11 @@ import math
 import numpy as np
 
 from tinygpt import backend
+from tinygpt.functional.attention import future_mask
+from tinygpt.functional.dropout import drop_scale
 from tinygpt.kernels import GELU_CUBIC, SQRT_2_OVER_PI
-from tinygpt.kernels.threads import matmul, rows_per_block, run_blocks, run_rows
-
-__all__ = ["matmul"]  # the rest of the interface (kernels.INTERFACE) is defined below
+from tinygpt.kernels.threads import matmul as matmul  # the interface's matmul: split across the threads
+from tinygpt.kernels.threads import rows_per_block, run_blocks, run_rows
 
 
 def _rows(x):
@@ -132,7 +133,7 @@ def gelu_backward(x, grad):
 def dropout(x, p: float, seed: int):
     x2 = _rows(x)
     y = np.empty_like(x2)
-    scale = _drop_scale(p)
+    scale = drop_scale(p)
 
     first = backend.mask_start(x.shape)
 
@@ -149,8 +150,7 @@ def dropout(x, p: float, seed: int):
 def _causal_bias(tq: int, tk: int, dtype):
     """0 where query i may look at key j, -inf where j > i + (tk - tq). Cached: a training
     run asks for the same (T, T) mask at every layer and step."""
-    hidden = np.arange(tk)[None, :] > np.arange(tq)[:, None] + (tk - tq)
-    return np.where(hidden, -math.inf, 0.0).astype(dtype)
+    return np.where(future_mask(np, tq, tk), -math.inf, 0.0).astype(dtype)
 
 
 def _heads_last(shape, dtype):
@@ -168,10 +168,6 @@ def _keep(probs, s, dropout_p: float, seed: int):
     if dropout_p == 0.0:
         return None
     return _uniform(probs[s].shape, seed, backend.mask_start(probs.shape) + s.start * probs[0].size) >= dropout_p
-
-
-def _drop_scale(p: float) -> float:
-    return 0.0 if p == 1.0 else 1.0 / (1.0 - p)
 
 
 def attention_forward(q, k, v, causal: bool, dropout_p: float, seed: int):
@@ -196,7 +192,7 @@ def attention_forward(q, k, v, causal: bool, dropout_p: float, seed: int):
         p /= p.sum(axis=-1, keepdims=True)
         keep = _keep(probs, s, dropout_p, seed)
         if keep is not None:
-            p = p * keep * _drop_scale(dropout_p)
+            p = p * keep * drop_scale(dropout_p)
         out[s] = p @ v[s]  # [1,H,Tq,Tk] @ [1,H,Tk,Dv] -> [1,H,Tq,Dv]
 
     run_blocks(block, q.shape[0], 1)
@@ -217,12 +213,12 @@ def attention_backward(grad, q, k, v, probs, dropout_p: float, seed: int, needs)
         p, g = probs[s], grad[s]
         keep = _keep(probs, s, dropout_p, seed)
         if need_v:
-            dropped = p if keep is None else p * keep * _drop_scale(dropout_p)
+            dropped = p if keep is None else p * keep * drop_scale(dropout_p)
             grad_v[s] = np.swapaxes(dropped, -1, -2) @ g
         dscores = g @ np.swapaxes(v[s], -1, -2)  # dL/dP, through the dropout mask
         if keep is not None:
             dscores *= keep
-            dscores *= _drop_scale(dropout_p)
+            dscores *= drop_scale(dropout_p)
         dscores -= (dscores * p).sum(axis=-1, keepdims=True)  # softmax backward, times the score scale
         dscores *= p
         dscores *= scale

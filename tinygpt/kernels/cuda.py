@@ -25,11 +25,13 @@ import numpy as np
 
 from tinygpt import backend
 from tinygpt.backend import backend_of
+from tinygpt.functional.dropout import drop_scale
 from tinygpt.kernels import GELU_CUBIC, SQRT_2_OVER_PI
 
-_C = f"T({SQRT_2_OVER_PI!r})"  # the GELU constants as CUDA literals of the kernel's type T
-_A = f"T({GELU_CUBIC!r})"
-_3A = f"T({3 * GELU_CUBIC!r})"
+# the GELU constants as CUDA literals of the kernel's type T
+SQRT_2_OVER_PI_T = f"T({SQRT_2_OVER_PI!r})"
+GELU_CUBIC_T = f"T({GELU_CUBIC!r})"
+THREE_GELU_CUBIC_T = f"T({3 * GELU_CUBIC!r})"
 
 
 class ElementwiseSource(NamedTuple):
@@ -56,14 +58,14 @@ class ReductionSource(NamedTuple):
 
 GELU_FORWARD = ElementwiseSource("T x", "T y", f"""
     // y = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
-    const T u = {_C} * (x + {_A} * x * x * x);
+    const T u = {SQRT_2_OVER_PI_T} * (x + {GELU_CUBIC_T} * x * x * x);
     y = T(0.5) * x * (T(1) + tanh(u));
 """, "gelu_forward")
 
 GELU_BACKWARD = ElementwiseSource("T x, T g", "T dx", f"""
     // t = tanh(u):  dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-    const T t = tanh({_C} * (x + {_A} * x * x * x));
-    const T du_dx = {_C} * (T(1) + {_3A} * x * x);
+    const T t = tanh({SQRT_2_OVER_PI_T} * (x + {GELU_CUBIC_T} * x * x * x));
+    const T du_dx = {SQRT_2_OVER_PI_T} * (T(1) + {THREE_GELU_CUBIC_T} * x * x);
     dx = g * (T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * du_dx);
 """, "gelu_backward")
 
@@ -257,8 +259,8 @@ def embedding_backward(ids, grad_rows, vocab: int):
 
 def dropout(x, p: float, seed: int):
     """x * keep / (1 - p), keep = uniform >= p from the backend's generator (one piece)."""
-    keep = backend.get_backend("cuda").uniform(x.shape, seed, backend.mask_start(x.shape)) >= p
-    return x * keep * (0.0 if p == 1.0 else 1.0 / (1.0 - p))
+    keep = backend.get_backend("cuda").uniform(x.shape, seed) >= p
+    return x * keep * drop_scale(p)
 
 
 def attention_forward(q, k, v, causal: bool, dropout_p: float, seed: int):

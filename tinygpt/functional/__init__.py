@@ -1,0 +1,32 @@
+"""The fused operations a GPT is built from, each with a hand-derived backward.
+
+Each op is a `Function` whose docstring states its forward in one line of math, then derives
+its backward. The code under it is that math on whole arrays: the backward is computed in
+closed form from a few saved arrays, and no op here builds a graph of smaller ops. Shapes use
+B batch, T tokens, C channels, H heads, D head size, V vocabulary, N rows (all axes but the
+last, flattened).
+
+This plain math is the reference, and nothing else lives in these files. A faster version of
+an op (blocked on every CPU core, or fused CUDA kernels) is a class of the same name in
+tinygpt/kernels/fused.py, tested against the one here; `Function.apply` picks which runs
+(kernels.implementation). On the strict backend, or with TINYGPT_KERNELS=plain, it is always
+the math below.
+
+    linear.py        linear, embedding
+    norms.py         layer_norm
+    activations.py   gelu, softmax, log_softmax
+    dropout.py       dropout
+    attention.py     scaled_dot_product_attention
+    loss.py          cross_entropy
+"""
+from tinygpt.functional.activations import GELU, LogSoftmax, Softmax, gelu, log_softmax, softmax
+from tinygpt.functional.attention import ScaledDotProductAttention, future_mask, scaled_dot_product_attention
+from tinygpt.functional.dropout import Dropout, dropout
+from tinygpt.functional.linear import Embedding, Linear, embedding, linear
+from tinygpt.functional.loss import CrossEntropy, cross_entropy
+from tinygpt.functional.norms import LayerNorm, layer_norm
+
+__all__ = ["Linear", "linear", "Embedding", "embedding", "LayerNorm", "layer_norm", "GELU", "gelu",
+           "Softmax", "softmax", "LogSoftmax", "log_softmax", "Dropout", "dropout",
+           "ScaledDotProductAttention", "scaled_dot_product_attention", "future_mask",
+           "CrossEntropy", "cross_entropy"]

@@ -1,0 +1,134 @@
+"""The fused ops, fast: functional's op classes under the same names, computed by the kernels
+of the array's device (cpu.py or cuda.py, which have the same functions: see kernels/__init__).
+
+Each class subclasses the plain op and replaces its forward and/or backward with the same
+signature, so `Function.apply` can run either one (kernels.implementation picks). What a
+method saves for backward is its own business: the forward and backward of one call always
+come from the same class. The docstrings of the plain ops have the math.
+"""
+from __future__ import annotations
+
+import math
+
+from tinygpt import functional as F
+from tinygpt import kernels
+from tinygpt.backend import backend_of, device_of
+
+
+def _on(x):
+    """The kernel module (cpu or cuda) for the device of array x."""
+    return kernels.module_of(device_of(x))
+
+
+class Linear(F.Linear):
+    """Matrix products split across the CPU's threads (cuBLAS already uses the whole GPU)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x2 = x.reshape(-1, x.shape[-1])  # [..., in] -> [N, in]
+        y = _on(x).matmul(x2, weight.T)
+        if bias is not None:
+            y += bias
+        ctx.save_for_backward(x2, weight)
+        ctx.x_shape = x.shape
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight = ctx.saved
+        matmul = _on(grad).matmul
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_x = matmul(g2, weight).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_w = matmul(g2.T, x2) if ctx.needs_input_grad[1] else None
+        grad_b = g2.sum(axis=0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+class Embedding(F.Embedding):
+    """The forward is a plain lookup; the backward's scatter-add is a sort and a segmented sum
+    on the CPU and atomic adds on the GPU."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        ids, g2 = ctx.ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+        return _on(grad).embedding_backward(ids, g2, ctx.vocab)
+
+
+class LayerNorm(F.LayerNorm):
+    @staticmethod
+    def forward(ctx, x, scale, shift, eps):
+        y, xhat, rstd = _on(x).layer_norm_forward(x.reshape(-1, x.shape[-1]), scale, shift, eps)
+        ctx.save_for_backward(xhat, rstd, scale)
+        ctx.x_shape = x.shape
+        return y.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xhat, rstd, scale = ctx.saved
+        grad_x, grad_scale, grad_shift = _on(grad).layer_norm_backward(grad.reshape(xhat.shape), xhat, rstd, scale)
+        return grad_x.reshape(ctx.x_shape), grad_scale, grad_shift
+
+
+class GELU(F.GELU):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return _on(x).gelu_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved
+        return _on(x).gelu_backward(x, grad)
+
+
+class Dropout(F.Dropout):
+    @staticmethod
+    def forward(ctx, x, p, seed):
+        ctx.p, ctx.seed = p, seed
+        return _on(x).dropout(x, p, seed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _on(grad).dropout(grad, ctx.p, ctx.seed)
+
+
+class ScaledDotProductAttention(F.ScaledDotProductAttention):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, dropout_p, seed):
+        ctx.scale, ctx.dropout_p, ctx.seed = 1.0 / math.sqrt(q.shape[-1]), dropout_p, seed
+        out, probs = _on(q).attention_forward(q, k, v, causal, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, probs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, probs = ctx.saved
+        return _on(grad).attention_backward(grad, q, k, v, probs, ctx.dropout_p, ctx.seed, ctx.needs_input_grad[:3])
+
+
+class CrossEntropy(F.CrossEntropy):
+    """logsumexp of the rows and the backward's softmax - onehot, blocked."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index):
+        xp = backend_of(logits)
+        z, t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        counted = t != ignore_index
+        n = int(counted.sum())
+        t = xp.where(counted, t, 0)
+        lse = _on(z).logsumexp_rows(z)
+        loss = ((lse - z[xp.arange(z.shape[0]), t]) * counted).sum() / n
+        ctx.save_for_backward(z, lse, t, counted)
+        ctx.n, ctx.shape = n, logits.shape
+        return xp.asarray(loss, dtype=logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, lse, t, counted = ctx.saved
+        weight = (grad / ctx.n) * counted[:, None]
+        return _on(z).cross_entropy_backward(z, lse, t, weight).reshape(ctx.shape)
+
+
+def adamw_step_(w, g, m, v, **hyperparameters) -> None:
+    """optim.adamw_step_, one pass over the parameter's memory (blocked on the CPU, one kernel on the GPU)."""
+    _on(w).adamw_step_(w, g, m, v, **hyperparameters)
