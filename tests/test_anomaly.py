@@ -9,6 +9,7 @@ import pytest
 import tinygpt as tg
 import tinygpt.functional as F
 from tinygpt.model import GPTModel
+from tinygpt.anomaly import AnomalyError
 from tinygpt.graph_state import state
 
 CFG = {"vocab_size": 40, "context_length": 12, "emb_dim": 16, "n_heads": 2, "n_layers": 3, "drop_rate": 0.0, "qkv_bias": False}
@@ -94,6 +95,55 @@ def test_a_tensor_hook_that_returns_nan_is_caught_where_the_gradient_arrives():
         expected = r"the gradient arriving at the output of Add holds NaN(?s:.*)module: +\(outermost module\)\n"
         with pytest.raises(RuntimeError, match=expected):
             loss.backward()
+
+
+def test_a_backward_report_names_where_an_input_made_inside_the_detector_was_made():
+    x = tg.tensor([0.0, 4.0], requires_grad=True)
+    with pytest.raises(AnomalyError) as caught, np.errstate(divide="ignore"):
+        with tg.detect_anomaly():
+            h = x * 1.0  # marker: h made inside
+            (h.sqrt() * 3.0).sum().backward()
+    message = str(caught.value)
+    assert f"gradient for x (shape (2,), made by Mul at tests/test_anomaly.py:{_line_of('marker: h made inside')}" in message
+    assert "before detect_anomaly was entered" not in message
+
+
+def test_a_saved_weight_changed_in_place_between_forward_and_backward_is_named():
+    model, x, y = _model_and_batch()
+    weight = model.trf_blocks[1].att.W_key.weight
+    with pytest.raises(AnomalyError) as caught:
+        with tg.detect_anomaly():
+            loss = F.cross_entropy(model(x), y)  # marker: forward that saves the weight
+            weight.data += 1
+            loss.backward()
+    message = str(caught.value)
+    assert ("weight (shape (16, 16), a leaf: parameter trf_blocks.1.att.W_key.weight), saved by the forward of "
+            "Linear for its backward, was changed in place before that backward ran (.data assigned 1 time since") in message
+    assert re.search(r"module: +trf_blocks\.1\.att\.W_key\n", message) and "tinygpt/nn.py:" in message
+    assert f"test_anomaly.py:{_line_of('marker: forward that saves the weight')}" in message
+
+
+def test_a_weight_given_a_new_array_before_backward_is_not_an_anomaly():
+    """The forward saved the old array, which nobody changed: backward is that of the forward that ran."""
+    model, x, y = _model_and_batch()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    expected = model.trf_blocks[1].att.W_key.weight.grad.numpy().copy()
+    model.zero_grad()
+    with tg.detect_anomaly():
+        loss = F.cross_entropy(model(x), y)
+        model.trf_blocks[1].att.W_key.weight.data = model.trf_blocks[1].att.W_key.weight.data + 1
+        loss.backward()
+    np.testing.assert_array_equal(model.trf_blocks[1].att.W_key.weight.grad.numpy(), expected)
+
+
+def test_detect_anomaly_entered_twice_is_refused():
+    detector = tg.detect_anomaly()
+    with detector:
+        with pytest.raises(RuntimeError, match="detect_anomaly is already active"):
+            with detector:
+                pass
+    assert state.observers == []
 
 
 def test_nothing_changes_when_every_value_is_finite():

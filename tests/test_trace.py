@@ -97,15 +97,69 @@ def test_module_paths_are_taken_at_forward_time(traced):
     assert leaf.name == "trf_blocks.1.ff.layers.0.weight" and leaf.shape == (32, 8)
 
 
-def test_ops_made_before_the_trace_are_recorded_without_a_module():
+def test_ops_made_before_the_trace_are_recorded_without_a_module_and_the_table_says_so():
     model, x, y = _model_and_batch()
     loss = F.cross_entropy(model(x), y)
     tensors, _, _ = _graph(loss)
     with tg.trace() as t:
         loss.backward()
     assert len(t.nodes) == len(tensors)
-    assert {n.module for n in t.nodes} == {None}
+    assert {n.module for n in t.nodes} == {None} and not any(n.forward_seen for n in t.nodes)
+    assert {n.op_line for n in t.nodes} == {None}  # not the line that called backward
+    first = t.table().splitlines()[0]
+    assert first.startswith(f"{len(tensors)} of {len(tensors)} nodes were made before the trace began")
+    assert "run the forward inside" in first
     assert state.observers == []
+
+
+def test_keep_grads_gives_the_gradients_retain_grad_gives():
+    model, x, y = _model_and_batch()
+    outputs = {}
+    for path in ("trf_blocks.0.att", "trf_blocks.1", "trf_blocks.1.ff.layers.1", "final_norm"):
+        module = dict(model.named_modules())[path]
+        module.register_forward_hook(lambda m, i, out, path=path: outputs.update({path: out.retain_grad()}))
+    with tg.trace(keep_grads=True) as t:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+    for path, out in outputs.items():
+        np.testing.assert_array_equal(t.grad_of(path), out.grad.numpy())
+    weight = model.trf_blocks[0].att.W_key.weight
+    np.testing.assert_array_equal(t.grad_of("trf_blocks.0.att.W_key.weight"), weight.grad.numpy())
+    with pytest.raises(ValueError, match=r"no gradient of 'trf_blocks\.9' in this trace \(known: "):
+        t.grad_of("trf_blocks.9")
+    with tg.trace() as plain:
+        F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"keep_grads=True"):
+        plain.grad_of("trf_blocks.0.att")
+
+
+def test_grad_of_a_module_called_twice_picks_a_call():
+    layer = tg.nn.Linear(3, 3)
+    x = tg.tensor(np.ones((2, 3), dtype=np.float32), requires_grad=True)
+    with tg.trace(keep_grads=True) as t:
+        h = layer(x)
+        out = layer(h * 2.0)
+        (out * 3.0).sum().backward()
+    with pytest.raises(ValueError, match=r"called 2 times while tracing: pick one with grad_of\('', call=0 \.\.\. 1\)"):
+        t.grad_of("")
+    np.testing.assert_array_equal(t.grad_of("", call=1), np.full((2, 3), 3.0, dtype=np.float32))
+    np.testing.assert_allclose(t.grad_of("", call=0), 2.0 * np.full((2, 3), 3.0) @ layer.weight.numpy())
+
+
+def test_a_trace_entered_twice_counts_once_or_is_refused():
+    model, x, y = _model_and_batch()
+    t = tg.trace()
+    with t:
+        with pytest.raises(RuntimeError, match="Trace is already active: enter it once"):
+            with t:
+                pass
+        F.cross_entropy(model(x), y).backward()
+    once = len(t.nodes)
+    assert once == len(_graph(F.cross_entropy(model(x), y))[0])
+    with pytest.raises(RuntimeError, match="this trace has ended"):
+        with t:
+            pass
+    assert len(t.nodes) == once and state.observers == []
 
 
 def test_forward_statistics_gelu_tails_output_moments_and_uniform_attention_entropy():
@@ -127,18 +181,43 @@ def test_forward_statistics_gelu_tails_output_moments_and_uniform_attention_entr
     assert t.modules["trf_blocks.0.att"].attention_entropy == pytest.approx([uniform] * CFG["n_heads"], rel=1e-5)
 
 
-def test_table_lists_modules_with_totals_or_every_node_when_flat(traced):
-    t, tensors, _, _ = traced
+def test_table_has_a_row_per_module_run_with_inputs_a_legend_and_the_parameter_gradients(traced):
+    t, tensors, _, model = traced
     grouped, flat = t.table(), t.table(flat=True)
     assert f"{len(tensors)} backward nodes" in grouped
-    assert re.search(r"^trf_blocks\.0\.att +9 ", grouped, re.M)  # 4 reshapes, 4 transposes, attention
+    header = grouped.splitlines()[0].split()
+    assert header[:2] == ["module", "nodes"] and "inputs" in header
+    # a block's two residual Adds are two rows, each reading the block's input and a branch's output
+    block_rows = re.findall(r"^trf_blocks\.0 +#(\d+) .* (#\d+ #\d+) +Add$", grouped, re.M)
+    assert len(block_rows) == 2
+    # the attention module's own nodes (4 reshapes, 4 transposes, attention) come in runs between the projections
+    att_rows = re.findall(r"^trf_blocks\.0\.att +#(\d+)(?:-(\d+))? ", grouped, re.M)
+    assert sum(int(b or a) - int(a) + 1 for a, b in att_rows) == 9
+    assert re.search(r"^trf_blocks\.1\.att\.W_query +#\d+ .* #\d+ \.weight \.bias +Linear$", grouped, re.M)
+    assert grouped.count("saved is what the backward") == 1  # the legend, once, under the table
     node_lines = [line for line in flat.splitlines() if re.match(r"^ +\d+  ", line)]
     assert len(node_lines) == len(tensors)
     only = t.table(flat=True, module="trf_blocks.1.att")
     modules = {line.split()[2] for line in only.splitlines() if re.match(r"^ +\d+  ", line)}
     assert modules == {"trf_blocks.1.att", "trf_blocks.1.att.W_query", "trf_blocks.1.att.W_key",
                        "trf_blocks.1.att.W_value", "trf_blocks.1.att.out_proj"}
+    assert "trf_blocks.1.att.out_proj.bias " in only and "trf_blocks.0.att.out_proj.bias " not in only
     assert "forward statistics" in grouped
+
+
+def test_parameter_gradients_are_those_of_grad_when_the_trace_ended(traced):
+    t, _, _, model = traced
+    names = dict(model.named_parameters())
+    assert {leaf.name for leaf in t.leaves} == set(names)
+    for leaf in t.leaves:
+        g = names[leaf.name].grad.numpy().astype(np.float64)
+        assert leaf.grad_norm == pytest.approx(np.linalg.norm(g), rel=1e-9)
+        assert (leaf.grad_min, leaf.grad_max, leaf.grad_zeros) == (g.min(), g.max(), np.mean(g == 0))
+        row = next(line for line in t.table().splitlines() if line.startswith(leaf.name + " "))
+        assert f"{leaf.grad_norm:.3e}" in row
+    emb = next(leaf for leaf in t.leaves if leaf.name == "tok_emb.weight")
+    assert 0 < emb.grad_zeros < 1  # rows of ids that were not in the batch get no gradient
+    assert f"tok_emb.weight\\n30x8\\n|grad| {emb.grad_norm:.3g}" in t.to_dot()
 
 
 def _dot_structure(text):

@@ -1,77 +1,118 @@
 """detect_anomaly(): stop at the first op whose forward makes an inf or NaN, or whose
-backward returns one, and say where that op was created.
+backward returns one, or whose saved input was changed in place before its backward ran,
+and say where that op was created.
 
 A NaN spreads: one bad weight makes a NaN activation, then a NaN loss, then NaN gradients
 everywhere. Checking every op's result as it is made finds the first one, which is where
 it was born, not where it surfaced. Every check costs a pass over the array, so this is for
 hunting a bug, not for every run.
 
+A backward computes its gradient from what its forward saved. If an input it saved is
+changed in place in between (`w.data += 1`, an optimizer step before backward), the
+gradient is that of another function, and nothing else would notice. Every assignment to
+`Tensor.data` counts a version (`t._version`, as PyTorch's version counter does); the
+detector notes the versions of the saved inputs at forward and compares them in backward.
+(Writing into the array's elements, `w.data[0] = 1`, assigns nothing and is not counted.)
+
     with tg.detect_anomaly():
         loss = F.cross_entropy(model(x), y)
         loss.backward()
-    RuntimeError: detect_anomaly: the forward of Linear in trf_blocks.1.att.W_key produced NaN ...
+    AnomalyError: detect_anomaly: the forward of Linear in trf_blocks.1.att.W_key produced NaN ...
 """
 from __future__ import annotations
 
 from tinygpt import hooks
 from tinygpt.backend import backend_of
-from tinygpt.graph_state import state
+from tinygpt.graph_state import watching
+from tinygpt.node_info import input_names, origin_of, saved_arrays, take_origin
 from tinygpt.tensor import Tensor
 
 
+class AnomalyError(RuntimeError):
+    """What detect_anomaly() found: the message names the op, where it was made, and the cause."""
+
+
 class detect_anomaly:
-    """Context manager: a RuntimeError at the first non-finite forward result or gradient,
-    naming the op, its module path, its source lines and the input or gradient at fault."""
+    """Context manager: an AnomalyError at the first non-finite forward result or gradient,
+    or at a saved input changed in place before its backward, naming the op, its module
+    path, its source lines and the input or gradient at fault."""
 
     def __enter__(self) -> "detect_anomaly":
-        state.observers.append(self)
+        watch = watching(self)
+        watch.__enter__()  # refuses a detector that is already active (nested in itself)
+        self._watch = watch
         return self
 
     def __exit__(self, *exc) -> None:
-        state.observers.remove(self)
+        self._watch.__exit__(*exc)
 
     def on_forward(self, ctx, out: Tensor) -> None:
-        from tinygpt.trace import label
-
-        label(ctx)
+        take_origin(ctx)
+        kept = saved_arrays(ctx)
+        # the saved inputs' versions now, and their arrays (kept by the op anyway)
+        ctx.versions_at_forward = [(i, t._version, t.data) for i, t in enumerate(ctx.inputs)
+                                   if isinstance(t, Tensor) and any(_same_memory(a, t.data) for a in kept)]
         if _finite(out.data):
             return
         causes = [f"{name} {_describe_input(t)} already held {_count(t.data)}"
-                  for name, t in zip(_names(ctx), ctx.inputs) if isinstance(t, Tensor) and not _finite(t.data)]
+                  for name, t in zip(input_names(ctx), ctx.inputs) if isinstance(t, Tensor) and not _finite(t.data)]
         cause = "; ".join(causes) if causes else ("every input was finite, so the op itself made it "
                                                    "(overflow, log or division by zero, inf - inf, ...)")
-        raise RuntimeError(_report(ctx, f"the forward of {type(ctx).__name__} produced {_count(out.data)}", cause))
+        raise AnomalyError(_report(ctx, f"the forward of {type(ctx).__name__} produced {_count(out.data)}", cause))
 
     def on_module(self, path: str, module, output) -> None:
         outputs = output if isinstance(output, tuple) else (output,)
         for i, o in enumerate(outputs):
             if isinstance(o, Tensor) and not _finite(o.data):  # no op of it made this, or on_forward would have raised
                 where = f"output {i} of" if len(outputs) > 1 else "the output of"
-                raise RuntimeError(f"detect_anomaly: {where} module {path or '(outermost)'} ({type(module).__name__}) "
+                raise AnomalyError(f"detect_anomaly: {where} module {path or '(outermost)'} ({type(module).__name__}) "
                                    f"holds {_count(o.data)}, but none of its ops produced it: it was returned by a "
                                    f"forward hook ({_hook_names(module)}) or made outside the graph in its forward")
 
     def on_backward(self, node: Tensor, grad_output, grad_inputs: tuple, seconds: float) -> None:
         ctx, name = node._ctx, type(node._ctx).__name__
+        _check_versions(ctx)
         if not _finite(grad_output):
-            raise RuntimeError(_report(ctx, f"the gradient arriving at the output of {name} holds {_count(grad_output)}",
+            raise AnomalyError(_report(ctx, f"the gradient arriving at the output of {name} holds {_count(grad_output)}",
                                        "it was given to backward(), returned by a tensor hook, or overflowed when "
                                        "the gradients of its consumers were summed"))
-        for input_name, t, g in zip(_names(ctx), ctx.inputs, grad_inputs):
+        for input_name, t, g in zip(input_names(ctx), ctx.inputs, grad_inputs):
             if g is not None and not _finite(g):
-                raise RuntimeError(_report(ctx, f"the backward of {name} returned {_count(g)} in the gradient for "
+                raise AnomalyError(_report(ctx, f"the backward of {name} returned {_count(g)} in the gradient for "
                                                 f"{input_name} {_describe_input(t)}",
                                            "the gradient arriving at its output was finite, so its backward made it"))
 
 
-def _report(ctx, what: str, cause: str) -> str:
-    from tinygpt.trace import label
+def _check_versions(ctx) -> None:
+    """An AnomalyError if an input whose array the op saved was changed in place since its forward."""
+    names = input_names(ctx)
+    for i, version, array in getattr(ctx, "versions_at_forward", ()):
+        t = ctx.inputs[i]
+        if t._version != version and t.data is array:  # the same array, written: what backward reads has changed
+            changes = t._version - version
+            raise AnomalyError(_report(ctx, f"{names[i]} {_describe_input(t)}, saved by the forward of "
+                                            f"{type(ctx).__name__} for its backward, was changed in place before that "
+                                            f"backward ran (.data assigned {changes} time{'s' * (changes > 1)} since, "
+                                            "e.g. `w.data += 1` or an optimizer step)",
+                                       "its backward used the changed values, so the gradients are not those of the "
+                                       "forward that ran: change the tensor only after backward, or assign a new array"))
 
-    origin = label(ctx)
-    module = "(outside modules)" if origin.module is None else origin.module or "(outermost module)"
-    lines = [f"detect_anomaly: {what}", f"  module:   {module}", f"  op line:  {origin.op_line}"]
-    if origin.user_line != origin.op_line:
-        lines.append(f"  called from: {origin.user_line}")
+
+def _same_memory(a, b) -> bool:
+    """Whether arrays a and b are the same array or views of one (a write into b shows in a)."""
+    return (a if getattr(a, "base", None) is None else a.base) is (b if getattr(b, "base", None) is None else b.base)
+
+
+def _report(ctx, what: str, cause: str) -> str:
+    origin = origin_of(ctx)
+    if origin is None:
+        lines = [f"detect_anomaly: {what}", "  module:   unknown: the forward ran before detect_anomaly was entered "
+                                            "(run it inside to see the module and the line)"]
+    else:
+        module = "(outside modules)" if origin.module is None else origin.module or "(outermost module)"
+        lines = [f"detect_anomaly: {what}", f"  module:   {module}", f"  op line:  {origin.op_line}"]
+        if origin.user_line != origin.op_line:
+            lines.append(f"  called from: {origin.user_line}")
     lines.append(f"  cause:    {cause}")
     return "\n".join(lines)
 
@@ -94,19 +135,16 @@ def _describe_input(t) -> str:
     if t is None:
         return ""
     if not t.is_leaf:
-        return f"(shape {t.shape}, made by {type(t._ctx).__name__} before detect_anomaly was entered)"
+        op = type(t._ctx).__name__
+        origin = origin_of(t._ctx)
+        if origin is None:
+            return f"(shape {t.shape}, made by {op} before detect_anomaly was entered)"
+        return f"(shape {t.shape}, made by {op} at {origin.user_line})"
     name = hooks.parameter_name(t)
     kind = f"parameter {name}" if name else "a tensor that requires grad" if t.requires_grad else "data, or made outside the graph"
     return f"(shape {t.shape}, a leaf: {kind})"
 
 
-def _names(ctx) -> list[str]:
-    from tinygpt.trace import input_names
-
-    return input_names(ctx)
-
-
 def _hook_names(module) -> str:
     fns = list(module._forward_hooks.values())
     return ", ".join(getattr(fn, "__qualname__", repr(fn)) for fn in fns) or "none registered"
-

@@ -1,49 +1,40 @@
 """Watching the graph: `trace()` records the backward pass node by node, `detect_anomaly()`
 finds the op where the first inf or NaN was born.
 
-Both are observers of the engine (`tensor.observers`): `Function.apply` tells them about
-every op after its forward, the backward loop about every node after its backward, and
-`Module.__call__` about every module output. Nobody is in the list unless one of these
-context managers is active, so an unwatched model pays nothing.
+Both are observers of the engine (`graph_state.state.observers`, one list per thread):
+`Function.apply` tells them about every op after its forward, the backward loop about every
+node after its backward, and `Module.__call__` about every module output. Nobody is in the
+list unless one of these context managers is active, so an unwatched model pays nothing.
 
     with tg.trace() as t:
         loss = F.cross_entropy(model(x), y)   # forward inside too: module paths, forward statistics
         loss.backward()
     print(t.table())                          # per module; t.table(flat=True) node by node
     t.nodes[0].op, t.nodes[0].grad_norm       # one record per backward node, in the order they ran
+    t.leaves[0].name, t.leaves[0].grad_norm   # the parameters' gradients when the block ended
+
+    with tg.trace(keep_grads=True) as t:      # also keep the gradient arrays, to compare your own
+        loss = F.cross_entropy(model(x), y)   # (makemore's cmp())
+        loss.backward()
+    t.grad_of("trf_blocks.0.att")             # dL/d(output of that module call), a NumPy array
 
 Module paths ("trf_blocks.3.att") and source lines are taken at forward time, so ops made
-before the block was entered show module None.
+before the trace was entered show module None and no lines (`Node.forward_seen` is False).
+A Trace records one `with` block: entering it again, nested or after it ended, is refused.
 """
 from __future__ import annotations
 
-import inspect
 import math
-import os
-import sys
 import weakref
 from dataclasses import asdict, dataclass, field
 
 from tinygpt import backend, hooks
-from tinygpt.backend import backend_of, is_array
-from tinygpt.graph_state import state
+from tinygpt.backend import backend_of
+from tinygpt.graph_state import watching
+from tinygpt.node_info import origin_of, saved_bytes, take_origin
 from tinygpt.tensor import Tensor
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
-# Files that run an op rather than ask for one: the line that *called* an op is outside them.
-_ENGINE = {os.path.join(_PACKAGE, f) for f in ("tensor.py", "grads.py", "ops.py", "functional.py", "hooks.py",
-                                                   "trace.py", "anomaly.py")}
-_KERNELS = os.path.join(_PACKAGE, "kernels") + os.sep
 GELU_TAIL = 3.0  # |x| beyond this: GELU is flat (slope within 1% of 0 or 1), little gradient gets through
-
-
-@dataclass
-class Origin:
-    """Where an op was created: its module path, the line that called it (may be inside
-    tinygpt, e.g. nn.py in Linear.forward) and the first line of the user's own code."""
-    module: str | None
-    op_line: str | None
-    user_line: str | None
 
 
 @dataclass
@@ -51,7 +42,7 @@ class Node:
     """One backward node: the op that made a tensor, and the gradient that arrived at it."""
     index: int                  # position in the order backward ran the nodes
     op: str                     # the Function's class name
-    module: str | None          # module path at forward time; "" the outermost module, None outside any
+    module: str | None          # module path at forward time; "" the outermost module, None outside any (or unknown)
     shape: tuple                # output shape
     dtype: str
     input_shapes: list          # per input of the op (None for an absent one)
@@ -60,18 +51,24 @@ class Node:
     grad_min: float
     grad_max: float
     grad_zeros: float           # fraction of exact zeros
-    saved_bytes: int            # arrays the op kept for its backward
+    saved_bytes: int            # arrays the op kept for its backward (weights included)
     seconds: float              # its backward's time
     op_line: str | None = None
     user_line: str | None = None
+    forward_seen: bool = True   # False: the forward ran before the trace began (module and lines unknown)
 
 
 @dataclass
 class Leaf:
-    """A tensor without an op (a parameter or data) that received a gradient."""
+    """A tensor without an op (a parameter or data) that received a gradient; its gradient
+    statistics are those of `.grad` when the trace ended."""
     index: int
     name: str | None            # the parameter's name in the outermost module, when it is one
     shape: tuple
+    grad_norm: float = math.nan
+    grad_min: float = math.nan
+    grad_max: float = math.nan
+    grad_zeros: float = math.nan
 
 
 @dataclass
@@ -97,24 +94,41 @@ class ModuleStats:
 class Trace:
     """The records of one `with trace():` block: `nodes`, `leaves` and `modules` (forward stats)."""
 
-    def __init__(self):
+    def __init__(self, keep_grads: bool = False):
+        self.keep_grads = keep_grads
         self.nodes: list[Node] = []
         self.leaves: list[Leaf] = []
         self.modules: dict[str, ModuleStats] = {}
+        self.module_outputs: dict[str, list] = {}  # module path -> per call, the node that made its output (or None)
+        self._grads: dict = {}                   # node index or leaf name -> gradient array (keep_grads)
         self._node_of: dict[int, tuple] = {}     # id(tensor) -> (weakref, node index)
         self._leaf_of: dict[int, tuple] = {}     # id(tensor) -> (weakref, leaf index)
         self._waiting: dict[int, tuple] = {}     # id(tensor) -> (weakref, [(consumer, input position)])
+        self._outputs: dict[int, tuple] = {}     # id(module output) -> (weakref, [(module path, call)])
+        self._watch, self._ended = None, False
 
     def __enter__(self) -> "Trace":
-        state.observers.append(self)
+        if self._ended:
+            raise RuntimeError("this trace has ended: its records are kept as they are; start a new one with tg.trace()")
+        watch = watching(self)
+        watch.__enter__()  # refuses a trace that is already active (nested in itself)
+        self._watch = watch
         return self
 
     def __exit__(self, *exc) -> None:
-        state.observers.remove(self)
+        self._watch.__exit__(*exc)
+        self._ended = True
+        for ref, index in self._leaf_of.values():
+            t = ref()
+            if t is not None and t.grad is not None:
+                leaf = self.leaves[index]
+                leaf.grad_norm, leaf.grad_min, leaf.grad_max, leaf.grad_zeros = grad_stats(t.grad.data)
+                if self.keep_grads:
+                    self._grads[leaf.name or f"leaf:{index}"] = t.grad.data.copy()
 
     # ------------------------------------------------------------------ observer
     def on_forward(self, ctx, out: Tensor) -> None:
-        origin = label(ctx)
+        origin = take_origin(ctx)
         name = type(ctx).__name__
         if name == "GELU":
             (x,) = ctx.saved
@@ -128,6 +142,14 @@ class Trace:
             self._stats(origin.module, "MultiHeadAttention").add("attention_entropy", per_head)
 
     def on_module(self, path: str, module, output) -> None:
+        calls = self.module_outputs.setdefault(path, [])
+        calls.append(None)
+        if isinstance(output, Tensor) and output.requires_grad:  # its node fills in calls[-1] when backward runs it
+            ref, waiting = self._outputs.get(id(output), (None, None))
+            if ref is None or ref() is not output:
+                waiting = []
+                self._outputs[id(output)] = (weakref.ref(output), waiting)
+            waiting.append((path, len(calls) - 1))
         if isinstance(output, Tensor) and output.dtype.kind == "f" and output.size:
             stats = self._stats(path, type(module).__name__)
             stats.kind = type(module).__name__
@@ -137,17 +159,24 @@ class Trace:
 
     def on_backward(self, node: Tensor, grad_output, grad_inputs: tuple, seconds: float) -> None:
         ctx, index = node._ctx, len(self.nodes)
-        origin = label(ctx)
+        origin = origin_of(ctx)
+        module, op_line, user_line = (origin.module, origin.op_line, origin.user_line) if origin else (None, None, None)
         norm, low, high, zeros = grad_stats(grad_output)
         inputs = [self._input(t, index, i) for i, t in enumerate(ctx.inputs)]
-        self.nodes.append(Node(index, type(ctx).__name__, origin.module, node.shape, str(node.dtype),
+        self.nodes.append(Node(index, type(ctx).__name__, module, node.shape, str(node.dtype),
                                [None if t is None else t.shape for t in ctx.inputs], inputs, norm, low, high, zeros,
-                               saved_bytes(ctx), seconds, origin.op_line, origin.user_line))
+                               saved_bytes(ctx), seconds, op_line, user_line, origin is not None))
+        if self.keep_grads:
+            self._grads[index] = grad_output.copy()
         self._node_of[id(node)] = (weakref.ref(node), index)
         ref, consumers = self._waiting.pop(id(node), (None, ()))
         if ref is not None and ref() is node:
             for consumer, position in consumers:
                 self.nodes[consumer].inputs[position] = index
+        ref, waiting = self._outputs.pop(id(node), (None, ()))
+        if ref is not None and ref() is node:
+            for path, call in waiting:
+                self.module_outputs[path][call] = index
 
     def _input(self, t: Tensor | None, consumer: int, position: int):
         """How input `position` of node `consumer` is recorded; a node is filled in when it runs."""
@@ -179,9 +208,35 @@ class Trace:
         ref, index = self._node_of.get(id(t), (None, None))
         return self.nodes[index] if ref is not None and ref() is t else None
 
+    def grad_of(self, name: str, call: int | None = None):
+        """The gradient kept by trace(keep_grads=True), as a host NumPy array: of the output of
+        module `name` ("trf_blocks.0.att"; `call` picks one call of a module called more than
+        once), or of parameter `name` ("trf_blocks.0.att.W_query.weight") when the trace ended."""
+        if not self.keep_grads:
+            raise ValueError("grad_of needs the gradients kept: trace with tg.trace(keep_grads=True)")
+        if name in self.module_outputs:
+            calls = self.module_outputs[name]
+            if call is None and len(calls) > 1:
+                raise ValueError(f"module {name!r} was called {len(calls)} times while tracing: "
+                                 f"pick one with grad_of({name!r}, call=0 ... {len(calls) - 1})")
+            if call is not None and not -len(calls) <= call < len(calls):
+                raise ValueError(f"module {name!r} was called {len(calls)} times while tracing, there is no call={call}")
+            index = calls[0 if call is None else call]
+            if index is None:
+                raise ValueError(f"no gradient reached the output of module {name!r} in this trace (it needs no "
+                                 "gradient, or backward ran outside the with-block)")
+            return backend.to_host(self._grads[index])
+        if name in self._grads:
+            return backend.to_host(self._grads[name])
+        known = list(self.module_outputs) + [leaf.name for leaf in self.leaves if leaf.name]
+        hint = ("no module output was seen: run the forward inside the with-block too" if not self.module_outputs
+                else f"known: {', '.join(known[:8])}{', ...' if len(known) > 8 else ''}")
+        raise ValueError(f"no gradient of {name!r} in this trace ({hint})")
+
     def table(self, flat: bool = False, module: str | None = None) -> str:
-        """The trace as text: one line per module with totals (or per node, flat=True), then
-        the forward statistics. `module` keeps only that module and those below it."""
+        """The trace as text: one line per module run with totals (or per node, flat=True), the
+        parameters' gradients, then the forward statistics. `module` keeps only that module and
+        those below it."""
         from tinygpt.trace_views import table
 
         return table(self, flat=flat, under=module)
@@ -196,7 +251,8 @@ class Trace:
         return json.dumps(self.to_dict(), indent=1, default=_json_default, allow_nan=True)
 
     def to_dot(self) -> str:
-        """Graphviz DOT text of the traced graph: ops with shapes and gradient norms, leaves as ellipses."""
+        """Graphviz DOT text of the traced graph: ops with shapes and gradient norms, leaves
+        (parameters) as ellipses with their gradients' statistics."""
         from tinygpt.trace_views import to_dot
 
         return to_dot(self)
@@ -221,39 +277,11 @@ def _json_default(value):
     return list(value) if isinstance(value, tuple) else str(value)
 
 
-def trace() -> Trace:
+def trace(keep_grads: bool = False) -> Trace:
     """Record every backward node run inside the `with` block (and forward statistics of the
-    ops and modules run inside it)."""
-    return Trace()
-
-
-# ============================================================================ helpers
-
-
-def label(ctx) -> Origin:
-    """ctx's Origin, taken the first time anybody asks (at forward time, while watching)."""
-    origin = ctx.__dict__.get("origin")
-    if origin is None:
-        op_line = user_line = None
-        frame = sys._getframe(1)
-        while frame is not None and user_line is None:
-            path = os.path.abspath(frame.f_code.co_filename)
-            if op_line is None and path not in _ENGINE and not path.startswith(_KERNELS):
-                op_line = _where(frame, path)
-            if not path.startswith(_PACKAGE + os.sep):
-                user_line = _where(frame, path)
-            frame = frame.f_back
-        origin = ctx.origin = Origin(hooks.current_module(), op_line, user_line)
-    return origin
-
-
-def _where(frame, path: str) -> str:
-    if path.startswith(_PACKAGE + os.sep):
-        shown = os.path.relpath(path, os.path.dirname(_PACKAGE))
-    else:
-        relative = os.path.relpath(path)
-        shown = path if relative.startswith("..") else relative
-    return f"{shown}:{frame.f_lineno} in {frame.f_code.co_name}"
+    ops and modules run inside it). keep_grads=True also keeps each gradient array, for
+    `Trace.grad_of`."""
+    return Trace(keep_grads)
 
 
 def grad_stats(g) -> tuple[float, float, float, float]:
@@ -263,18 +291,6 @@ def grad_stats(g) -> tuple[float, float, float, float]:
     g64 = g.astype(backend_of(g).float64)
     return (float((g64 * g64).sum().item()) ** 0.5, float(g64.min().item()), float(g64.max().item()),
             float((g64 == 0).mean().item()))
-
-
-def saved_bytes(ctx) -> int:
-    """Bytes of the arrays an op keeps for its backward (ctx.saved and array attributes)."""
-    arrays = [a for a in ctx.saved if is_array(a)] + [v for k, v in vars(ctx).items() if k != "saved" and is_array(v)]
-    return sum(int(a.nbytes) for a in arrays)
-
-
-def input_names(ctx) -> list[str]:
-    """The names of an op's inputs, from its forward's signature (x, weight, bias, ...)."""
-    params = list(inspect.signature(type(ctx).forward).parameters)[1:]
-    return [params[i] if i < len(params) else f"input {i}" for i in range(len(ctx.inputs))]
 
 
 from tinygpt.anomaly import detect_anomaly  # noqa: E402,F401  (part of this module's interface)

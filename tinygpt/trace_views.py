@@ -32,40 +32,100 @@ def _ops(names) -> str:
     return ", ".join(f"{op}x{n}" if n > 1 else op for op, n in counts.items())
 
 
+LEGEND = """columns: |dL/d out| (|grad|) is the L2 norm of the gradient arriving at the output of the module run
+(the node); min, max and zeros (the share of exact zeros) are over that gradient; saved is what the backward
+holds between forward and backward (the arrays the ops saved, weights included); ms is the backward's time;
+inputs are the nodes (#) and parameters (.name, below the row's module) that the row reads."""
+
+
 def table(t, flat: bool = False, under: str | None = None) -> str:
     nodes = [n for n in t.nodes if _under(n.module, under)]
-    lines = _flat(nodes) if flat else _grouped(nodes)
+    unseen = sum(not n.forward_seen for n in nodes)
+    lines = []
+    if unseen:
+        lines += [f"{unseen} of {len(nodes)} nodes were made before the trace began, so their module and source line "
+                  "are unknown: run the forward inside `with tg.trace()` too", ""]
+    lines += _flat(t, nodes) if flat else _grouped(t, nodes)
     seconds, saved = sum(n.seconds for n in nodes), sum(n.saved_bytes for n in nodes)
     lines.append(f"{len(nodes)} backward nodes, {seconds * 1e3:.2f} ms in backward, {_bytes(saved)} saved for backward")
+    lines += ["", LEGEND]
+    leaves = [leaf for leaf in t.leaves if under is None or (leaf.name or "").startswith(under + ".")]
+    if leaves:
+        lines += ["", *_parameters(leaves)]
     stats = [m for key, m in t.modules.items() if _under(None if key == "(outside modules)" else key, under)]
     if stats:
         lines += ["", *_forward(stats)]
     return "\n".join(lines)
 
 
-def _grouped(nodes) -> list[str]:
-    groups: dict = {}
-    for n in nodes:  # in the order backward reached each module (the output-most first)
-        groups.setdefault(n.module, []).append(n)
-    width = max([len(module_label(m)) for m in groups] + [6])
-    lines = [f"{'module':<{width}}  {'nodes':>5}  {'|dL/d out|':>10}  {'saved':>9}  {'ms':>7}  ops (first ran first)"]
-    for module, group in groups.items():
+def runs(nodes) -> list[list]:
+    """The nodes cut into runs of one module, in the order backward ran them: a module whose
+    nodes backward reached at two times (a block's two residual Adds) gets two rows."""
+    groups: list[list] = []
+    for n in nodes:
+        if groups and groups[-1][0].module == n.module:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+    return groups
+
+
+def _inputs(t, nodes, module: str | None) -> str:
+    """What nodes read from outside themselves: "#12" for a node, ".weight" for a parameter
+    of `module` (its full name otherwise)."""
+    inside, seen = {n.index for n in nodes}, []
+    for n in nodes:
+        for i in n.inputs:
+            if isinstance(i, int):
+                text = None if i in inside else f"#{i}"
+            elif isinstance(i, str):
+                name = t.leaves[int(i.split(":")[1])].name
+                text = (name[len(module):] if name and module and name.startswith(module + ".")
+                        else name or f"leaf {i.split(':')[1]}")
+            else:
+                text = None
+            if text and text not in seen:
+                seen.append(text)
+    return " ".join(seen) or "-"
+
+
+def _grouped(t, nodes) -> list[str]:
+    groups = runs(nodes)
+    width = max([len(module_label(g[0].module)) for g in groups] + [6])
+    lines = [f"{'module':<{width}}  {'nodes':>9}  {'|dL/d out|':>10}  {'saved':>9}  {'ms':>7}  {'inputs':<24}  "
+             "ops (first ran first)"]
+    for group in groups:
         # the first node backward ran in a module made its output: its gradient is the module's
-        lines.append(f"{module_label(module):<{width}}  {len(group):>5}  {group[0].grad_norm:>10.3e}  "
+        span = f"#{group[0].index}" + (f"-{group[-1].index}" if len(group) > 1 else "")
+        lines.append(f"{module_label(group[0].module):<{width}}  {span:>9}  {group[0].grad_norm:>10.3e}  "
                      f"{_bytes(sum(n.saved_bytes for n in group)):>9}  {sum(n.seconds for n in group) * 1e3:>7.3f}  "
-                     f"{_ops(n.op for n in group)}")
+                     f"{_inputs(t, group, group[0].module):<24}  {_ops(n.op for n in group)}")
     return lines
 
 
-def _flat(nodes) -> list[str]:
+def _flat(t, nodes) -> list[str]:
     width = max([len(module_label(n.module)) for n in nodes] + [6])
     lines = [f"{'#':>4}  {'op':<26}  {'module':<{width}}  {'output':<14}  {'|grad|':>9}  {'min':>10}  {'max':>10}  "
-             f"{'zeros':>5}  {'saved':>9}  {'ms':>7}"]
+             f"{'zeros':>5}  {'saved':>9}  {'ms':>7}  inputs"]
     for n in nodes:
         lines.append(f"{n.index:>4}  {n.op:<26}  {module_label(n.module):<{width}}  {_shape(n.shape):<14}  {n.grad_norm:>9.3e}  "
                      f"{n.grad_min:>10.3e}  {n.grad_max:>10.3e}  {n.grad_zeros:>5.0%}  {_bytes(n.saved_bytes):>9}  "
-                     f"{n.seconds * 1e3:>7.3f}")
+                     f"{n.seconds * 1e3:>7.3f}  {_inputs(t, [n], n.module)}")
     return lines
+
+
+def _parameters(leaves) -> list[str]:
+    width = max(len(leaf.name or f"leaf {leaf.index}") for leaf in leaves)
+    lines = ["parameter gradients (.grad when the trace ended)",
+             f"{'parameter':<{width}}  {'shape':<12}  {'|grad|':>9}  {'min':>10}  {'max':>10}  {'zeros':>5}"]
+    for leaf in leaves:
+        lines.append(f"{leaf.name or f'leaf {leaf.index}':<{width}}  {_shape(leaf.shape):<12}  {leaf.grad_norm:>9.3e}  "
+                     f"{leaf.grad_min:>10.3e}  {leaf.grad_max:>10.3e}  {_share(leaf.grad_zeros):>5}")
+    return lines
+
+
+def _share(x: float) -> str:
+    return "" if math.isnan(x) else f"{x:.0%}"
 
 
 def _forward(stats) -> list[str]:
@@ -93,10 +153,12 @@ def _norm(x: float) -> str:
 
 def to_dot(t) -> str:
     """Forward direction (inputs above, loss at the bottom); each op node shows its module,
-    output shape and the norm of the gradient that arrived at it."""
+    output shape and the norm of the gradient that arrived at it; each parameter its
+    gradient's norm, range and share of zeros."""
     lines = ["digraph backward {", '  node [shape=box, fontname="monospace", fontsize=10];', "  rankdir=TB;"]
     for leaf in t.leaves:
-        text = f"{leaf.name or 'leaf'}\n{_shape(leaf.shape)}"
+        text = (f"{leaf.name or 'leaf'}\n{_shape(leaf.shape)}\n|grad| {_norm(leaf.grad_norm)}\n"
+                f"min {_norm(leaf.grad_min)} max {_norm(leaf.grad_max)}\nzeros {_share(leaf.grad_zeros) or 'nan'}")
         lines.append(f"  leaf{leaf.index} [shape=ellipse, label={_quote(text)}];")
     for n in t.nodes:
         text = f"#{n.index} {n.op}\n{module_label(n.module)}\n{_shape(n.shape)} {n.dtype}\n|grad| {_norm(n.grad_norm)}"
