@@ -324,19 +324,64 @@ def as_dtype(dtype) -> np.dtype:
 def make_array(data, dtype=None, device: str | None = None):
     """A new array on `device` holding a copy of array-like `data`. Floating-point data
     takes the default dtype unless `dtype` says otherwise; integers and booleans keep theirs."""
+    data = _plain(data)
     if device is None:  # device arrays stay where they are; host data goes to the default device
         device = device_of(data) if is_array(data) and not isinstance(data, np.ndarray) else default_device()
-    if is_array(data):
-        if dtype is None:
-            dtype = _default_dtype if data.dtype.kind == "f" else data.dtype
-        if device_of(data) == device:
-            return data.astype(dtype)  # astype copies
-        data = to_host(data)
-    else:
+    if not is_array(data):
         data = np.asarray(data)
-        if data.dtype.kind not in "biuf":
-            raise TypeError(f"tensor data must be numbers or booleans, got dtype {data.dtype} "
-                            f"({'text' if data.dtype.kind in 'US' else 'objects' if data.dtype.kind == 'O' else data.dtype.kind})")
-        if dtype is None:
-            dtype = _default_dtype if data.dtype.kind == "f" else data.dtype
-    return get_backend(device).from_host(data.astype(dtype, copy=False))
+    if data.dtype.kind not in "biuf":
+        raise TypeError(f"tensor data must be real numbers or booleans, got dtype {data.dtype} ({_kind_name(data.dtype)})")
+    if dtype is None:
+        dtype = _default_dtype if data.dtype.kind == "f" else data.dtype
+    if device_of(data) == device:
+        return data.astype(dtype)  # astype copies
+    return get_backend(device).from_host(to_host(data).astype(dtype, copy=False))
+
+
+def _plain(data):
+    """data, unless it is an ndarray subclass whose arithmetic means something else: an
+    np.matrix (its * is a matrix product) or a masked array (its masked values would count).
+    Other subclasses (np.memmap) are read as plain arrays."""
+    if isinstance(data, np.matrix):
+        raise TypeError("tensor data is an np.matrix, whose * means a matrix product; pass np.asarray(data)")
+    if isinstance(data, np.ma.MaskedArray):
+        raise TypeError("tensor data is a masked array; fill its masked values first (data.filled(0))")
+    return np.asarray(data) if isinstance(data, np.ndarray) else data
+
+
+def _kind_name(dtype) -> str:
+    return {"c": "complex", "U": "text", "S": "bytes", "O": "objects", "M": "dates", "m": "time spans"}.get(dtype.kind, dtype.kind)
+
+
+def _dtype_kind(value) -> str | None:
+    """The dtype kind NumPy gives `value` ("f", "c", ...), None for what makes no array."""
+    if is_array(value):
+        return value.dtype.kind
+    try:
+        return np.asarray(value).dtype.kind
+    except (TypeError, ValueError):
+        return None
+
+
+def hook_replacement(value, like, hook, what: str = "gradient"):
+    """What a hook returned in place of the array `like` (a gradient), checked and made an array
+    of like's dtype on like's device. A Tensor comes unwrapped (its .data). Refused with one
+    line naming the hook: a value of another shape, an array on another device (moving it
+    silently would hide where it came from), complex numbers, an np.matrix, anything not numbers.
+    Real numbers of another dtype are cast, as the engine casts everything to the tensor's dtype."""
+    name = hook if isinstance(hook, str) else getattr(hook, "__qualname__", None) or repr(hook)
+    shown, wanted = f"hook {name} returned", f"return None, an array or a Tensor of shape {tuple(like.shape)}"
+    if isinstance(value, np.matrix):
+        raise TypeError(f"{shown} an np.matrix as the {what}; {wanted} (np.asarray turns a matrix into an array)")
+    if is_array(value) and device_of(value) != device_of(like):
+        raise RuntimeError(f"{shown} a {what} on device {device_of(value)!r} for a tensor on {device_of(like)!r}; "
+                           f"return it on the tensor's device")
+    if _dtype_kind(value) == "c":
+        raise TypeError(f"{shown} complex numbers as the {what}; a {what} must be real")
+    try:
+        array = make_array(value, dtype=like.dtype, device=device_of(like))
+    except (TypeError, ValueError):
+        raise TypeError(f"{shown} {type(value).__name__} {value!r:.40} as the {what}; {wanted}") from None
+    if array.shape != like.shape:
+        raise RuntimeError(f"{shown} a {what} of shape {tuple(array.shape)} for a tensor of shape {tuple(like.shape)}")
+    return array
