@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 
+from tinygpt import backend
 from tinygpt.graph_state import state
 from tinygpt.tensor import Function, Tensor, is_grad_enabled
 from tinygpt.tensor import HookHandle
@@ -52,7 +53,7 @@ def call_module(module, args: tuple, kwargs: dict):
         for fn in list(module._forward_hooks.values()):
             result = fn(module, args, output)
             if result is not None:
-                output = result
+                output = _checked_output(fn, module, output, result)
         if backward is not None:
             output = backward.wrap_outputs(output)
         for observer in state.observers:
@@ -146,11 +147,12 @@ class _FullBackwardHook:
             result = fn(self.module, tuple(self.grad_inputs), tuple(self.grad_outputs))
             if result is None:
                 continue
-            result = tuple(result)
-            if len(result) != len(self.grad_inputs):
-                raise RuntimeError(f"backward hook {_name(fn)} returned {len(result)} gradients for "
-                                   f"{len(self.grad_inputs)} inputs of {type(self.module).__name__}")
-            self.grad_inputs = [r if isinstance(r, Tensor) or r is None else Tensor(r) for r in result]
+            where = f"backward hook {_name(fn)} of {type(self.module).__name__}"
+            if not isinstance(result, (tuple, list)) or len(result) != len(self.grad_inputs):
+                got = f"{len(result)} gradients" if isinstance(result, (tuple, list)) else _described(result)
+                raise RuntimeError(f"{where} returned {got}; return None or a tuple of one gradient (or None) "
+                                   f"for each of its {len(self.grad_inputs)} inputs")
+            self.grad_inputs = [self._replacement(fn, j, r) for j, r in enumerate(result)]
         for j, (before, after) in enumerate(zip(arrived, self.grad_inputs)):
             if j != i and after is not before:
                 raise RuntimeError(f"backward hook of {type(self.module).__name__}: replacing the gradient of input {j} "
@@ -158,6 +160,41 @@ class _FullBackwardHook:
                                    "inputs that require grad")
         return self.grad_inputs[i]
 
+    def _replacement(self, fn, j: int, new):
+        """Gradient j as the hook fn returned it: the same tensor, None, or a checked replacement."""
+        old = self.grad_inputs[j]
+        if new is None or new is old:
+            return new
+        if old is None:
+            raise RuntimeError(f"backward hook {_name(fn)} of {type(self.module).__name__} returned a gradient for "
+                               f"input {j}, which does not require grad: return None in its place")
+        value = new.data if isinstance(new, Tensor) else new
+        return Tensor(backend.hook_replacement(value, old.data, f"{_name(fn)} of {type(self.module).__name__}"))
+
+
+def _checked_output(fn, module, output, result):
+    """A forward hook's replacement output, of the output's kind: a Tensor for a Tensor, a tuple
+    of as many for a tuple (anything else would fail later, far from the hook)."""
+    if isinstance(output, Tensor):
+        ok = isinstance(result, Tensor)
+    elif isinstance(output, tuple):
+        ok = isinstance(result, tuple) and len(result) == len(output)
+    else:
+        ok = True
+    if not ok:
+        raise TypeError(f"forward hook {_name(fn)} of {type(module).__name__} returned {_described(result)}; "
+                        f"return None, or a replacement for the output ({_described(output)})")
+    return result
+
+
+def _described(value) -> str:
+    if isinstance(value, Tensor):
+        return f"a Tensor of shape {value.shape}"
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)}"
+    return f"a {type(value).__name__}"
+
 
 def _name(fn) -> str:
-    return getattr(fn, "__qualname__", repr(fn))
+    """The user's name for a hook: its qualified name, or its repr (a partial, a callable object)."""
+    return getattr(fn, "__qualname__", None) or repr(fn)
