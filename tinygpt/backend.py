@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from tinygpt.errors import RunError
+
 DEVICES = ("cpu", "cuda", "strict")
 _CUDA_INSTALL_HINT = 'pip install -e ".[cuda12]" (CUDA 12) or pip install -e ".[cuda13]" (CUDA 13)'
 
@@ -149,13 +151,13 @@ def _load_cupy():
     try:
         import cupy
     except ImportError as e:
-        raise RuntimeError(f"CUDA was requested but CuPy is not installed ({e}). Install it with: {_CUDA_INSTALL_HINT}") from e
+        raise RunError(f"CUDA was requested but CuPy is not installed ({e}). Install it with: {_CUDA_INSTALL_HINT}") from e
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:  # CuPy raises its own CUDARuntimeError when no driver is present
-        raise RuntimeError(f"CUDA was requested and CuPy is installed, but no CUDA GPU is usable: {e}") from e
+        raise RunError(f"CUDA was requested and CuPy is installed, but no CUDA GPU is usable: {e}") from e
     if count == 0:
-        raise RuntimeError("CUDA was requested and CuPy is installed, but no CUDA GPU is visible")
+        raise RunError("CUDA was requested and CuPy is installed, but no CUDA GPU is visible")
     return cupy
 
 
@@ -330,7 +332,7 @@ def make_array(data, dtype=None, device: str | None = None):
     if not is_array(data):
         data = np.asarray(data)
     if data.dtype.kind not in "biuf":
-        raise TypeError(f"tensor data must be real numbers or booleans, got dtype {data.dtype} ({_kind_name(data.dtype)})")
+        raise TypeError(f"tensor data must be numbers or booleans, got dtype {data.dtype} ({_kind_name(data.dtype)})")
     if dtype is None:
         dtype = _default_dtype if data.dtype.kind == "f" else data.dtype
     if device_of(data) == device:
@@ -350,7 +352,7 @@ def _plain(data):
 
 
 def _kind_name(dtype) -> str:
-    return {"c": "complex", "U": "text", "S": "bytes", "O": "objects", "M": "dates", "m": "time spans"}.get(dtype.kind, dtype.kind)
+    return {"c": "complex: tensors hold real numbers", "U": "text", "S": "bytes", "O": "objects", "M": "dates", "m": "time spans"}.get(dtype.kind, dtype.kind)
 
 
 def _dtype_kind(value) -> str | None:
