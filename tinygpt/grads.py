@@ -88,9 +88,10 @@ def call_backward(node, grad) -> tuple:
     name = type(ctx).__name__
     if len(grads) != len(ctx.inputs):
         raise RuntimeError(f"{name}.backward returned {len(grads)} gradients for {len(ctx.inputs)} inputs")
-    for i, (t, g) in enumerate(zip(ctx.inputs, grads)):
-        if t is not None and g is not None and t.requires_grad and is_array(g) and not fits(g.shape, t.shape):
-            raise RuntimeError(f"{name}.backward returned a gradient of shape {tuple(g.shape)} for input {i} of shape {t.shape}")
+    for i, (t, g) in enumerate(zip(ctx.inputs, grads)):  # a Python number has no shape: one value
+        if t is not None and g is not None and t.requires_grad and not fits(tuple(getattr(g, "shape", ())), t.shape):
+            got = f"a gradient of shape {tuple(g.shape)}" if hasattr(g, "shape") else f"a {type(g).__name__}, not an array,"
+            raise RuntimeError(f"{name}.backward returned {got} for input {i} of shape {t.shape}")
     for observer in state.observers:
         observer.on_backward(node, grad, grads, time.perf_counter() - started)
     return grads
