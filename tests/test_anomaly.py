@@ -8,6 +8,7 @@ import pytest
 
 import tinygpt as tg
 import tinygpt.functional as F
+from tinygpt import kernels
 from tinygpt.model import GPTModel
 from tinygpt.anomaly import AnomalyError
 from tinygpt.graph_state import state
@@ -172,6 +173,7 @@ def test_train_command_with_detect_anomaly_names_the_op_that_made_the_first_nan(
 
     data = tmp_path / "corpus.txt"
     data.write_text("the quick brown fox jumps over the lazy dog. " * 50, encoding="utf-8")
+    monkeypatch.setattr(kernels, "_mode", "plain")  # the plain op is the one patched below
     correct = F.GELU.forward
     monkeypatch.setattr(F.GELU, "forward", staticmethod(lambda ctx, x: correct(ctx, x) * np.float32(np.nan)))
     status = main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--emb-dim", "16", "--n-layers", "2",

@@ -165,3 +165,65 @@ def test_to_device_and_dtype_are_differentiable(device):
     y.sum().backward()
     assert x.grad.device == device and x.grad.dtype == np.float32
     np.testing.assert_allclose(host(x.grad), [2.0, 2.0])
+
+
+def test_a_hook_writing_into_its_gradient_changes_only_its_own_tensors_gradient(device):
+    """Add hands the same gradient to both inputs; a hook that scales its argument in place
+    must not scale the sibling's (it got 30 instead of 3 when the hook saw the shared buffer)."""
+    x = tg.tensor([1.0, 2.0], requires_grad=True)
+    c = tg.tensor([5.0, 6.0], requires_grad=True)
+    x.register_hook(lambda g: g.data.__imul__(10))  # in place, returns the array: used as the new gradient
+    ((x + c) * 3.0).sum().backward()
+    np.testing.assert_allclose(host(c.grad), [3.0, 3.0])
+    np.testing.assert_allclose(host(x.grad), [30.0, 30.0])
+
+
+def test_a_hook_editing_in_place_and_returning_none_is_applied(device):
+    x = tg.tensor([1.0, 2.0], requires_grad=True)
+    c = tg.tensor([5.0, 6.0], requires_grad=True)
+    h = x * 1.0
+    h.register_hook(lambda g: g.data.__setitem__(0, 7.0))  # returns None
+    (h + c).sum().backward()
+    np.testing.assert_allclose(host(x.grad), [7.0, 1.0])
+    np.testing.assert_allclose(host(c.grad), [1.0, 1.0])
+
+
+def test_leaf_gradients_never_share_memory_with_each_other_or_the_seed(device):
+    """The no-copy bookkeeping (grads.GradientSums) may let a leaf keep an array backward made,
+    but never one that another leaf, the caller's seed or a retained graph still refers to."""
+    a, b = tg.tensor([1.0, 2.0], requires_grad=True), tg.tensor([3.0, 4.0], requires_grad=True)
+    seed = tg.tensor([1.0, 1.0])
+    (a + b).backward(seed)
+    a.grad.data += 100.0
+    np.testing.assert_allclose(host(b.grad), [1.0, 1.0])
+    np.testing.assert_allclose(host(seed), [1.0, 1.0])
+    w = tg.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    h = w * 2.0
+    h.retain_grad()
+    (h * 1.0).sum().backward()  # Mul by a number passes dL/dh on to w's branch through new arrays
+    w.grad.data += 50.0
+    np.testing.assert_allclose(host(h.grad), np.ones((2, 2)))
+
+
+def test_no_grad_in_one_thread_leaves_gradients_on_in_another():
+    import threading
+
+    inside, results = threading.Event(), {}
+
+    def inference():
+        with tg.no_grad():
+            inside.set()
+            results["other"] = tg.is_grad_enabled()
+            done.wait(5)
+
+    done = threading.Event()
+    worker = threading.Thread(target=inference)
+    worker.start()
+    inside.wait(5)
+    x = tg.tensor([1.0, 2.0], requires_grad=True)
+    y = (x * x).sum()
+    done.set()
+    worker.join()
+    assert results["other"] is False and tg.is_grad_enabled() and y.requires_grad
+    y.backward()
+    np.testing.assert_allclose(host(x.grad), [2.0, 4.0])

@@ -200,22 +200,17 @@ class Tensor:
             if seed.shape != self.data.shape:
                 raise ValueError(f"backward(): gradient shape {tuple(seed.shape)} does not match tensor shape {self.shape}")
 
-        grads = GradientSums(retain_graph)
-        grads.add(self, seed, fresh=True)
-        for node in self._reverse_topological_order():
-            if not grads.has(node):
-                continue
-            g, owned = grads.pop(node)
-            g, owned = node._run_hooks(g, owned)
+        grads = GradientSums(self, seed, retain_graph)  # dL/d(node), summed; dL/d(self) = seed
+        for node in self._reverse_topological_order():  # 1. each node after all its consumers
+            if node not in grads:
+                continue  # no gradient reaches it
+            g = node._run_hooks(grads.pop(node))  # 2. dL/d(node), complete: hooks may replace it
             if node.is_leaf or node._retains_grad:
-                node._accumulate_grad(g, copy=not owned or not node.is_leaf)
+                node._accumulate_grad(grads.keepable(g))  # 3. a leaf adds it to its .grad
             if node.is_leaf:
                 continue
-            ctx = node._ctx
-            input_grads = call_backward(node, g)
-            for t, t_grad in zip(ctx.inputs, input_grads):
-                if t is not None and t_grad is not None and t.requires_grad:
-                    grads.add_from(t, t_grad, g, input_grads)
+            input_grads = call_backward(node, g)  # 4. the chain rule through the node's op
+            grads.add_inputs(node._ctx.inputs, input_grads)  # 5. each input's dL/d(input) += its part
             if not retain_graph:  # free what backward saved, as soon as it is used
                 node._ctx, node._graph_freed = None, True
 
@@ -229,22 +224,22 @@ class Tensor:
         self._hooks[handle.id] = fn
         return handle
 
-    def _run_hooks(self, g, owned: bool):
-        """g after this tensor's hooks; a replaced gradient is no longer owned by backward."""
+    def _run_hooks(self, g):
+        """g after this tensor's hooks, in the order they were registered. Each hook gets a copy
+        of its own (the engine may share g with a sibling, as Add passes one gradient to both
+        inputs): writing into it in place changes the gradient used from here on, as
+        returning a new one does, and never another tensor's gradient."""
         for fn in list(self._hooks.values()):
-            result = fn(Tensor(g))
-            if result is not None:
-                new = backend.make_array(result.data if isinstance(result, Tensor) else result, dtype=self.dtype,
-                                         device=self.device)
-                if new.shape != self.data.shape:
-                    raise RuntimeError(f"hook {getattr(fn, '__name__', fn)!r} returned a gradient of shape {tuple(new.shape)} "
-                                       f"for a tensor of shape {self.shape}")
-                g, owned = new, False
-        return g, owned
+            mine = Tensor(g.copy())
+            result = fn(mine)
+            if isinstance(result, Tensor):
+                result = result.data
+            g = mine.data if result is None else backend.hook_replacement(result, g, fn)
+        return g
 
-    def _accumulate_grad(self, g, copy: bool = True) -> None:
+    def _accumulate_grad(self, g) -> None:
         if self.grad is None:
-            self.grad = Tensor(g.copy() if copy else g)  # a shared g must not become this .grad
+            self.grad = Tensor(g)
         else:
             self.grad.data += g
 
