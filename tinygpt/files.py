@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import secrets
 import stat
@@ -200,7 +201,21 @@ def _name_max(folder: str) -> int:
         return 255
 
 
-# ------------------------------------------------------------------ JSON descriptions
+# ------------------------------------------------------------------ JSON files
+
+def read_json(path: str | os.PathLike):
+    """The JSON value in a UTF-8 file; a file that is not JSON is a ValueError naming the file
+    and the position (json's own message names only the position)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+                         f"expected a JSON file") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+
 
 def check_format(d: dict, fmt: str, version: int, what: str) -> None:
     """Raise ValueError unless the JSON description `d` says it is `fmt` at `version`."""

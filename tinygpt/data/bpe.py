@@ -28,13 +28,12 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import regex
 import tiktoken
 
-from tinygpt.files import atomic_write_text, check_format
+from tinygpt.files import atomic_write_text, check_format, read_json
 from .gpt2 import ENDOFTEXT, GPT2_PATTERN
 
 _FORMAT = "tinygpt-bpe"
@@ -137,7 +136,7 @@ class BPETokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> BPETokenizer:
         """Read a tokenizer written by `save`."""
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        return cls.from_dict(read_json(path))
 
     def __repr__(self) -> str:
         return f"BPETokenizer(n_vocab={self.n_vocab}, merges={len(self.merges)})"

@@ -12,10 +12,9 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
-from tinygpt.files import atomic_write_text, check_format
+from tinygpt.files import atomic_write_text, check_format, read_json
 
 UNK = "<unk>"
 _FORMAT = "tinygpt-char"
@@ -91,7 +90,7 @@ class CharTokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> CharTokenizer:
         """Read a vocabulary written by `save`."""
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        return cls.from_dict(read_json(path))
 
     def __repr__(self) -> str:
         return f"CharTokenizer(n_vocab={self.n_vocab})"

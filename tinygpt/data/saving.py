@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import tiktoken
 
-from tinygpt.files import atomic_write_text
+from tinygpt.files import atomic_write_text, read_json
 from .bpe import BPETokenizer
 from .char import CharTokenizer
 from .gpt2 import gpt2_tokenizer
@@ -42,4 +41,4 @@ def save_tokenizer(tok: Any, path: str | os.PathLike) -> None:
 
 
 def load_tokenizer(path: str | os.PathLike, bpe_file: str | os.PathLike | None = None) -> Any:
-    return tokenizer_from_dict(json.loads(Path(path).read_text(encoding="utf-8")), bpe_file)
+    return tokenizer_from_dict(read_json(path), bpe_file)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from tinygpt import backend
 from tinygpt.data import encode_text
-from tinygpt.files import atomic_write_text
+from tinygpt.files import atomic_write_text, read_json
 from tinygpt.generate import generate
 from tinygpt.train import Trainer
 
@@ -38,7 +37,7 @@ def format_response(entry: dict[str, str]) -> str:
 def load_instruction_data(path: str | os.PathLike) -> list[dict[str, str]]:
     """Records with "instruction" and "output" (and optionally "input") from a JSON list;
     a malformed record raises ValueError naming the file and the record's index."""
-    records = json.loads(Path(path).read_text(encoding="utf-8"))
+    records = read_json(path)
     if not isinstance(records, list) or not records:
         raise ValueError(f"{path}: expected a non-empty JSON list of records")
     for i, r in enumerate(records):
