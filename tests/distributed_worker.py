@@ -6,11 +6,14 @@ The same functions run in one process (world of one) to give the reference resul
     collectives OUT          all_reduce / broadcast of arrays around the bucket size, to OUT
     die SIGNAL               training steps until rank 1 sends itself SIGNAL (KILL: dies, STOP: hangs)
     check KEY=VALUE          start_training with a run description (per rank, to test refusals)
+    train SECONDS ARGS...    `tinygpt train ARGS...` with every checkpoint save SECONDS slower (to
+                             test that Ctrl-C under mpiexec waits for the save); prints the exit status
 """
 import ctypes
 import os
 import signal
 import sys
+import time
 
 import numpy as np
 
@@ -132,8 +135,27 @@ class StandInNccl:
             self.comm.Bcast(self._buffer(buff, count, datatype), root=root)
 
 
-def main(argv):
+def slow_train(seconds: float, args: list) -> int:
+    """`tinygpt train ARGS` with every save starting `seconds` late: long enough for a rank
+    that did not wait for rank 0's save to end the job in the middle of it."""
+    from tinygpt import cli, train
+
+    save = train.save_checkpoint
+
+    def slow_save(*a, **k):
+        time.sleep(seconds)
+        return save(*a, **k)
+
+    train.save_checkpoint = slow_save
+    code = cli.main(["train", *args])
+    print(f"rank {distributed.rank()} exit status {code}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv) -> int:
     command = argv[0]
+    if command == "train":
+        return slow_train(float(argv[1]), argv[2:])
     if command == "nccl-steps":
         distributed.init(force=True, nccl=StandInNccl, transport="nccl")
     else:
@@ -161,11 +183,17 @@ def main(argv):
         model = make_model("pretrain")
         distributed.start_training(list(model.parameters()), dict(kv.split("=") for kv in argv[1:2]), BATCH)
         print(f"rank {distributed.rank()} started", flush=True)
+    return 0
 
 
-if __name__ == "__main__":
+@distributed.end_every_rank_on_failure  # a refusal all ranks agree on: rank 0 prints it, every rank exits 2
+def run(argv) -> int:
     try:
-        main(sys.argv[1:])
+        return main(argv)
     except Exception as e:  # the whole job must stop, not just this rank
         distributed.abort(f"{type(e).__name__}: {e}")
         raise
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""Data parallel training (tinygpt/distributed.py): collectives, the equivalence of N ranks
+"""Data parallel training (tinygpt/distributed.py, tinygpt/transport.py): collectives, the equivalence of N ranks
 with one process, the NCCL path through a CPU stand-in, dead ranks and mismatched starts.
 
 Each test launches `mpiexec -n 2` or `-n 3` running tests/distributed_worker.py and compares
@@ -89,6 +89,21 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused_naming_both_numbe
     distributed.check_batch_size(8)
 
 
+def test_resuming_on_a_rank_count_that_does_not_divide_the_batch_names_the_counts_that_do(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    with pytest.raises(ValueError, match=r"the run's global batch of 6 rows \(--batch-size, fixed when resuming\) does "
+                                         r"not split over 4 ranks: resume it on a number of ranks that divides 6: 1, 2, 3, 6$"):
+        distributed.check_batch_size(6, resumed=True)
+
+
+def test_a_different_start_names_each_differing_setting_by_its_path_not_the_whole_config():
+    """Nested run descriptions (the whole TrainConfig) differ in one leaf: name that leaf."""
+    config = {f"option_{i}": i for i in range(40)}
+    ours = {"config": config, "meta": {"data": {"path": "a.txt"}}}
+    theirs = {"config": {**config, "option_7": 0.5}, "meta": {"data": {"path": "a.txt"}}, "extra": [1]}
+    assert distributed._differences(ours, theirs) == [("config.option_7", 7, 0.5), ("extra", None, [1])]
+
+
 def test_each_rank_takes_its_own_contiguous_rows(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     batch = (np.arange(6)[:, None] * np.ones(2), np.arange(6))
@@ -162,23 +177,49 @@ def test_a_rank_that_stops_answering_is_named_by_the_watchdog_and_the_job_ends()
     assert re.search(r"rank 0: lost rank 1 \(pid \d+ on .+\): no heartbeat for 3 s", output), output
 
 
+def two_ranks(rank0: list, rank1: list, env1: dict | None = None) -> subprocess.CompletedProcess:
+    """The worker under one mpiexec with different arguments (and environment) per rank."""
+    extra = [a for name, value in (env1 or {}).items() for a in ("-env", name, value)]
+    return subprocess.run([MPIEXEC, "-n", "1", sys.executable, WORKER, *rank0, ":",
+                           "-n", "1", *extra, sys.executable, WORKER, *rank1],
+                          env=rank_env(), capture_output=True, text=True, timeout=60)
+
+
+def refused_once(done: subprocess.CompletedProcess, message: str) -> None:
+    """Every rank stopped with status 2, and rank 0 alone said why, in one line."""
+    output = done.stdout + done.stderr
+    assert done.returncode == 2 and "started" not in done.stdout, output
+    assert done.stderr.count("tinygpt: error:") == 1 and f"tinygpt: error: {message}" in done.stderr, output
+    assert "Traceback" not in output and "stopping every rank" not in output, output
+
+
 @needs_mpi
 def test_ranks_started_with_different_settings_are_refused_at_start():
-    done = subprocess.run([MPIEXEC, "-n", "1", sys.executable, WORKER, "check", "lr=0.1", ":",
-                           "-n", "1", sys.executable, WORKER, "check", "lr=0.2"],
-                          env=rank_env(), capture_output=True, text=True, timeout=60)
-    output = done.stdout + done.stderr
-    assert done.returncode != 0 and "started" not in done.stdout, output
-    assert "rank 1 was started differently from rank 0 (lr: '0.2' on rank 1, '0.1' on rank 0)" in output, output
+    done = two_ranks(["check", "lr=0.1"], ["check", "lr=0.2"])
+    refused_once(done, "rank 1 was started differently from rank 0 (lr: '0.2' on rank 1, '0.1' on rank 0)")
+
+
+@needs_mpi
+def test_a_rank_whose_tinygpt_device_differs_is_refused_at_start():
+    done = two_ranks(["check", "lr=0.1"], ["check", "lr=0.1"], env1={"TINYGPT_DEVICE": "strict"})
+    refused_once(done, "rank 1 was started differently from rank 0 (device: 'strict' on rank 1, 'cpu' on rank 0)")
+
+
+@needs_mpi
+def test_the_strict_backend_trains_over_mpi_through_host_copies_like_numpy(tmp_path, float64):
+    # MPI reads host memory only; a device array (the strict backend stands in for CuPy) is copied over
+    done = mpiexec(2, "steps", "pretrain", "float64", str(tmp_path / "ranks.npz"), TINYGPT_DEVICE="strict")
+    assert done.returncode == 0, done.stdout + done.stderr
+    ranks, alone = np.load(tmp_path / "ranks.npz"), worker.train_steps("pretrain", "float64")
+    for name, expected in alone.items():
+        assert np.abs(ranks[name] - expected).max() <= 1e-12, name
 
 
 @needs_mpi
 def test_ranks_running_different_tinygpt_code_are_refused_at_start():
-    done = subprocess.run([MPIEXEC, "-n", "1", sys.executable, WORKER, "check", "lr=0.1", ":",
-                           "-n", "1", sys.executable, WORKER, "check", "lr=0.1", "fake-code"],
-                          env=rank_env(), capture_output=True, text=True, timeout=60)
+    done = two_ranks(["check", "lr=0.1"], ["check", "lr=0.1", "fake-code"])
     output = done.stdout + done.stderr
-    assert done.returncode != 0 and "started" not in done.stdout, output
+    assert done.returncode == 2 and "started" not in done.stdout, output
     assert re.search(r"rank 1 was started differently from rank 0 \(tinygpt code: '0123456789abcdef' on rank 1, "
                      r"'[0-9a-f]{16}' on rank 0\)", output), output
 

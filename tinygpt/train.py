@@ -114,6 +114,9 @@ class TrainingError(RuntimeError):
     pass
 
 
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT, as a shell reports it)
+
+
 class Trainer:
     """Runs `TrainConfig` on a model, optimizer and loaders; writes checkpoints and the loss
     history to `out_dir` when one is given. `meta` is stored in each checkpoint as it is."""
@@ -148,7 +151,8 @@ class Trainer:
         the current step and saves a checkpoint (press it twice to abort at once)."""
         from tqdm import tqdm
 
-        distributed.start_training(self.optimizer.parameters(), self._run_description(), self.train_loader.batch_size)
+        distributed.start_training(self.optimizer.parameters(), self._run_description(), self.train_loader.batch_size,
+                                   resumed=self.state.step > 0)
         previous_handler = _install_sigint(self._request_stop)
         bar = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
                    disable=None if self.progress else True)  # None: only on a terminal
@@ -176,6 +180,9 @@ class Trainer:
                     self.interrupted = True
                     break
             self.save()
+            if self.interrupted:  # data parallel: no rank leaves (and ends the job) before rank 0's save is on disk
+                distributed.barrier()
+                distributed.ending_together(INTERRUPTED)
         finally:
             self._stop_requested = False  # a stop ends this fit() only; calling fit() again continues
             _install_sigint(previous_handler)
