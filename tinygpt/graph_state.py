@@ -11,6 +11,7 @@ The list is empty by default, so watching costs nothing when nobody watches.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 
@@ -33,3 +34,26 @@ def watching(observer):
         yield observer
     finally:
         state.observers.remove(observer)
+
+
+class no_grad:
+    """Context manager (and decorator) in which operations build no graph."""
+
+    def __enter__(self):
+        self._previous, state.grad_enabled = state.grad_enabled, False
+
+    def __exit__(self, *exc):
+        state.grad_enabled = self._previous
+
+    def __call__(self, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with no_grad():
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+
+def is_grad_enabled() -> bool:
+    """Whether operations in this thread record a graph (False inside no_grad)."""
+    return state.grad_enabled

@@ -9,40 +9,22 @@ the loss with respect to its inputs given the gradient with respect to its outpu
 
 The small ops behind Tensor's operators (add, mul, reshape, ...) are in `ops.py`, each
 with its backward rule next to its forward; the big fused ops (layer norm, attention,
-cross-entropy, ...) are in `functional.py`, on the same `Function` base.
+cross-entropy, ...) are in the `functional` package, on the same `Function` base.
+
+tensor.py and ops.py import each other, on purpose (the pattern of tinygrad's first
+version): the ops are Functions and make Tensors, and Tensor's operators are those ops.
+Splitting them apart would put `x + y` one indirection away from the Add it runs, so the
+cycle stays, closed by the import of ops at the bottom of this file. It is the only one in
+the package.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 from tinygpt import backend, kernels
 from tinygpt.backend import backend_of, device_of, is_array
 from tinygpt.grads import GradientSums, HookHandle, call_backward
-from tinygpt.graph_state import state
-
-
-class no_grad:
-    """Context manager (and decorator) in which operations build no graph."""
-
-    def __enter__(self):
-        self._previous, state.grad_enabled = state.grad_enabled, False
-
-    def __exit__(self, *exc):
-        state.grad_enabled = self._previous
-
-    def __call__(self, fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            with no_grad():
-                return fn(*args, **kwargs)
-
-        return wrapper
-
-
-def is_grad_enabled() -> bool:
-    """Whether operations in this thread record a graph (False inside no_grad)."""
-    return state.grad_enabled
+from tinygpt.graph_state import is_grad_enabled, no_grad, state  # noqa: F401 (part of tensor's API)
 
 
 class Function:
