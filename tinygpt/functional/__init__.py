@@ -13,10 +13,11 @@ tinygpt/kernels/fused.py, tested against the one here; `Function.apply` picks wh
 the math below.
 
     linear.py        linear, embedding
-    norms.py         layer_norm
-    activations.py   gelu, softmax, log_softmax
+    norms.py         layer_norm, rms_norm
+    activations.py   gelu, softmax, log_softmax, silu
     dropout.py       dropout
-    attention.py     scaled_dot_product_attention
+    attention.py     scaled_dot_product_attention (grouped-query too, through gqa.py's repeat_heads)
+    rope.py          rope (rotary position embeddings)
     loss.py          cross_entropy
 """
 from tinygpt.functional.activations import GELU, LogSoftmax, Softmax, gelu, log_softmax, softmax
@@ -25,8 +26,13 @@ from tinygpt.functional.dropout import Dropout, dropout
 from tinygpt.functional.linear import Embedding, Linear, embedding, linear
 from tinygpt.functional.loss import CrossEntropy, cross_entropy
 from tinygpt.functional.norms import LayerNorm, layer_norm
+from tinygpt.functional.activations import SiLU, silu
+from tinygpt.functional.gqa import RepeatHeads, repeat_heads
+from tinygpt.functional.norms import RMSNorm, rms_norm
+from tinygpt.functional.rope import Rope, rope
 
 __all__ = ["Linear", "linear", "Embedding", "embedding", "LayerNorm", "layer_norm", "GELU", "gelu",
            "Softmax", "softmax", "LogSoftmax", "log_softmax", "Dropout", "dropout",
            "ScaledDotProductAttention", "scaled_dot_product_attention", "future_mask",
-           "CrossEntropy", "cross_entropy"]
+           "CrossEntropy", "cross_entropy",
+           "RMSNorm", "rms_norm", "Rope", "rope", "SiLU", "silu", "RepeatHeads", "repeat_heads"]

@@ -97,3 +97,40 @@ def softmax(x: Tensor, axis: int = -1) -> Tensor:
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     op_checks.axis("log_softmax", x, axis)
     return LogSoftmax.apply(x, axis=axis)
+
+
+# ============================================================================ silu
+
+
+class SiLU(Function):
+    """y = x * s,  s = sigmoid(x) = 1 / (1 + exp(-x))   (also called swish; SwiGLU's gate).
+
+    ds/dx = s (1 - s), so dy/dx = s + x s (1 - s) = s (1 + x (1 - s)).
+    s is computed from e = exp(-|x|), which never overflows: s = 1 / (1 + e) for x >= 0,
+    e / (1 + e) below (the same value, exp(x) / (1 + exp(x)), with numerator and denominator
+    divided by exp(-x)). Only x is saved; s is recomputed in backward.
+
+    Tested by: test_ops_gradcheck.py::test_op_grad_matches_finite_differences[DEVICE-silu]
+    (case in tinygpt/opsuite_llama.py) test_llama.py::test_silu_is_finite_at_the_extremes (in tests/)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved
+        s = sigmoid(x)
+        return grad * (s * (1.0 + x * (1.0 - s)))
+
+
+def sigmoid(x):
+    """1 / (1 + exp(-x)) of an array, without overflow for either sign of x."""
+    xp = backend_of(x)
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1.0, e) / (1.0 + e)
+
+
+def silu(x: Tensor) -> Tensor:
+    return SiLU.apply(x)

@@ -6,6 +6,7 @@ import math
 from tinygpt import backend, op_checks
 from tinygpt.backend import backend_of
 from tinygpt.functional.dropout import keep_scaled
+from tinygpt.functional.gqa import repeat_heads
 from tinygpt.tensor import Function, Tensor
 
 
@@ -65,7 +66,11 @@ def future_mask(xp, tq: int, tk: int):
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, dropout_p: float = 0.0) -> Tensor:
     """Attention over q, k, v of shape (B, H, T, D); `causal` hides future keys.
-    Pass dropout_p=0 at evaluation time (as with PyTorch's function of the same name)."""
+    Pass dropout_p=0 at evaluation time (as with PyTorch's function of the same name).
+    k and v may have fewer heads, H_kv dividing H (grouped-query attention): each is then
+    shared by H / H_kv consecutive query heads (functional/gqa.py)."""
     op_checks.attention(q, k, v, causal, dropout_p)
+    if q.ndim > 2 and k.shape[-3] != q.shape[-3]:
+        k, v = repeat_heads(k, q.shape[-3] // k.shape[-3]), repeat_heads(v, q.shape[-3] // v.shape[-3])
     seed = backend.get_backend(q.device).random_seed() if dropout_p > 0.0 else 0
     return ScaledDotProductAttention.apply(q, k, v, causal=causal, dropout_p=dropout_p, seed=seed)

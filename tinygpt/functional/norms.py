@@ -49,3 +49,46 @@ def layer_norm(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-5) -> Te
     """Normalise x (..., C) over its last axis, then scale and shift, both (C,)."""
     op_checks.layer_norm(x, scale, shift, eps)
     return LayerNorm.apply(x, scale, shift, eps=eps)
+
+
+class RMSNorm(Function):
+    """y = xhat * w,  xhat = x * rstd,  rstd = 1 / sqrt(mean(x^2) + eps) over the last axis
+    (C values per row); w = weight, or 1 + weight when `offset` (Gemma stores weight - 1).
+    LayerNorm without the mean and the shift: the scale of a row is all it removes.
+
+    Backward, per row. dL/dweight = sum_rows g * xhat (the same with the offset: dw/dweight = 1).
+    For x, let dxhat = g * w. xhat_i depends on x_j directly and through rstd:
+        d rstd / dx_j = -rstd^3 x_j / C = -rstd^2 xhat_j / C
+        d xhat_i / dx_j = rstd delta_ij - x_i rstd^2 xhat_j / C = rstd (delta_ij - xhat_i xhat_j / C)
+    so  dL/dx_j = sum_i dxhat_i d xhat_i / dx_j = rstd * (dxhat_j - xhat_j * mean(dxhat * xhat)).
+
+    Tested by: test_ops_gradcheck.py::test_op_grad_matches_finite_differences[DEVICE-rms_norm*]
+    (cases in tinygpt/opsuite_llama.py, with their torch references for the parity tests)
+    test_llama.py::test_rms_norm_matches_the_formula_and_torch (in tests/)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset):
+        xp = backend_of(x)
+        x2 = x.reshape(-1, x.shape[-1])  # [..., C] -> [N, C]
+        rstd = 1.0 / xp.sqrt((x2 * x2).mean(axis=-1, keepdims=True) + eps)  # [N, 1]
+        xhat = x2 * rstd
+        w = 1.0 + weight if offset else weight
+        ctx.save_for_backward(xhat, rstd, w)
+        ctx.x_shape = x.shape
+        return (xhat * w).reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xhat, rstd, w = ctx.saved
+        g2 = grad.reshape(xhat.shape)  # [..., C] -> [N, C]
+        grad_weight = (g2 * xhat).sum(axis=0)  # [N, C] -> [C]
+        dxhat = g2 * w
+        grad_x = rstd * (dxhat - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+        return grad_x.reshape(ctx.x_shape), grad_weight
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, offset: bool = False) -> Tensor:
+    """Divide x (..., C) by the root mean square of its last axis, then multiply by weight (C,)
+    (by 1 + weight with offset=True)."""
+    op_checks.rms_norm(x, weight, eps)
+    return RMSNorm.apply(x, weight, eps=eps, offset=bool(offset))
