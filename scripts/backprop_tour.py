@@ -23,7 +23,7 @@ import tinygpt.functional as F
 from tinygpt import exercises
 from tinygpt.data import CharTokenizer
 from tinygpt.model import GPTModel
-from tinygpt.train_cli import default_corpus
+from tinygpt.data import default_corpus
 
 CFG = {"vocab_size": None, "context_length": 32, "emb_dim": 32, "n_heads": 4, "n_layers": 2, "drop_rate": 0.0,
        "qkv_bias": False}

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tinygpt.checkpoint import load_checkpoint, resolve_checkpoint
-from tinygpt.cli import default_corpus, main
+from tinygpt.cli import main
+from tinygpt.data import default_corpus
 from tinygpt.data import BPETokenizer, CharTokenizer
 from conftest import SHARED_DATA, host
 

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 from tinygpt import hooks
 from tinygpt.backend import backend_of
+from tinygpt.errors import RunError
 from tinygpt.graph_state import watching
 from tinygpt.node_info import input_names, origin_of, saved_arrays, take_origin
 from tinygpt.tensor import Tensor
 
 
-class AnomalyError(RuntimeError):
+class AnomalyError(RunError):
     """What detect_anomaly() found: the message names the op, where it was made, and the cause."""
 
 

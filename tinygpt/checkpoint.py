@@ -27,22 +27,24 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from tinygpt import backend
 from tinygpt.data import load_tokenizer, save_tokenizer
+from tinygpt.errors import RunError
 from tinygpt.files import atomic_write_text, make_temp_dir, sha256_file
 from tinygpt.model import GPTModel
 from tinygpt.optim import AdamW
+from tinygpt.validation import UsageError
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = {"format": "tinygpt-checkpoint", "version": 1}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError):
     """A checkpoint that cannot be used: the message names the file and what is wrong."""
 
 
@@ -239,6 +241,40 @@ def _broken(folder: Path, problem: str, remedy: str = "") -> CheckpointError:
 
 # ------------------------------------------------------------------ loading
 
+# How to rebuild a model that was changed after it was built, by the key its config holds:
+# rebuild(model, **config[key]) runs on the new model before its weights are loaded.
+# Finetuning fills it at import (tinygpt.finetune registers "lora"): this layer knows no finetuning.
+MODEL_CHANGES: dict[str, Callable] = {}
+
+
+def register_model_change(key: str, rebuild: Callable) -> None:
+    """Let load_checkpoint rebuild models whose config.json holds `key` (see MODEL_CHANGES)."""
+    MODEL_CHANGES[key] = rebuild
+
+
+def _check_changes_registered(folder: Path, model, weights: dict) -> None:
+    """A clear error for weights the built model lacks because the change that made them
+    (e.g. LoRA adapters) was never registered in this process."""
+    names = dict(model.named_parameters(remove_duplicate=False))  # a tied out_head.weight is saved too
+    extra = [name for name in weights if name not in names]
+    if extra:
+        raise CheckpointError(f"checkpoint {folder}: model.safetensors holds {len(extra)} weights the model built from "
+                              f"config.json lacks (first: {extra[0]}): it was saved from a model changed after it was "
+                              f"built, and nothing in this process registered how to rebuild it (a LoRA-finetuned "
+                              f"model: import tinygpt.finetune before loading)")
+
+
+def load_language_model(path, device: str | None, bpe_file, command: str) -> Checkpoint:
+    """The checkpoint of a model that predicts next tokens, for `tinygpt generate`, `chat` and
+    `trace`; a classifier (from finetune-classify) is refused, since its logits are labels."""
+    checkpoint = load_checkpoint(path, device=device, bpe_file=bpe_file, optimizer=False)
+    if checkpoint.kind == "classifier":
+        labels = ((checkpoint.trainer_state or {}).get("meta") or {}).get("labels")
+        raise UsageError(f"{checkpoint.path} is a classifier (labels {labels}), not a language model: `tinygpt {command}` "
+                         f"cannot generate text from it; label texts with `tinygpt classify --checkpoint {path} TEXT`")
+    return checkpoint
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | None = None, bpe_file: str | os.PathLike | None = None,
                     optimizer: bool = True) -> Checkpoint:
     """The model (on `device`), tokenizer and saved training state of a checkpoint, each
@@ -259,14 +295,14 @@ def load_checkpoint(path: str | os.PathLike, device: str | None = None, bpe_file
     try:
         with backend.device_scope(device):
             model = GPTModel(config)
-            if "lora" in config:  # saved while finetuning with LoRA: the same adapters, then their weights
-                from tinygpt.finetune.lora import replace_linear_with_lora
-
-                replace_linear_with_lora(model, **config["lora"])
+            for key, rebuild in MODEL_CHANGES.items():  # e.g. LoRA's adapters: the same change, then its weights
+                if key in config:
+                    rebuild(model, **config[key])
         weights = load_file(str(folder / "model.safetensors"))
         bad = first_non_finite(weights)
         if bad is not None:
             raise _broken(folder, f"weight {bad} in model.safetensors holds NaN or inf")
+        _check_changes_registered(folder, model, weights)
         model.load_state_dict(weights)
     except CheckpointError:
         raise

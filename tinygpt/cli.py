@@ -8,7 +8,7 @@ import traceback
 import warnings
 
 from tinygpt import distributed, validation
-from tinygpt.train_cli import default_corpus  # noqa: F401  (part of this module's interface)
+from tinygpt.errors import RunError
 from tinygpt.validation import UsageError
 
 
@@ -60,19 +60,6 @@ def _info(args) -> int:
     return 0
 
 
-def load_language_model(path, device: str, bpe_file, command: str):
-    """The model and tokenizer of a checkpoint that predicts next tokens; a classifier
-    (from finetune-classify) is refused, since its logits are labels, not tokens."""
-    from tinygpt.checkpoint import load_checkpoint
-
-    checkpoint = load_checkpoint(path, device=device, bpe_file=bpe_file, optimizer=False)
-    if checkpoint.kind == "classifier":
-        labels = ((checkpoint.trainer_state or {}).get("meta") or {}).get("labels")
-        raise UsageError(f"{checkpoint.path} is a classifier (labels {labels}), not a language model: `tinygpt {command}` "
-                         f"cannot generate text from it; label texts with `tinygpt classify --checkpoint {path} TEXT`")
-    return checkpoint
-
-
 def _generate(args) -> int:
     import time
 
@@ -80,6 +67,8 @@ def _generate(args) -> int:
     from tinygpt.generate import StreamPrinter, generate, text_to_token_ids
 
     if args.checkpoint:
+        from tinygpt.checkpoint import load_language_model
+
         checkpoint = load_language_model(args.checkpoint, args.device, args.bpe_file, "generate")
         model, tokenizer = checkpoint.model, checkpoint.tokenizer
     else:
@@ -160,9 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors that come from what the user asked for (a file, a value, a machine limit): one line.
-# Anything else is a bug in tinygpt and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, RuntimeError, MemoryError)
+# Errors that come from what the user asked for or what the machine lacks (a file, a value, a
+# download, a GPU, memory): one line. Anything else, a bare RuntimeError included, is a broken
+# invariant of tinygpt's own code and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, RunError, MemoryError)
 REPORT_BUG = ("tinygpt: internal error: this is a bug in tinygpt, not a mistake in the command; "
               "please report it with the command line and the traceback above")
 
@@ -200,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         message = str(e) or type(e).__name__
-        print(f"tinygpt: error: {message}" if isinstance(e, (ValueError, OSError, RuntimeError)) else
+        print(f"tinygpt: error: {message}" if isinstance(e, (ValueError, OSError, RunError)) else
               f"tinygpt: error: {type(e).__name__}: {message}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     except Exception:

@@ -1,8 +1,8 @@
 """Module hooks with PyTorch's semantics, and the module path of the op being run.
 
 `Module.__call__` (nn.py) comes here only when someone watches: a module has hooks, or a
-trace / anomaly detector is in `tensor.observers`. Otherwise it calls forward directly, so
-an unwatched model pays one truth test per module call.
+trace / anomaly detector is in this thread's `graph_state.state.observers`. Otherwise it
+calls forward directly, so an unwatched model pays one truth test per module call.
 
 A full backward hook needs the gradients with respect to a module's inputs and outputs.
 As in PyTorch, each tensor input (and output) is passed through an identity node; a tensor

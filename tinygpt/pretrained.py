@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from tinygpt import backend
+from tinygpt.errors import RunError
 from tinygpt.model import GPTModel
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -268,8 +269,8 @@ def download_gpt2(name: str, cache_dir: str | os.PathLike | None = None) -> Path
             tmp.replace(target)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            raise RuntimeError(f"could not download {url} ({e}); without network, pass a local folder holding "
-                               f"config.json and model.safetensors instead of {name!r}") from e
+            raise RunError(f"could not download {url} ({e}); without network, pass a local folder holding "
+                           f"config.json and model.safetensors instead of {name!r}") from e
     return folder
 
 

@@ -13,12 +13,13 @@ import shutil
 import socket
 from pathlib import Path
 
+from tinygpt.errors import RunError
 from tinygpt.files import sha256_file
 
 LOCK = ".lock"
 
 
-class RunLocked(RuntimeError):
+class RunLocked(RunError):
     """Another live process holds the run directory."""
 
 

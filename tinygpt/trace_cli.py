@@ -15,12 +15,12 @@ from tinygpt.validation import UsageError
 def _model_and_tokenizer(args):
     """(model, tokenizer, what it is) for the options given."""
     import tinygpt as tg
-    from tinygpt.data import CharTokenizer, gpt2_tokenizer
+    from tinygpt.data import CharTokenizer, default_corpus, gpt2_tokenizer
     from tinygpt.model import GPT_PRESETS, GPTModel
-    from tinygpt.train_cli import DEFAULT_MODEL, default_corpus
+    from tinygpt.train_cli import DEFAULT_MODEL
 
     if args.checkpoint:
-        from tinygpt.cli import load_language_model
+        from tinygpt.checkpoint import load_language_model
 
         checkpoint = load_language_model(args.checkpoint, args.device, args.bpe_file, "trace")
         return checkpoint.model, checkpoint.tokenizer, f"checkpoint {checkpoint.path}"
@@ -40,8 +40,7 @@ def _batch(tokenizer, batch_size: int, tokens: int):
     """(inputs, targets), each [B, T]: consecutive windows of the default text."""
     import numpy as np
 
-    from tinygpt.data import encode_text
-    from tinygpt.train_cli import default_corpus
+    from tinygpt.data import default_corpus, encode_text
 
     needed = batch_size * tokens + 1
     text = default_corpus()
@@ -76,6 +75,24 @@ def _writes_directly(path: str) -> bool:
     return path == "-" or writes_directly(path)
 
 
+def _only(args, model) -> str | None:
+    """The module path that --layer / --module keep (with their children), checked against the model."""
+    if args.layer is None and args.module is None:
+        return None
+    blocks = model.cfg["n_layers"]
+    if args.layer is not None and args.layer >= blocks:
+        raise UsageError(f"--layer must be < the model's {blocks} blocks (0 to {blocks - 1}), got {args.layer}")
+    block = None if args.layer is None else f"trf_blocks.{args.layer}"
+    path = ".".join(p for p in (block, args.module) if p)
+    names = dict(model.named_modules())
+    if path not in names:
+        where = f"below {block}" if block else "in the model"
+        choices = sorted({n[len(block) + 1:] if block else n.split(".")[0] for n in names
+                          if n and (block is None or n.startswith(block + "."))})
+        raise UsageError(f"--module {args.module}: no such module {where}; choose from {', '.join(choices)}")
+    return path
+
+
 def run_trace(args) -> int:
     import sys
 
@@ -90,6 +107,7 @@ def run_trace(args) -> int:
     context = model.cfg["context_length"]
     if args.tokens > context:
         raise UsageError(f"--tokens must be <= the model's context_length {context}, got {args.tokens}")
+    only = _only(args, model)
     x, y = _batch(tokenizer, args.batch_size, args.tokens)
     model.train()
     with tg.trace() as t:
@@ -97,8 +115,9 @@ def run_trace(args) -> int:
         loss.backward()
     print(f"{what}: {model.num_parameters():,} parameters; batch {args.batch_size} x {args.tokens} tokens "
           f"of the default text; loss {loss.item():.4f}", file=out)
-    print("backward nodes in the order they ran" + (" (flat)" if args.flat else ", per module") + ":\n", file=out)
-    print(t.table(flat=args.flat), file=out)
+    print("backward nodes in the order they ran" + (" (flat)" if args.flat else ", per module run")
+          + (f", only {only} and below" if only else "") + ":\n", file=out)
+    print(t.table(flat=args.flat, module=only), file=out)
     for path, text in ((args.dot, t.to_dot), (args.json, t.to_json), (args.html, t.to_html)):
         if path:
             write_output(path, text(), force=args.force)
@@ -116,6 +135,9 @@ def add_commands(sub) -> None:
     p.add_argument("--batch-size", type=v.positive_int, default=2, help="default 2")
     p.add_argument("--tokens", type=v.positive_int, default=64, help="tokens per row (default 64)")
     p.add_argument("--flat", action="store_true", help="one line per node instead of one per module")
+    p.add_argument("--layer", type=v.count, help="only transformer block N (trf_blocks.N) in the table")
+    p.add_argument("--module", metavar="PATH", help="only this module and those below it in the table, e.g. "
+                   "trf_blocks.0.att, or att with --layer 0")
     p.add_argument("--dot", metavar="FILE", help="also write the graph as Graphviz DOT text (draw it with: dot -Tsvg FILE -o graph.svg); "
                    "- for standard output")
     p.add_argument("--json", metavar="FILE", help="also write every record as JSON")

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from tinygpt import backend, distributed
 from tinygpt import functional as F
 from tinygpt.checkpoint import NonFiniteError, checkpoints, save_checkpoint
+from tinygpt.errors import RunError
 from tinygpt.files import atomic_write_bytes, atomic_write_text
 from tinygpt.generate import generate, text_to_token_ids, token_ids_to_text
 from tinygpt.optim import AdamW, clip_grad_norm, warmup_cosine_lr
@@ -110,7 +111,7 @@ class TrainState:
     history: dict[str, list] = field(default_factory=lambda: {"step": [], "tokens_seen": [], "train_loss": [], "val_loss": [], "lr": []})
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RunError):
     pass
 
 

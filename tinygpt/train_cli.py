@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from tinygpt import validation as v
+from tinygpt.data.corpus import default_corpus
 from tinygpt.validation import UsageError
 
 # A model small enough to learn something visible in a few minutes on 2 CPU cores.
@@ -30,16 +31,6 @@ RESUMABLE = ("epochs", "max_steps", "lr", "warmup_steps", "cosine", "grad_clip",
              "checkpoint_every", "start_context", "sample_tokens", "sample_temperature")
 MODEL_OPTIONS = {"emb_dim": "emb_dim", "n_layers": "n_layers", "n_heads": "n_heads", "context_length": "context_length",
                  "dropout": "drop_rate", "qkv_bias": "qkv_bias", "tie_weights": "tie_weights"}
-
-
-def default_corpus() -> str:
-    """The reference text that ships with CPython (pydoc_data.topics): ~465,000 characters
-    of English about Python, present on any machine with Python and no download."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:
-        raise RuntimeError("this Python has no pydoc_data module (the default training text); pass --data FILE") from None
-    return "\n\n".join(topics[key] for key in sorted(topics))
 
 
 def read_text_file(path: str | Path, option: str = "--data") -> str:

@@ -125,15 +125,10 @@ def check_environment(environ=None) -> None:
         raise UsageError(f"TINYGPT_CACHE must be a folder, got the file {cache}")
     kernels = environ.get("TINYGPT_KERNELS")
     if kernels is not None:
+        from tinygpt.kernels import set_kernels
+
         try:
-            from tinygpt.kernels import set_kernels
-        except ImportError:  # a tinygpt without switchable kernels: only the plain math exists
-            set_kernels = None
-        try:
-            if set_kernels is not None:
-                set_kernels(kernels)
-            elif kernels not in ("plain", "fast"):
-                raise ValueError("expected 'plain' or 'fast'")
+            set_kernels(kernels)
         except ValueError as e:
             raise UsageError(f"TINYGPT_KERNELS={kernels!r}: {e}") from None
 

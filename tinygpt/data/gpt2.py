@@ -15,6 +15,8 @@ import os
 import tiktoken
 import tiktoken.load
 
+from tinygpt.errors import RunError
+
 ENDOFTEXT = "<|endoftext|>"
 GPT2_N_VOCAB = 50257
 GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -42,7 +44,7 @@ def gpt2_tokenizer(bpe_file: str | os.PathLike | None = None) -> tiktoken.Encodi
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as exc:  # network, proxy, cache or hash errors all mean "no ranks"
-        raise RuntimeError(
+        raise RunError(
             f"could not get GPT-2's BPE ranks through tiktoken ({type(exc).__name__}: {exc}). "
             f"To work offline, pass --bpe-file PATH or set {BPE_FILE_ENV}=PATH, where PATH is a "
             f"local gpt2.tiktoken file (sha256 {GPT2_SHA256})."

@@ -146,7 +146,7 @@ def _finetune_instruct(args, start: Start) -> int:
 
 def _chat(args) -> int:
     import tinygpt as tg
-    from tinygpt.cli import load_language_model
+    from tinygpt.checkpoint import load_language_model
     from tinygpt.finetune.instruct import generate_response
     from tinygpt.finetune.lora import merge_lora
     from tinygpt.generate import StreamPrinter

@@ -18,6 +18,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from tinygpt.errors import RunError
 from tinygpt.files import atomic_write_text
 
 SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -35,14 +36,14 @@ def download_sms_spam(out_dir: str | os.PathLike = "data", url: str | None = Non
         with urllib.request.urlopen(url, timeout=timeout) as response:
             archive = response.read()
     except OSError as e:
-        raise RuntimeError(f"could not download the SMS Spam Collection from {url} ({e}). Without network, fetch "
-                           f"that zip file elsewhere, unpack {SMS_SPAM_MEMBER} and pass a CSV/TSV with a header row "
-                           f"to --data instead") from e
+        raise RunError(f"could not download the SMS Spam Collection from {url} ({e}). Without network, fetch "
+                       f"that zip file elsewhere, unpack {SMS_SPAM_MEMBER} and pass a CSV/TSV with a header row "
+                       f"to --data instead") from e
     try:
         with zipfile.ZipFile(io.BytesIO(archive)) as z:
             raw = z.read(SMS_SPAM_MEMBER).decode("utf-8")
     except (zipfile.BadZipFile, KeyError) as e:
-        raise RuntimeError(f"{url} did not give a zip archive holding {SMS_SPAM_MEMBER} ({e})") from e
+        raise RunError(f"{url} did not give a zip archive holding {SMS_SPAM_MEMBER} ({e})") from e
     rows = io.StringIO()
     writer = csv.writer(rows, delimiter="\t", lineterminator="\n")
     writer.writerow(["Label", "Text"])
@@ -51,7 +52,7 @@ def download_sms_spam(out_dir: str | os.PathLike = "data", url: str | None = Non
             continue
         label, sep, text = line.removesuffix("\r").partition("\t")
         if not sep:
-            raise RuntimeError(f"{SMS_SPAM_MEMBER}, line {line_number}: expected 'label<TAB>text', got {line[:60]!r}")
+            raise RunError(f"{SMS_SPAM_MEMBER}, line {line_number}: expected 'label<TAB>text', got {line[:60]!r}")
         writer.writerow([label, text])
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, rows.getvalue())
