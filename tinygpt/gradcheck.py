@@ -78,6 +78,22 @@ def gradcheck_report(fn: Callable[..., Tensor], inputs: Sequence[Tensor], eps: f
         backend.set_rng_state(rng_state)
 
 
+def central_differences(objective: Callable[[], float], array, eps: float = 1e-6) -> np.ndarray:
+    """d objective / d array as (f(a + eps) - f(a - eps)) / 2 eps, element by element, with the
+    contiguous `array` changed in place and restored (objective reads it). A host array back."""
+    grad = np.empty(array.size)
+    flat = array.reshape(-1)  # a view
+    for i in range(array.size):
+        original = flat[i].item()
+        flat[i] = original + eps
+        plus = objective()
+        flat[i] = original - eps
+        minus = objective()
+        flat[i] = original
+        grad[i] = (plus - minus) / (2 * eps)
+    return grad.reshape(array.shape)
+
+
 def _compare(fn, inputs, eps, atol, rtol, seed) -> GradcheckReport:
     backend.manual_seed(seed)
     out = fn(*inputs)
@@ -96,17 +112,8 @@ def _compare(fn, inputs, eps, atol, rtol, seed) -> GradcheckReport:
         if not t.requires_grad:
             continue
         analytic = backend.to_host(t.grad.data).reshape(-1) if t.grad is not None else np.zeros(t.size)
-        numeric = np.empty(t.size)
-        flat = t.data.reshape(-1)  # a view: the float64 copy made above is contiguous
-        with no_grad():
-            for i in range(t.size):
-                original = flat[i].item()
-                flat[i] = original + eps
-                plus = objective()
-                flat[i] = original - eps
-                minus = objective()
-                flat[i] = original
-                numeric[i] = (plus - minus) / (2 * eps)
+        with no_grad():  # the float64 copy made above is contiguous, as central_differences needs
+            numeric = central_differences(objective, t.data, eps).reshape(-1)
         abs_err = np.abs(analytic - numeric)
         scale = np.maximum(np.abs(analytic), np.abs(numeric))
         rel_err = np.where(scale > atol, abs_err / np.maximum(scale, 1e-300), 0.0)

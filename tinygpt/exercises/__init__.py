@@ -1,9 +1,13 @@
-"""Write the backward yourself: one exercise per fused op and one for a whole transformer
-block, each checked against tinygpt's own backward and float64 finite differences.
+"""Write the backward yourself: warm-ups for the small ops, one exercise per fused op and one
+for a whole transformer block, each checked against tinygpt's own backward and float64
+finite differences.
 
-    tinygpt exercise list
+    tinygpt exercise list                        # the path, first to last, and what you passed
     tinygpt exercise start layer_norm            # writes layer_norm.py: the forward and a stub
-    tinygpt exercise check layer_norm layer_norm.py [--show-solution]
+    tinygpt exercise check layer_norm layer_norm.py [--hint [2]] [--timeout S] [--show-solution]
+
+Your file runs in a child process, under the engine's rules (dy and the saved values are
+read-only); only its arrays come back, and the verdict is made from them.
 
 From Python (the walk-through uses this):
     result = run_check("layer_norm", "layer_norm.py")
@@ -12,20 +16,22 @@ From Python (the walk-through uses this):
 """
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
-from tinygpt.exercises import checker
+from tinygpt.exercises import checker, progress, sandbox
 from tinygpt.exercises.block_case import BLOCK
 from tinygpt.exercises.checker import CheckResult, GradResult
 from tinygpt.exercises.registry import OPS, Exercise
 from tinygpt.exercises.walkthrough import layer_norm_walkthrough
+from tinygpt.exercises.warmups import WARMUPS
 from tinygpt.files import atomic_write_text
 
-EXERCISES: dict[str, Exercise] = {e.name: e for e in (*OPS, BLOCK)}
+# the path, first to last: the small ops, the fused ops from the easiest, then the block
+PATH = (*WARMUPS, *sorted(OPS, key=lambda e: ("easy", "medium", "hard").index(e.difficulty)), BLOCK)
+EXERCISES: dict[str, Exercise] = {e.name: e for e in PATH}
 
-__all__ = ["EXERCISES", "CheckResult", "GradResult", "UnknownExercise", "check_main", "get", "layer_norm_walkthrough", "run_check", "sheet_text",
-           "solution_text", "start"]
+__all__ = ["EXERCISES", "CheckResult", "GradResult", "UnknownExercise", "check_function", "check_main", "get",
+           "layer_norm_walkthrough", "run_check", "sheet_text", "solution_text", "start"]
 
 
 class UnknownExercise(ValueError):
@@ -38,18 +44,25 @@ def get(name: str) -> Exercise:
     return EXERCISES[name]
 
 
-def run_check(name: str, path) -> CheckResult:
-    """Check the backward in the file at `path` against exercise `name`."""
-    return checker.run_check(get(name), path)
+def run_check(name: str, path, timeout: float = sandbox.DEFAULT_TIMEOUT) -> CheckResult:
+    """Check the backward in the file at `path` against exercise `name`; the file runs in a
+    child process that may take `timeout` seconds."""
+    return checker.run_check(get(name), path, timeout=timeout)
+
+
+def check_function(name: str, backward, forward=None) -> CheckResult:
+    """Check a backward function in this process (for code you trust: it could change the
+    checker), under the same rules and with the same diagnosis as run_check."""
+    return checker.check_function(get(name), backward, forward)
 
 
 def sheet_text(name: str) -> str:
     """The file `start` writes: the forward, its math and shapes, and a backward stub."""
-    return inspect.getsource(get(name).sheet)
+    return Path(get(name).sheet.__file__).read_text()
 
 
 def solution_text(name: str) -> str:
-    """The engine's own backward for the exercise's op (for the block, the answer key)."""
+    """The answer key's backward, plain math in the sheet's own interface."""
     return get(name).solution()
 
 
@@ -57,17 +70,25 @@ def start(name: str, directory=".", force: bool = False) -> Path:
     """Write the exercise sheet to directory/name.py; FileExistsError rather than overwrite."""
     path = Path(directory) / f"{name}.py"
     text = sheet_text(name)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a folder; give another --dir, or move the folder away")
     if path.exists() and not force:
         raise FileExistsError(f"{path} already exists; pass --force to overwrite it (your work in it would be lost)")
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(f"cannot write {path}: {parent} is a file, not a folder; give --dir a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
     return path
 
 
-def check_main(name: str, path, show_solution: bool = False) -> int:
-    """Print the check of `path` (and the engine's solution if asked); 0 when it passes."""
-    result = run_check(name, path)
-    print(result.report())
+def check_main(name: str, path, show_solution: bool = False, hint: int = 0, timeout: float = sandbox.DEFAULT_TIMEOUT) -> int:
+    """Print the check of `path` with help up to level `hint` (and the solution if asked);
+    0 only when every gradient was verified right. A pass is recorded next to the file."""
+    result = run_check(name, path, timeout=timeout)
+    print(result.report(hint))
+    if result.passed:
+        progress.record(Path(path).parent, name)
     if show_solution:
-        print(f"\n{'=' * 30} tinygpt's own backward for {name} {'=' * 30}\n{solution_text(name)}")
+        print(f"\n{'=' * 30} the solution for {name} {'=' * 30}\n{solution_text(name)}")
     return 0 if result.passed else 1

@@ -7,14 +7,14 @@ it, so the forward is also written here as a list of named steps (STEPS). The ch
 confirms at run time that STEPS computes exactly what the sheet's forward does."""
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 
 import tinygpt as tg
 import tinygpt.functional as F
 from tinygpt.exercises import answers, hints
-from tinygpt.exercises.registry import Exercise, central_differences, scales
+from tinygpt.exercises.block_flow import FLOW
+from tinygpt.exercises.registry import Exercise, scales
+from tinygpt.gradcheck import central_differences
 from tinygpt.exercises.sheets import block as sheet
 
 B, T, C, H = 5, 4, 6, 2
@@ -123,10 +123,13 @@ def missing_path(theirs, expected, case: hints.Case):
     return None
 
 
-def solution() -> str:
-    return f"# the answer key, tinygpt/exercises/answers.py\n{inspect.getsource(answers.block)}"
+def regions(grad, inputs) -> list:
+    if grad not in ("scores", "att"):
+        return []
+    masked = np.broadcast_to(FUTURE, (B, H, T, T))
+    return [("the masked positions (a key after its query)", masked), ("the positions that are not masked", ~masked)]
 
 
 BLOCK = Exercise("block", "hard", "a whole pre-norm GPT-2 block: the gradient of every intermediate, backprop-ninja style",
-                 {"B": B, "T": T, "C": C, "H": H, "D": D}, draw, engine, answers.block, solution,
-                 grads=sheet.GRADIENTS, numeric=numeric, hints=(missing_path,))
+                 {"B": B, "T": T, "C": C, "H": H, "D": D, "4C": 4 * C}, draw, engine, answers.block,
+                 grads=sheet.GRADIENTS, numeric=numeric, hints=(missing_path,), flow=FLOW, regions=regions)
