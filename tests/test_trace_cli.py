@@ -56,6 +56,17 @@ def test_trace_of_a_trained_checkpoint(tmp_path, capsys):
     assert f"{20 + 6} backward nodes" in out  # one block
 
 
+def test_trace_layer_and_module_keep_that_part_of_the_table(capsys):
+    assert main(["trace", "--flat", "--layer", "2", "--module", "att", "--batch-size", "1", "--tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "only trf_blocks.2.att and below" in out
+    modules = {line.split()[2] for line in out.splitlines() if re.match(r"^ +\d+  [A-Z]", line)}
+    assert modules == {"trf_blocks.2.att", *(f"trf_blocks.2.att.{p}" for p in ("W_query", "W_key", "W_value", "out_proj"))}
+    assert main(["trace", "--layer", "1", "--batch-size", "1", "--tokens", "8"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("trf_blocks.")]
+    assert rows and all(row.startswith("trf_blocks.1") for row in rows)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--tokens", "500"], "--tokens must be <= the model's context_length 128, got 500"),
     (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
@@ -63,6 +74,9 @@ def test_trace_of_a_trained_checkpoint(tmp_path, capsys):
     (["--checkpoint", "no/such/run"], "argument --checkpoint: no such file or folder: no/such/run"),
     (["--dot", "no/such/folder/g.dot"], "--dot no/such/folder/g.dot: the folder no/such/folder does not exist"),
     (["--model", "gpt2-small", "--checkpoint", "."], "not allowed with argument"),
+    (["--layer", "4"], "--layer must be < the model's 4 blocks (0 to 3), got 4"),
+    (["--layer", "0", "--module", "attn"], "--module attn: no such module below trf_blocks.0; choose from att, att.W_key"),
+    (["--module", "blocks"], "--module blocks: no such module in the model; choose from drop_emb, final_norm, out_head"),
 ])
 def test_trace_mistakes_are_one_line_with_exit_status_2(argv, message, capsys):
     assert main(["trace", *argv]) == 2

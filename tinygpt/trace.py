@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 from tinygpt import backend, hooks
 from tinygpt.backend import backend_of
+from tinygpt.functional.attention import future_mask
 from tinygpt.graph_state import watching
 from tinygpt.node_info import origin_of, saved_bytes, take_origin
 from tinygpt.tensor import Tensor
@@ -134,8 +135,8 @@ class Trace:
             (x,) = ctx.saved
             tail = (abs(x) > GELU_TAIL).mean()
             self._stats(origin.module, name).add("gelu_tail", float(tail.item()))
-        elif name == "ScaledDotProductAttention":
-            probs = ctx.saved[3]  # [B, H, Tq, Tk]
+        elif name == "ScaledDotProductAttention" and len(ctx.saved) == 4:  # under no_grad the fast op keeps nothing
+            probs = attention_probs(ctx)  # [B, H, Tq, Tk]
             xp = backend_of(probs)
             entropy = -(probs * xp.log(xp.maximum(probs, 1e-30))).sum(axis=-1)  # [B, H, Tq]
             per_head = backend.to_host(entropy.mean(axis=(0, 2))).tolist()
@@ -282,6 +283,19 @@ def trace(keep_grads: bool = False) -> Trace:
     ops and modules run inside it). keep_grads=True also keeps each gradient array, for
     `Trace.grad_of`."""
     return Trace(keep_grads)
+
+
+def attention_probs(ctx):
+    """P = softmax(Q K^T / sqrt(D)) of an attention op that ran: the plain op keeps P itself;
+    the fast (tiled) one keeps each query's log-sum-exp of the scores instead, and
+    P = exp(S - lse) on the keys it may see (0 on future keys when causal)."""
+    q, k, _, kept = ctx.saved
+    if kept.ndim == q.ndim:
+        return kept
+    xp = backend_of(q)
+    scores = q @ xp.swapaxes(k, -1, -2) * (1.0 / math.sqrt(q.shape[-1]))  # [B,H,Tq,D] @ [B,H,D,Tk]
+    probs = xp.exp(scores - kept[..., None])
+    return xp.where(future_mask(xp, *probs.shape[-2:]), 0.0, probs) if ctx.causal else probs
 
 
 def grad_stats(g) -> tuple[float, float, float, float]:
