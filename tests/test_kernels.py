@@ -27,6 +27,8 @@ import tinygpt.functional as F
 from tinygpt import backend, kernels
 from tinygpt.kernels import GELU_CUBIC, SQRT_2_OVER_PI, cpu, fused, threads
 from tinygpt.kernels import cuda as ck
+from tinygpt.opcase import FixedPicker
+from tinygpt.opsuite import CASES
 from tinygpt.optim import AdamW
 from conftest import host
 
@@ -47,7 +49,7 @@ def _run(fn, inputs, dtype, device="cpu"):
     out = fn(*tensors)
     r = np.random.default_rng(7).standard_normal(out.shape)
     (out * tg.tensor(r, dtype=dtype, device=device)).sum().backward()
-    return [host(out)] + [host(t.grad) for t in tensors]
+    return [host(out)] + [None if t.grad is None else host(t.grad) for t in tensors]
 
 
 def _plain_and_fast(fn, inputs, dtype, device="cpu"):
@@ -64,32 +66,11 @@ def _tol(dtype, factor: float = 1.0):
 
 
 rng = np.random.default_rng(0)
-_TARGETS = np.array([[3, -100, 0], [4, 1, -100]])
-_IDS = np.array([[3, 1, 3, 0], [9, 3, 1, 1]])
-OP_CASES = {  # name: (fn, inputs); sizes chosen so blocks of 3 rows leave a short last block
-    "linear, one row": (F.linear, [rng.standard_normal((1, 5)), rng.standard_normal((4, 5)), rng.standard_normal(4)]),
-    "linear, 37 rows": (F.linear, [rng.standard_normal((37, 5)), rng.standard_normal((300, 5)), rng.standard_normal(300)]),
-    "embedding, repeated ids": (lambda w: F.embedding(_IDS, w), [rng.standard_normal((10, 6))]),
-    "layer_norm, one row": (F.layer_norm, [rng.standard_normal((1, 5)), rng.standard_normal(5), rng.standard_normal(5)]),
-    "layer_norm, (3,1,7)": (F.layer_norm, [rng.standard_normal((3, 1, 7)), rng.standard_normal(7), rng.standard_normal(7)]),
-    "layer_norm, 37 rows, one channel": (F.layer_norm, [rng.standard_normal((37, 1)), rng.standard_normal(1),
-                                                        rng.standard_normal(1)]),
-    "gelu, 0-d": (F.gelu, [np.array(1.7)]),
-    "gelu, (37, 13)": (F.gelu, [3 * rng.standard_normal((37, 13))]),
-    "dropout, (37, 13)": (lambda x: F.dropout(x, 0.3), [rng.standard_normal((37, 13))]),
-    "dropout, (1,)": (lambda x: F.dropout(x, 0.5), [rng.standard_normal(1)]),
-    "causal attention, fewer queries than keys": (
-        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True),
-        [rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((2, 3, 6, 2))]),
-    "attention, 2-D with dropout": (
-        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=False, dropout_p=0.3),
-        [rng.standard_normal((3, 4)), rng.standard_normal((5, 4)), rng.standard_normal((5, 3))]),
-    "attention, 5 sequences, dropout, one head": (
-        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=0.5),
-        [rng.standard_normal((5, 1, 3, 2)), rng.standard_normal((5, 1, 3, 2)), rng.standard_normal((5, 1, 3, 1))]),
-    "cross_entropy, ignored targets": (lambda z: F.cross_entropy(z, _TARGETS), [rng.standard_normal((2, 3, 6))]),
-    "cross_entropy, one row": (lambda z: F.cross_entropy(z, np.array([2])), [rng.standard_normal((1, 3))]),
-}
+SEEDS_PER_CASE = 4  # on top of each case's examples: row counts that leave short last blocks
+
+
+def _inputs_on_host(built):
+    return [host(x) for x in built.inputs]
 
 
 @pytest.fixture
@@ -101,13 +82,21 @@ def small_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("case", OP_CASES)
-def test_cpu_kernels_match_the_plain_math_element_by_element(mode, small_blocks, case, dtype):
-    fn, inputs = OP_CASES[case]
-    plain, fast = _plain_and_fast(fn, inputs, dtype)
-    for name, a, b in zip(["output"] + [f"grad {i}" for i in range(len(inputs))], fast, plain):
-        assert a.shape == b.shape and a.dtype == b.dtype, name
-        np.testing.assert_allclose(a, b, **_tol(dtype), err_msg=name)
+@pytest.mark.parametrize("case, overrides, examples",
+                         [pytest.param(case, overrides, examples, id=test_id)
+                          for case in CASES for test_id, overrides, examples in case.variants()])
+def test_cpu_kernels_match_the_plain_math_element_by_element(mode, small_blocks, case, overrides, examples, dtype):
+    """Every case of the one table (tinygpt/opsuite.py): its examples and more seeds, the output
+    and every gradient, fast against plain (an op without a fast version compares with itself)."""
+    picks = list(enumerate(examples)) + [(100 + seed, overrides) for seed in range(SEEDS_PER_CASE)]
+    for seed, pinned in picks:
+        built = case.run(FixedPicker(np.random.default_rng(seed), pinned))
+        plain, fast = _plain_and_fast(built.fn, _inputs_on_host(built), dtype)
+        for name, a, b in zip(["output"] + [f"grad {i}" for i in range(len(built.inputs))], fast, plain):
+            assert (a is None) == (b is None), f"{case.name} {built.description}: {name}"
+            if a is not None:  # None: an input the case's fn does not use
+                assert a.shape == b.shape and a.dtype == b.dtype, f"{case.name} {built.description}: {name}"
+                np.testing.assert_allclose(a, b, **_tol(dtype), err_msg=f"{case.name} {built.description}: {name}")
 
 
 def test_cpu_kernels_match_the_plain_math_in_one_block_per_thread(mode, monkeypatch):
@@ -337,7 +326,7 @@ def test_cuda_attention_glue_matches_the_plain_math_with_numpy_row_kernels(mode,
         return F.scaled_dot_product_attention(q, k, v, causal=causal, dropout_p=dropout_p)
 
     routed = _run(fn, inputs, np.float64)
-    assert stand_in.calls == ["attention_softmax_", "softmax_backward_"]
+    assert stand_in.calls == ["attention_softmax_", "attention_softmax_", "softmax_backward_"]  # backward recomputes P
     monkeypatch.undo()
     mode("plain")
     for a, b in zip(routed, _run(fn, inputs, np.float64)):
@@ -534,14 +523,17 @@ def test_in_place_kernels_refuse_arrays_that_are_not_contiguous():
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", OP_CASES)
-def test_cuda_kernels_match_the_plain_math_on_the_gpu(mode, case, dtype):
-    fn, inputs = OP_CASES[case]
-    with backend.get_backend("cuda").full_precision():
-        plain, fast = _plain_and_fast(fn, inputs, dtype, device="cuda")
-    for name, a, b in zip(["output"] + [f"grad {i}" for i in range(len(inputs))], fast, plain):
-        assert a.shape == b.shape and a.dtype == b.dtype, name
-        np.testing.assert_allclose(a, b, **_tol(dtype, factor=10), err_msg=name)
+@pytest.mark.parametrize("case, overrides, examples",
+                         [pytest.param(case, overrides, examples, id=test_id)
+                          for case in CASES for test_id, overrides, examples in case.variants()])
+def test_cuda_kernels_match_the_plain_math_on_the_gpu(mode, case, overrides, examples, dtype):
+    for seed, pinned in list(enumerate(examples)) + [(100 + seed, overrides) for seed in range(SEEDS_PER_CASE)]:
+        built = case.run(FixedPicker(np.random.default_rng(seed), pinned))
+        with backend.get_backend("cuda").full_precision():
+            plain, fast = _plain_and_fast(built.fn, _inputs_on_host(built), dtype, device="cuda")
+        for name, a, b in zip(["output"] + [f"grad {i}" for i in range(len(built.inputs))], fast, plain):
+            assert a.shape == b.shape and a.dtype == b.dtype, f"{case.name} {built.description}: {name}"
+            np.testing.assert_allclose(a, b, **_tol(dtype, factor=10), err_msg=f"{case.name} {built.description}: {name}")
 
 
 @needs_cuda

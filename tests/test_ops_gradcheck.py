@@ -59,7 +59,7 @@ def check(fn, *inputs: tg.Tensor) -> None:
 def check_case(case: Case, pick: Picker) -> None:
     description = f"picks {pick.overrides}"
     try:
-        description, fn, inputs = case.run(pick)
+        description, fn, inputs, _ = case.run(pick)
         check(fn, *inputs)
     except Exception as error:
         error.add_note(f"case {case.name}: {description}")

@@ -2,7 +2,9 @@
 
 A case is a small function of a `Picker`: it asks the picker for its shapes and options
 (`pick.shape()`, `pick.broadcast_pair()`, `pick.sampled_from(...)`, ...) and for its leaves,
-and returns the function to check and its inputs. The picker decides how the choices are made:
+and returns the function to check and its inputs, and optionally a third item: the same
+computation in PyTorch, `reference(torch, *torch_tensors)`, for the parity tests (`same(fn)`
+when fn itself runs on torch tensors, as `x * y` does). The picker decides how the choices are made:
 `FixedPicker` from a seeded NumPy generator (`tinygpt gradcheck`), the tests' picker from
 hypothesis (so a failing case shrinks to a small one). Subclasses supply the two primitive
 choices, `_integers` and `_sampled_from`; everything else is built on them, so hypothesis
@@ -21,7 +23,7 @@ import numpy as np
 
 import tinygpt as tg
 
-Build = Callable[["Picker"], tuple[Callable[..., tg.Tensor], list[tg.Tensor]]]
+Build = Callable[["Picker"], tuple]  # -> (fn, inputs) or (fn, inputs, torch reference)
 MAX_DIM = 4  # gradcheck runs two forwards per input element: keep every array small
 
 
@@ -121,6 +123,20 @@ class FixedPicker(Picker):
         return values[int(self.rng.integers(0, len(values)))]
 
 
+def same(fn: Callable) -> Callable:
+    """The torch reference of a case whose fn uses only operators torch tensors have too."""
+    return lambda torch, *tensors: fn(*tensors)
+
+
+class Built(NamedTuple):
+    """A case built once: a short description, the function and its inputs, and the same
+    computation in PyTorch (None where the case has none: dropout's masks differ, say)."""
+    description: str
+    fn: Callable[..., tg.Tensor]
+    inputs: list[tg.Tensor]
+    reference: Callable | None
+
+
 class Variant(NamedTuple):
     """One test of a case: its id, the picks it pins, and the examples it runs first."""
     test_id: str
@@ -152,14 +168,15 @@ class Case:
             pinned.setdefault(self.each[0], self.each[1][0])
         return pinned
 
-    def run(self, pick: Picker) -> tuple[str, Callable[..., tg.Tensor], list[tg.Tensor]]:
-        """Build the case with `pick`: (description, fn, inputs). An example naming a pick the
-        case never makes is a mistake in the list, so it raises."""
-        fn, inputs = self.build(pick)
+    def run(self, pick: Picker) -> Built:
+        """Build the case with `pick`. An example naming a pick the case never makes is a
+        mistake in the list, so it raises."""
+        fn, inputs, *reference = self.build(pick)
         unused = sorted(set(pick.overrides) - set(pick.chosen))
         if unused:
             raise ValueError(f"case {self.name!r} was given {unused} but picks only {sorted(pick.chosen)}")
-        return describe(inputs, {k: v for k, v in pick.chosen.items() if k not in pick.sizes}), fn, inputs
+        description = describe(inputs, {k: v for k, v in pick.chosen.items() if k not in pick.sizes})
+        return Built(description, fn, inputs, reference[0] if reference else None)
 
 
 def describe(inputs: Sequence[tg.Tensor], options: dict[str, Any]) -> str:
@@ -174,3 +191,15 @@ def describe(inputs: Sequence[tg.Tensor], options: dict[str, Any]) -> str:
             words.append(key if value is True else f"{key}={value}".replace(" ", ""))
     return " ".join(words)
 
+
+CASES: list[Case] = []
+
+
+def case(name: str, max_examples: int, examples: Sequence[dict[str, Any]] = (),
+         each: tuple[str, Sequence] | None = None):
+    """Add the decorated build function to the list: `max_examples` hypothesis runs per test,
+    `examples` (dicts of named picks) run first, one test per value of `each` (pick name, values)."""
+    def register(build: Build) -> Build:
+        CASES.append(Case(name, build, max_examples, tuple(examples), each and (each[0], tuple(each[1]))))
+        return build
+    return register

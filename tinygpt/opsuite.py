@@ -5,41 +5,34 @@ axes, broadcasting, odd sizes) with data from `--seed`. tests/test_ops_gradcheck
 every example and then `max_examples` hypothesis-drawn variants of each case, on every
 backend. How a case chooses its shapes: tinygpt/opcase.py.
 
-A new op adds one case here: a function of a picker that returns (fn, inputs), e.g.
+The same list feeds tests/test_kernels.py (each fused op's fast version against its plain
+math, on every case's examples and more seeds) and tests/test_torch_parity_ops.py (every case
+with a torch reference, outputs and gradients against PyTorch's).
+
+A new op adds one case here: a function of a picker that returns (fn, inputs, reference), e.g.
 
     @case("layer_norm", max_examples=125, examples=[{"shape": (2, 3, 6)}])
     def layer_norm(pick):
         shape = pick.shape(1, 3, name="shape")
-        return F.layer_norm, pick.leaves(shape, shape[-1:], shape[-1:])
+        return F.layer_norm, pick.leaves(shape, shape[-1:], shape[-1:]), \
+            lambda torch, x, scale, shift: torch.nn.functional.layer_norm(x, shape[-1:], scale, shift, eps=1e-5)
 """
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 import tinygpt as tg
 import tinygpt.functional as F
-from tinygpt.opcase import Build, Case, FixedPicker, Picker
-
-CASES: list[Case] = []
-
-
-def case(name: str, max_examples: int, examples: Sequence[dict[str, Any]] = (),
-         each: tuple[str, Sequence] | None = None):
-    """Add the decorated build function to the list: `max_examples` hypothesis runs per test,
-    `examples` (dicts of named picks) run first, one test per value of `each` (pick name, values)."""
-    def register(build: Build) -> Build:
-        CASES.append(Case(name, build, max_examples, tuple(examples), each and (each[0], tuple(each[1]))))
-        return build
-    return register
-
+from tinygpt import opsuite_fused, opsuite_llama  # noqa: F401 (each registers its cases)
+from tinygpt.opcase import CASES, FixedPicker, Picker, case, same
 
 def cases(device: str = "cpu", seed: int = 0) -> dict[str, tuple[str, Callable[..., tg.Tensor], list[tg.Tensor]]]:
     """op name -> (shape description, fn, inputs): each case built from its first example,
     the rest of its choices and its data drawn from `seed`."""
-    return {c.name: c.run(FixedPicker(np.random.default_rng(seed), c.first_example(), device)) for c in CASES}
+    return {c.name: c.run(FixedPicker(np.random.default_rng(seed), c.first_example(), device))[:3] for c in CASES}
 
 
 # ============================================================================ arithmetic
@@ -51,7 +44,7 @@ def _binary(name: str, op: Callable[[tg.Tensor, tg.Tensor], tg.Tensor], divides:
     @case(name, max_examples=75, examples=BROADCAST_EXAMPLES)
     def binary(pick):
         a_shape, b_shape = pick.broadcast_pair(name="pair")
-        return op, [pick.leaf(a_shape), pick.leaf(b_shape, away_from_zero=divides)]
+        return op, [pick.leaf(a_shape), pick.leaf(b_shape, away_from_zero=divides)], same(op)
 
 
 _binary("add", operator.add)
@@ -67,12 +60,12 @@ SCALAR_FORMS = {"x+2": lambda x: x + 2.0, "1.5+x": lambda x: 1.5 + x, "x-3": lam
 @case("scalar_operand", max_examples=25, examples=[{"shape": (2, 3)}], each=("form", SCALAR_FORMS))
 def scalar_operand(pick):
     form = pick.sampled_from(list(SCALAR_FORMS), name="form")
-    return SCALAR_FORMS[form], [pick.leaf(pick.shape(name="shape"), away_from_zero=True)]
+    return SCALAR_FORMS[form], [pick.leaf(pick.shape(name="shape"), away_from_zero=True)], same(SCALAR_FORMS[form])
 
 
 @case("neg", max_examples=25, examples=[{"shape": (2, 3)}])
 def neg(pick):
-    return operator.neg, [pick.leaf(pick.shape(name="shape"))]
+    return operator.neg, [pick.leaf(pick.shape(name="shape"))], same(operator.neg)
 
 
 EXPONENTS = (1.5, 2, 3, 1.0, 0.5, -1.5, 2.5)
@@ -83,7 +76,7 @@ def power(pick):
     exponent = pick.sampled_from(EXPONENTS, name="exponent")
     # integer exponents are defined for any base; fractional ones only for positive bases
     x = pick.leaf(pick.shape(name="shape"), positive=not float(exponent).is_integer())
-    return (lambda x: x**exponent), [x]
+    return (lambda x: x**exponent), [x], lambda torch, x: x**exponent
 
 
 MATMUL_KINDS = ("2d", "batched", "3d@2d", "2d@3d", "vec@mat", "mat@vec", "vec@batch", "batch@vec")
@@ -101,12 +94,12 @@ def matmul(pick):
     kind = pick.sampled_from(MATMUL_KINDS, name="kind")
     if kind == "batched":
         batch_a, batch_b = pick.broadcast_pair(max_dims=2, name="batch")
-        return operator.matmul, pick.leaves(batch_a + (m, k), batch_b + (k, n))
+        return operator.matmul, pick.leaves(batch_a + (m, k), batch_b + (k, n)), same(operator.matmul)
     b = pick.dim("b")
     shapes = {"2d": ((m, k), (k, n)), "3d@2d": ((b, m, k), (k, n)), "2d@3d": ((m, k), (b, k, n)),
               "vec@mat": ((k,), (k, n)), "mat@vec": ((m, k), (k,)),
               "vec@batch": ((k,), (b, k, n)), "batch@vec": ((b, m, k), (k,))}[kind]
-    return operator.matmul, pick.leaves(*shapes)
+    return operator.matmul, pick.leaves(*shapes), same(operator.matmul)
 
 
 # ============================================================================ indexing and shapes
@@ -159,14 +152,14 @@ def reshape(pick):
         rows = pick.sampled_from([d for d in range(1, size + 1) if size % d == 0])
         return pick.sampled_from([(rows, -1), (-1, rows), (rows, 1, -1), (size,)])
     target = pick.custom("new_shape", new_shape)
-    return (lambda x: x.reshape(*target)), [pick.leaf(shape)]
+    return (lambda x: x.reshape(*target)), [pick.leaf(shape)], lambda torch, x: x.reshape(*target)
 
 
 @case("transpose", max_examples=75, examples=[{"shape": (2, 3, 4), "axis1": 0, "axis2": 2}])
 def transpose(pick):
     shape = pick.shape(1, 4, name="shape")
     axis1, axis2 = (pick.integers(-len(shape), len(shape) - 1, name=f"axis{i}") for i in (1, 2))
-    return (lambda x: x.transpose(axis1, axis2)), [pick.leaf(shape)]
+    return (lambda x: x.transpose(axis1, axis2)), [pick.leaf(shape)], lambda torch, x: x.transpose(axis1, axis2)
 
 
 @case("cat", max_examples=100, examples=[{"shape": (2, 3), "axis": 1, "sizes": (3, 1)}])
@@ -175,7 +168,8 @@ def cat(pick):
     axis = pick.integers(-len(shape), len(shape) - 1, name="axis")
     sizes = pick.shape(1, 3, name="sizes")  # each piece's length along axis, 1 to 3 pieces
     at = axis % len(shape)
-    return (lambda *xs: tg.cat(xs, axis=axis)), [pick.leaf(shape[:at] + (n,) + shape[at + 1:]) for n in sizes]
+    return ((lambda *xs: tg.cat(xs, axis=axis)), [pick.leaf(shape[:at] + (n,) + shape[at + 1:]) for n in sizes],
+            lambda torch, *xs: torch.cat(xs, dim=axis))
 
 
 @case("split", max_examples=100, examples=[{"shape": (5, 3), "axis": 0, "sizes": [2, 3]}])
@@ -204,7 +198,14 @@ def _reduction(name: str, example: dict[str, Any]) -> None:
         shape = pick.shape(1, 3, name="shape")
         axis, keepdims = pick.axis(len(shape), name="axis"), pick.booleans(name="keepdims")
         # random floats have no ties, so max has a unique winner and a well-defined derivative
-        return (lambda x: getattr(x, name)(axis=axis, keepdims=keepdims)), [pick.leaf(shape)]
+        def reference(torch, x):
+            dims = tuple(range(x.ndim)) if axis is None else axis
+            if name == "max":
+                return torch.amax(x, dim=dims, keepdim=keepdims)
+            if name == "var":
+                return torch.var(x, dim=dims, keepdim=keepdims, correction=0)
+            return getattr(torch, name)(x, dim=dims, keepdim=keepdims)
+        return (lambda x: getattr(x, name)(axis=axis, keepdims=keepdims)), [pick.leaf(shape)], reference
 
 
 _reduction("sum", {"shape": (3, 1, 4), "axis": (0, 2), "keepdims": False})
@@ -247,7 +248,8 @@ def scalar_output(pick):
 def _unary(name: str, positive: bool = False) -> None:
     @case(name, max_examples=50, examples=[{"shape": (2, 3)}])
     def unary(pick):
-        return (lambda x: getattr(x, name)()), [pick.leaf(pick.shape(name="shape"), positive=positive)]
+        return ((lambda x: getattr(x, name)()), [pick.leaf(pick.shape(name="shape"), positive=positive)],
+                lambda torch, x: getattr(x, name)())
 
 
 _unary("exp")
@@ -279,125 +281,3 @@ def masked_fill(pick):
     # a moderate fill: -1e9 would add a 1e9 constant to the objective gradcheck differentiates,
     # and its rounding (1e9 * 1e-16 / eps) would swamp the finite differences
     return (lambda x: x.masked_fill(mask, -5.0)), [pick.leaf(x_shape)]
-
-
-# ============================================================================ fused ops (functional.py)
-
-
-@case("linear", max_examples=125, examples=[
-    {"lead": (2, 3), "in_features": 5, "out_features": 4, "bias": True},  # (B, T, in) input
-    {"lead": (2, 3), "in_features": 4, "out_features": 3, "bias": True},
-    {"lead": (3,), "in_features": 2, "out_features": 4, "bias": False}])
-def linear(pick):
-    lead, in_features, out_features = pick.shape(1, 2, name="lead"), pick.dim("in_features"), pick.dim("out_features")
-    bias = pick.booleans(name="bias")
-    shapes = [lead + (in_features,), (out_features, in_features)] + [(out_features,)] * bias
-    return F.linear, pick.leaves(*shapes)
-
-
-@case("embedding", max_examples=100, examples=[{"vocab": 10, "dim": 4, "ids_shape": (3,), "as_tensor": True}])
-def embedding(pick):
-    vocab, dim = pick.dim("vocab"), pick.dim("dim")
-    ids = pick.ids(vocab, pick.shape(1, 2, name="ids_shape") + (2,))
-    ids[..., 1] = ids[..., 0]  # every id appears at least twice: its gradient rows must add up
-    ids = pick.constant(ids) if pick.booleans(name="as_tensor") else ids
-    return (lambda weight: F.embedding(ids, weight)), [pick.leaf((vocab, dim))]
-
-
-@case("layer_norm", max_examples=125, examples=[{"shape": (2, 3, 6)}])
-def layer_norm(pick):
-    shape = pick.shape(1, 3, name="shape")
-    return F.layer_norm, pick.leaves(shape, shape[-1:], shape[-1:])
-
-
-@case("gelu", max_examples=100, examples=[{"shape": (3, 7)}])
-def gelu(pick):
-    x = pick.leaf(pick.shape(name="shape"))
-    x.data *= 3  # reach the tails, where the tanh saturates
-    return F.gelu, [x]
-
-
-def _softmax_family(name: str, example: dict[str, Any]) -> None:
-    @case(name, max_examples=100, examples=[example])
-    def softmax_family(pick):
-        shape = pick.shape(1, 3, name="shape")
-        axis, fn = pick.integers(-len(shape), len(shape) - 1, name="axis"), getattr(F, name)
-        return (lambda x: fn(x, axis=axis)), [pick.leaf(shape)]
-
-
-_softmax_family("softmax", {"shape": (3, 5), "axis": 0})
-_softmax_family("log_softmax", {"shape": (3, 5), "axis": -1})
-
-
-def _attention(pick: Picker, dropout_p: float):
-    """q (..., tq, d), k (..., tk, d), v (..., tk, dv); causal needs tq <= tk (each query sees
-    its own position, aligned to the last keys)."""
-    lead, causal, tk = pick.shape(1, 2, name="lead"), pick.booleans(name="causal"), pick.dim("tk", high=3)
-    tq, d, dv = pick.dim("tq", high=tk if causal else 3), pick.dim("d", high=3), pick.dim("dv", high=3)
-    # gradcheck reseeds the library's generators before every evaluation, so dropout
-    # draws the same mask in every forward and in backward
-    return ((lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal, dropout_p=dropout_p)),
-            pick.leaves(lead + (tq, d), lead + (tk, d), lead + (tk, dv)))
-
-
-@case("attention", max_examples=75, examples=[
-    {"lead": (2, 2), "causal": True, "tk": 5, "tq": 5, "d": 3, "dv": 3},
-    {"lead": (1, 2), "causal": True, "tk": 3, "tq": 2, "d": 2, "dv": 3}])  # fewer queries than keys
-def attention(pick):
-    return _attention(pick, dropout_p=0.0)
-
-
-@case("attention_dropout", max_examples=75, examples=[
-    {"lead": (1, 2), "causal": True, "tk": 4, "tq": 4, "d": 3, "dv": 3, "p": 0.3},
-    {"lead": (2, 1), "causal": True, "tk": 3, "tq": 3, "d": 2, "dv": 2, "p": 0.5}])
-def attention_dropout(pick):
-    return _attention(pick, dropout_p=pick.sampled_from((0.3, 0.5, 0.6), name="p"))
-
-
-@case("cross_entropy", max_examples=150, examples=[
-    {"lead": (6,), "classes": 7, "ignore_index": -100, "as_tensor": True},
-    {"lead": (2, 3), "classes": 4, "ignore_index": -100}])  # (B, T, C) logits, (B, T) targets
-def cross_entropy(pick):
-    lead, classes = pick.shape(1, 2, name="lead"), pick.dim("classes")
-    ignore_index = pick.sampled_from((-100, -1, 2), name="ignore_index")
-    targets = pick.ids(classes, lead)
-    targets[pick.rng.random(lead) < 0.4] = ignore_index
-    targets.flat[0] = (ignore_index + 1) % classes  # at least one counted target
-    targets = pick.constant(targets) if pick.booleans(name="as_tensor") else targets
-    return (lambda logits: F.cross_entropy(logits, targets, ignore_index=ignore_index)), [pick.leaf(lead + (classes,))]
-
-
-DROPOUT_P = (0.5, 0.0, 0.3, 0.9, 1.0)
-
-
-@case("dropout", max_examples=40, examples=[{"shape": (4, 5)}], each=("p", DROPOUT_P))
-def dropout(pick):
-    p = pick.sampled_from(DROPOUT_P, name="p")
-    return (lambda x: F.dropout(x, p, training=True)), [pick.leaf(pick.shape(name="shape"))]
-
-
-# ============================================================================ compositions
-
-
-@case("mlp_chain", max_examples=60, examples=[{"batch": 2, "steps": 3, "channels": 3, "hidden": 4, "vocab": 3}])
-def mlp_chain(pick):
-    """layer_norm -> linear -> gelu -> linear -> cross_entropy, a GPT block's feed-forward and
-    head, with one ignored target position."""
-    batch, steps, channels = pick.dim("batch", high=2), pick.dim("steps", high=3), pick.dim("channels", low=2, high=3)
-    hidden, vocab = pick.dim("hidden"), pick.dim("vocab", low=2, high=3)
-    params = pick.leaves((batch, steps, channels), (channels,), (channels,), (hidden, channels), (hidden,),
-                         (vocab, hidden), (vocab,))
-    targets = pick.ids(vocab, (batch, steps))
-    if targets.size > 1:
-        targets[-1, -1] = -100  # an ignored position must contribute nothing
-
-    def loss(x, scale, shift, w1, b1, w2, b2):
-        h = F.gelu(F.linear(F.layer_norm(x, scale, shift), w1, b1))  # [B, T, C] -> [B, T, hidden]
-        return F.cross_entropy(F.linear(h, w2, b2), targets)  # [B, T, hidden] -> [B, T, V] -> scalar
-    return loss, params
-
-
-@case("used_twice", max_examples=60, examples=[{"shape": (2, 3)}])
-def used_twice(pick):
-    """x feeds two consumers: its gradient is the sum of both (2x + 1)."""
-    return (lambda x: x * x + x), [pick.leaf(pick.shape(name="shape"))]
