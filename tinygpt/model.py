@@ -13,6 +13,8 @@ steps, against the book's 2.85 after 45.)
 """
 from __future__ import annotations
 
+import numbers
+
 from tinygpt import backend, nn
 from tinygpt.tensor import Tensor
 
@@ -36,11 +38,25 @@ GPT_PRESETS = {
 _REQUIRED = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
 
 
+def _check_sizes(cfg: dict) -> None:
+    """The config's sizes make a model: a mistake is one line naming the key, not a division by
+    zero deep inside a layer."""
+    for key, least in (("vocab_size", 1), ("context_length", 1), ("emb_dim", 1), ("n_heads", 1), ("n_layers", 0)):
+        if not isinstance(cfg[key], numbers.Integral) or isinstance(cfg[key], bool) or cfg[key] < least:
+            raise ValueError(f"GPT config {key} must be an integer >= {least}, got {cfg[key]!r}")
+    if cfg["emb_dim"] % cfg["n_heads"]:
+        raise ValueError(f"GPT config emb_dim {cfg['emb_dim']} must be a multiple of n_heads {cfg['n_heads']} "
+                         f"(each head gets emb_dim / n_heads features)")
+    if not 0 <= cfg["drop_rate"] < 1:
+        raise ValueError(f"GPT config drop_rate must be in [0, 1), got {cfg['drop_rate']!r}")
+
+
 class GPTModel(nn.Module):
     def __init__(self, cfg: dict):
         missing = [k for k in _REQUIRED if k not in cfg]
         if missing:
             raise KeyError(f"GPT config lacks {', '.join(missing)}")
+        _check_sizes(cfg)
         self.cfg = dict(cfg)
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
@@ -58,8 +74,10 @@ class GPTModel(nn.Module):
         """Logits [B, T, vocab_size] (or [B, T, num_classes]) for token ids idx [B, T]. With a KV cache (see
         new_cache), idx holds only tokens after the cached ones, at the following positions."""
         ids = idx.data if isinstance(idx, Tensor) else idx
-        if ids.ndim != 2:
-            raise ValueError(f"expected token ids of shape (batch, tokens), got shape {tuple(ids.shape)}")
+        if not backend.is_array(ids):  # nested lists of ids
+            ids = backend.make_array(ids)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"expected token ids of shape (batch, tokens) with at least one token, got shape {tuple(ids.shape)}")
         start = cache.length if cache is not None else 0
         end = start + ids.shape[1]
         if end > self.cfg["context_length"]:

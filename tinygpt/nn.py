@@ -193,6 +193,8 @@ class Linear(Module):
     keeps the output variance near the input's."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        if min(in_features, out_features) < 1:
+            raise ValueError(f"Linear: in_features and out_features must be >= 1, got {in_features} and {out_features}")
         self.in_features, self.out_features = in_features, out_features
         bound = 1.0 / math.sqrt(in_features)
         self.weight = uniform_parameter((out_features, in_features), bound)

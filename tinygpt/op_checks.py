@@ -57,6 +57,8 @@ def rms_norm(x, weight, eps: float) -> None:
     _require(weight.shape == x.shape[-1:], lambda: f"rms_norm: weight shape {weight.shape} does not match input shape "
                                                    f"{x.shape} (expected ({x.shape[-1]},))")
     _require(eps > 0, lambda: f"rms_norm: eps must be > 0, got {eps}")
+    _require(x.shape[-1] > 0, lambda: f"rms_norm: input shape {x.shape} has no channels; the mean square over none "
+                                      "is undefined")
 
 
 def rope(x, positions, theta: float, scaling) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from tinygpt import backend, kernels
+from tinygpt import backend, kernels, op_checks
 from tinygpt.backend import backend_of, device_of, is_array
 from tinygpt.grads import GradientSums, HookHandle, call_backward
 from tinygpt.graph_state import is_grad_enabled, no_grad, state  # noqa: F401 (part of tensor's API)
@@ -60,7 +60,7 @@ class Function:
         if len(devices) > 1:
             raise RuntimeError(f"{cls.__name__}: expected all tensors on one device, got {' and '.join(sorted(devices))}")
         first = next(t for t in inputs if t is not None).data
-        op = kernels.implementation(cls, first)  # cls itself, or its fast version (kernels/fused.py)
+        op = dispatch.implementation(cls, first)  # cls itself, or its fast version (kernels/fused.py)
         ctx = op(inputs)
         data = op.forward(ctx, *(None if t is None else t.data for t in inputs), **options)
         if not is_array(data):  # NumPy reductions return scalars; keep a 0-d array of the same dtype
@@ -316,6 +316,7 @@ class Tensor:
         return Sum.apply(self, axis=axis, keepdims=keepdims)
 
     def mean(self, axis=None, keepdims: bool = False) -> "Tensor":
+        op_checks.reduction("mean", self.shape, axis)
         return self.sum(axis, keepdims) * (1.0 / _count(self.shape, axis))
 
     def var(self, axis=None, keepdims: bool = False, ddof: int = 0) -> "Tensor":
@@ -324,6 +325,7 @@ class Tensor:
         return (centered * centered).sum(axis, keepdims) * (1.0 / (_count(self.shape, axis) - ddof))
 
     def max(self, axis=None, keepdims: bool = False) -> "Tensor":
+        op_checks.reduction("max", self.shape, axis)
         return Max.apply(self, axis=axis, keepdims=keepdims)
 
     def exp(self): return Exp.apply(self)
