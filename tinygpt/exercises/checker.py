@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tinygpt.exercises import child, diagnose, hints, sandbox
-from tinygpt.exercises.registry import Exercise, sheet_numeric
+from tinygpt.exercises.registry import Exercise, copy, sheet_numeric
 
 
 @dataclass
@@ -84,7 +84,8 @@ def check_function(exercise: Exercise, backward, forward=None, seed: int = 0) ->
     inputs, dout = exercise.draw(np.random.default_rng(seed))
     result.summary = _describe(inputs, dout)
     try:
-        run = child.run_backward(forward or exercise.sheet.forward, backward, copy(inputs), dout, path)
+        reference, _ = exercise.sheet.forward(*copy(inputs).values())
+        run = child.run_backward(forward or exercise.sheet.forward, backward, copy(inputs), dout, path, reference)
         returned = child.collect(run, exercise.grads)
     except child.LearnerStop as e:
         result.error = str(e)
@@ -157,11 +158,6 @@ def _numeric(exercise: Exercise, seed: int) -> dict:
     on nothing else, so they are computed once per process (the block's take a second)."""
     inputs, dout = exercise.draw(np.random.default_rng(seed))
     return (exercise.numeric or functools.partial(sheet_numeric, exercise))(inputs, dout)
-
-
-def copy(inputs: dict) -> dict:
-    """Fresh copies, so nothing the learner's code changes in place reaches the next step."""
-    return {n: ({k: v.copy() for k, v in a.items()} if isinstance(a, dict) else np.array(a)) for n, a in inputs.items()}
 
 
 def _describe(inputs: dict, dout) -> str:

@@ -45,6 +45,11 @@ class Exercise:
         return f"# {self.name}: the answer key (tinygpt/exercises/answers.py)\n{inspect.getsource(self.answer)}"
 
 
+def copy(inputs: dict) -> dict:
+    """Fresh copies, so nothing the learner's code changes in place reaches the next step."""
+    return {n: ({k: v.copy() for k, v in a.items()} if isinstance(a, dict) else np.array(a)) for n, a in inputs.items()}
+
+
 def differentiable(inputs: dict) -> list[str]:
     """The names of the float inputs: the ones that get a gradient (integer ids do not)."""
     return [name for name, a in inputs.items() if np.asarray(a).dtype.kind == "f"]

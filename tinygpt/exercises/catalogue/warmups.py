@@ -148,12 +148,14 @@ def _(c):
 m = _catalogue("log")
 
 
-@m("times-a", "dout * a where the derivative of log(a) is 1/a", """d log(a)/da = 1/a: da = dout / a""")
+@m("times-a", "dout * a where the derivative of log(a) is 1/a", """d log(a)/da = 1/a: log grows fast where a is small and slowly
+   where a is large, so the gradient is da = dout / a, with no a multiplied in""")
 def _(c):
     return {"da": c.dy * c.a}
 
 
-@m("log-again", "dout * log(a): the function, not its derivative", """d log(a)/da = 1/a""")
+@m("log-again", "dout * log(a): the function, not its derivative", """Unlike exp, log is not its own derivative:
+   d log(a)/da = 1/a, so da = dout / a""")
 def _(c):
     return {"da": c.dy * c.out}
 
@@ -314,13 +316,13 @@ def _(c):
 
 
 @m("tanh-not-squared", "tanh's backward with 1 - h where the derivative is 1 - h^2", """d tanh(z)/dz =
-   1 - tanh(z)^2 = 1 - h^2""")
+   1 - tanh(z)^2, and tanh(h_pre) is the forward's h, so dh_pre = dh * (1 - h**2): the square matters""")
 def _(c):
     return {"h_pre": c.d["h"] * (1 - c.h)}
 
 
 @m("tanh-uses-pre", "tanh's backward with 1 - h_pre^2: the input where the output belongs", """d tanh(z)/dz =
-   1 - tanh(z)^2, and tanh(h_pre) is h""")
+   1 - tanh(z)^2, and tanh(h_pre) is h: the derivative is written with the output, 1 - h**2, not the input""")
 def _(c):
     return {"h_pre": c.d["h"] * (1 - c.h_pre**2)}
 
