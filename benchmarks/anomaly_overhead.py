@@ -6,10 +6,17 @@ trace() switched on.
     python benchmarks/anomaly_overhead.py                 # default model of `tinygpt train`, batch 8 x 128
     python benchmarks/anomaly_overhead.py --repeats 40 --json overhead.json
 
-The watch points are: Function.apply's loop over `observers` after each op's forward, the
-backward loop's timer and loop over `observers` (grads.call_backward), and Module.__call__'s
-test for observers and hooks. "Taken out" replaces those three functions with copies that
-lack these lines (below); the script checks that both give the same loss to the last bit.
+The watch points are: Function.apply's loop over this thread's observers after each op's
+forward, the backward loop's timer and loop over them (grads.call_backward), Module.__call__'s
+test for observers and hooks, and the version counter of Tensor.data's setter (anomaly mode
+compares it to find a saved tensor changed in place). "Taken out" recompiles apply and
+call_backward from their own source without those lines (so the copies cannot drift from the
+engine), calls forward directly in Module.__call__, and gives Tensor.data a setter that counts
+nothing; the script checks that both give the same loss to the last bit.
+
+The per-call figures also say what recording module paths at every forward would cost (every
+module call through hooks.call_module, as when someone watches): the price of showing module
+paths for a backward traced without its forward.
 
 The variants run in turn (out, in, out, in, ...) so that whatever else the machine does
 falls on both alike; each figure is the median over the repeats.
@@ -17,18 +24,21 @@ falls on both alike; each figure is the median over the repeats.
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import json
 import statistics
 import sys
+import textwrap
 import time
 
 import numpy as np
 
 import tinygpt as tg
 import tinygpt.functional as F
-from tinygpt import grads, nn
-from tinygpt.backend import backend_of, is_array
+from tinygpt import grads, hooks, nn
 from tinygpt.files import atomic_write_text
+from tinygpt.graph_state import watching
 from tinygpt.model import GPTModel
 from tinygpt.optim import AdamW
 from tinygpt.train_cli import DEFAULT_MODEL
@@ -39,48 +49,55 @@ TENSOR = sys.modules["tinygpt.tensor"]  # the module (the name tinygpt.tensor is
 # ============================================================================ the engine without watch points
 
 
-@classmethod
-def apply_unwatched(cls, *inputs, **options):
-    """Function.apply with the observer loop deleted."""
-    devices = {t.device for t in inputs if t is not None}
-    if len(devices) > 1:
-        raise RuntimeError(f"{cls.__name__}: expected all tensors on one device, got {' and '.join(sorted(devices))}")
-    ctx = cls(inputs)
-    data = cls.forward(ctx, *(None if t is None else t.data for t in inputs), **options)
-    if not is_array(data):
-        data = backend_of(next(t for t in inputs if t is not None).data).asarray(data)
-    requires_grad = TENSOR._grad_enabled and any(ctx.needs_input_grad)
-    return TENSOR.Tensor(data, requires_grad=requires_grad, _ctx=ctx if requires_grad else None)
+class _TakeOut(ast.NodeTransformer):
+    """Deletes the watch points from a function's syntax tree: loops over the observers and
+    the backward timer (`started = ...`)."""
+    removed = 0
+
+    def visit_For(self, node):
+        if "observers" in ast.unparse(node.iter):
+            self.removed += 1
+            return None
+        return self.generic_visit(node)
+
+    def visit_Assign(self, node):
+        if any(isinstance(t, ast.Name) and t.id == "started" for t in node.targets):
+            self.removed += 1
+            return None
+        return node
 
 
-def call_backward_unwatched(node, grad) -> tuple:
-    """grads.call_backward with the timer and the observer loop deleted."""
-    ctx = node._ctx
-    result = ctx.backward(ctx, grad)
-    if not isinstance(result, tuple):
-        result = (result,)
-    name = type(ctx).__name__
-    if len(result) != len(ctx.inputs):
-        raise RuntimeError(f"{name}.backward returned {len(result)} gradients for {len(ctx.inputs)} inputs")
-    for i, (t, g) in enumerate(zip(ctx.inputs, result)):
-        if t is not None and g is not None and t.requires_grad and is_array(g) and not grads.fits(g.shape, t.shape):
-            raise RuntimeError(f"{name}.backward returned a gradient of shape {tuple(g.shape)} for input {i} of shape {t.shape}")
-    return result
+def without_watch_points(fn):
+    """fn compiled again from its source, in its own module, without its watch points."""
+    taker = _TakeOut()
+    tree = taker.visit(ast.parse(textwrap.dedent(inspect.getsource(fn))))
+    if not taker.removed:
+        raise SystemExit(f"found no watch point in {fn.__qualname__}: this script no longer matches the engine")
+    tree.body[0].decorator_list = []
+    namespace: dict = {}
+    exec(compile(ast.fix_missing_locations(tree), inspect.getsourcefile(fn), "exec"), fn.__globals__, namespace)
+    return namespace[fn.__name__]
 
 
 def module_call_unwatched(self, *args, **kwargs):
     return self.forward(*args, **kwargs)
 
 
-SHIPPED = (TENSOR.Function.__dict__["apply"], TENSOR.call_backward, nn.Module.__call__)
+def _set_data_uncounted(self, array) -> None:
+    self._data = array
+
+
+SHIPPED = (TENSOR.Function.__dict__["apply"], TENSOR.call_backward, nn.Module.__call__, TENSOR.Tensor.data)
+TAKEN_OUT = (classmethod(without_watch_points(SHIPPED[0].__func__)), without_watch_points(SHIPPED[1]),
+             module_call_unwatched, SHIPPED[3].setter(_set_data_uncounted))
 
 
 def use(watch_points: bool) -> None:
-    apply, call_backward, module_call = SHIPPED if watch_points else (apply_unwatched, call_backward_unwatched,
-                                                                      module_call_unwatched)
+    apply, call_backward, module_call, data = SHIPPED if watch_points else TAKEN_OUT
     TENSOR.Function.apply = apply
     TENSOR.call_backward = call_backward
     nn.Module.__call__ = module_call
+    TENSOR.Tensor.data = data
 
 
 # ============================================================================ the step
@@ -118,7 +135,7 @@ class _Nothing:
 
 class _Counter:
     """Counts ops, backward nodes and module calls (an observer, so only for counting)."""
-    ops = nodes = modules = 0
+    ops = nodes = modules = assignments = 0
 
     def on_forward(self, ctx, out):
         self.ops += 1
@@ -130,18 +147,37 @@ class _Counter:
         self.modules += 1
 
 
+def count_data_assignments(model, optimizer, x, y) -> int:
+    """How many times one step assigns Tensor.data (each one counts a version)."""
+    assigned = 0
+
+    def counting(self, array) -> None:
+        nonlocal assigned
+        assigned += 1
+        self._data = array
+
+    TENSOR.Tensor.data = SHIPPED[3].setter(counting)
+    try:
+        step(model, optimizer, x, y)
+    finally:
+        use(True)
+    return assigned
+
+
 class _Same(nn.Module):
     def forward(self, x):
         return x
 
 
 def per_call_costs(rounds: int = 40, calls: int = 2000) -> dict:
-    """Seconds per call of a one-element op's forward + backward, and of calling a module
-    whose forward does nothing, with and without the watch points: the fastest round, as
-    timeit does, since on a busy machine the slower rounds measure the other processes."""
+    """Seconds per call of a one-element op's forward + backward, of calling a module whose
+    forward does nothing, and of assigning Tensor.data, with and without the watch points; and
+    of that module call through hooks.call_module (module paths recorded). The fastest round,
+    as timeit does, since on a busy machine the slower rounds measure the other processes."""
     a, b = tg.tensor([1.0], requires_grad=True), tg.tensor([2.0])
-    module = _Same()
-    samples = {(w, what): [] for w in (False, True) for what in ("op", "module")}
+    module, array = _Same(), a.data
+    samples = {(w, what): [] for w in (False, True) for what in ("op", "module", "data")}
+    samples[True, "module with paths"] = []
     for _ in range(rounds):
         for watch_points in (False, True):
             use(watch_points)
@@ -153,6 +189,14 @@ def per_call_costs(rounds: int = 40, calls: int = 2000) -> dict:
             for _ in range(calls):
                 module(a)
             samples[watch_points, "module"].append((time.perf_counter() - started) / calls)
+            started = time.perf_counter()
+            for _ in range(calls):
+                b.data = array
+            samples[watch_points, "data"].append((time.perf_counter() - started) / calls)
+        started = time.perf_counter()
+        for _ in range(calls):
+            hooks.call_module(module, (a,), {})
+        samples[True, "module with paths"].append((time.perf_counter() - started) / calls)
     use(True)
     return {key: min(values) for key, values in samples.items()}
 
@@ -172,6 +216,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=40, help="rounds of the per-call timings (default 40)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
 
@@ -198,23 +243,36 @@ def main() -> None:
         report[name] = {"median_s": median, "q25_s": float(low), "q75_s": float(high), "vs_taken_out": median / base - 1}
         print(f"  {name:<30} {median * 1e3:8.1f} ms  (quartiles {low * 1e3:.1f}-{high * 1e3:.1f})  {median / base - 1:+7.1%}")
     counter = _Counter()
-    TENSOR.observers.append(counter)
-    step(model, optimizer, x, y)
-    TENSOR.observers.remove(counter)
-    costs = per_call_costs()
+    with watching(counter):
+        step(model, optimizer, x, y)
+    counter.assignments = count_data_assignments(model, optimizer, x, y)
+    costs = per_call_costs(args.rounds)
     op_extra = costs[True, "op"] - costs[False, "op"]
     module_extra = costs[True, "module"] - costs[False, "module"]
-    predicted = counter.ops * op_extra + counter.modules * module_extra  # every op here is also a backward node, or none
-    print(f"per call (one-element tensors, fastest of 40 x 2000): op forward+backward {costs[False, 'op'] * 1e6:.2f} us "
-          f"taken out, {costs[True, 'op'] * 1e6:.2f} us shipped ({op_extra * 1e9:+.0f} ns); module call "
-          f"{costs[False, 'module'] * 1e9:.0f} ns vs {costs[True, 'module'] * 1e9:.0f} ns ({module_extra * 1e9:+.0f} ns)")
-    print(f"one step runs {counter.ops} ops ({counter.nodes} backward nodes) and {counter.modules} module calls: "
-          f"{predicted * 1e6:.0f} us of watch points, {predicted / base:.3%} of the step")
+    data_extra = costs[True, "data"] - costs[False, "data"]
+    paths_extra = costs[True, "module with paths"] - costs[True, "module"]
+    # every op here is also a backward node, or none
+    predicted = counter.ops * op_extra + counter.modules * module_extra + counter.assignments * data_extra
+    print(f"per call (one-element tensors, fastest of {args.rounds} x 2000): op forward+backward "
+          f"{costs[False, 'op'] * 1e6:.2f} us taken out, {costs[True, 'op'] * 1e6:.2f} us shipped "
+          f"({op_extra * 1e9:+.0f} ns); module call {costs[False, 'module'] * 1e9:.0f} ns vs "
+          f"{costs[True, 'module'] * 1e9:.0f} ns ({module_extra * 1e9:+.0f} ns); .data assignment "
+          f"{costs[False, 'data'] * 1e9:.0f} ns vs {costs[True, 'data'] * 1e9:.0f} ns with the version count "
+          f"({data_extra * 1e9:+.0f} ns)")
+    print(f"one step runs {counter.ops} ops ({counter.nodes} backward nodes), {counter.modules} module calls and "
+          f"{counter.assignments} .data assignments: {predicted * 1e6:.0f} us of watch points, "
+          f"{predicted / base:.3%} of the step")
+    # an upper bound: each call here is an outermost one, which also names every module below it
+    print(f"recording module paths at every forward (each module call through hooks.call_module) would add at most "
+          f"{paths_extra * 1e9:+.0f} ns per module call: {counter.modules * paths_extra * 1e6:.0f} us, "
+          f"{counter.modules * paths_extra / base:.3%} of the step")
     if args.json:
         atomic_write_text(args.json, json.dumps({"batch": args.batch, "tokens": args.tokens, "repeats": args.repeats,
                                                  "variants": report, "ops": counter.ops, "modules": counter.modules,
+                                                 "data_assignments": counter.assignments,
                                                  "per_call_s": {f"{'shipped' if w else 'taken out'} {what}": v
                                                                 for (w, what), v in costs.items()},
+                                                 "module_paths_fraction": counter.modules * paths_extra / base,
                                                  "predicted_fraction": predicted / base}, indent=2))
         print(f"wrote {args.json}")
 

@@ -8,7 +8,7 @@ import pytest
 
 import tinygpt as tg
 import tinygpt.functional as F
-from tinygpt import kernels
+from tinygpt import dispatch
 from tinygpt.model import GPTModel
 from tinygpt.anomaly import AnomalyError
 from tinygpt.graph_state import state
@@ -124,6 +124,22 @@ def test_a_saved_weight_changed_in_place_between_forward_and_backward_is_named()
     assert f"test_anomaly.py:{_line_of('marker: forward that saves the weight')}" in message
 
 
+def test_an_optimizer_step_between_forward_and_backward_is_named_by_the_changed_sum():
+    """AdamW writes into the parameters' arrays (no .data assignment, no version): the checksum sees it."""
+    from tinygpt.optim import AdamW
+
+    model, x, y = _model_and_batch()
+    optimizer = AdamW(model.parameters(), lr=1e-2)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(AnomalyError, match=r"weight \(shape \(40, 16\), a leaf: parameter out_head\.weight\), saved by "
+                                           r"the forward of Linear .* \(the sum of its values went from .* to .*: its "
+                                           r"elements were written"):
+        with tg.detect_anomaly():
+            loss = F.cross_entropy(model(x), y)
+            optimizer.step()
+            loss.backward()
+
+
 def test_a_weight_given_a_new_array_before_backward_is_not_an_anomaly():
     """The forward saved the old array, which nobody changed: backward is that of the forward that ran."""
     model, x, y = _model_and_batch()
@@ -173,7 +189,7 @@ def test_train_command_with_detect_anomaly_names_the_op_that_made_the_first_nan(
 
     data = tmp_path / "corpus.txt"
     data.write_text("the quick brown fox jumps over the lazy dog. " * 50, encoding="utf-8")
-    monkeypatch.setattr(kernels, "_mode", "plain")  # the plain op is the one patched below
+    monkeypatch.setattr(dispatch, "_mode", "plain")  # the plain op is the one patched below
     correct = F.GELU.forward
     monkeypatch.setattr(F.GELU, "forward", staticmethod(lambda ctx, x: correct(ctx, x) * np.float32(np.nan)))
     status = main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--emb-dim", "16", "--n-layers", "2",

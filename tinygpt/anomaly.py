@@ -12,7 +12,9 @@ changed in place in between (`w.data += 1`, an optimizer step before backward), 
 gradient is that of another function, and nothing else would notice. Every assignment to
 `Tensor.data` counts a version (`t._version`, as PyTorch's version counter does); the
 detector notes the versions of the saved inputs at forward and compares them in backward.
-(Writing into the array's elements, `w.data[0] = 1`, assigns nothing and is not counted.)
+Writing into the array's elements (`w.data[0] = 1`, AdamW's update) assigns nothing, so for
+leaves (parameters, data) the detector also keeps a checksum of the values and compares it:
+a changed sum is certain, an unchanged one may still hide a change that kept the sum.
 
     with tg.detect_anomaly():
         loss = F.cross_entropy(model(x), y)
@@ -50,8 +52,9 @@ class detect_anomaly:
     def on_forward(self, ctx, out: Tensor) -> None:
         take_origin(ctx)
         kept = saved_arrays(ctx)
-        # the saved inputs' versions now, and their arrays (kept by the op anyway)
-        ctx.versions_at_forward = [(i, t._version, t.data) for i, t in enumerate(ctx.inputs)
+        # the saved inputs' versions now, their arrays (kept by the op anyway) and, for leaves, a checksum
+        ctx.versions_at_forward = [(i, t._version, t.data, _checksum(t.data) if t.is_leaf else None)
+                                   for i, t in enumerate(ctx.inputs)
                                    if isinstance(t, Tensor) and any(_same_memory(a, t.data) for a in kept)]
         if _finite(out.data):
             return
@@ -87,16 +90,31 @@ class detect_anomaly:
 def _check_versions(ctx) -> None:
     """An AnomalyError if an input whose array the op saved was changed in place since its forward."""
     names = input_names(ctx)
-    for i, version, array in getattr(ctx, "versions_at_forward", ()):
+    for i, version, array, checksum in getattr(ctx, "versions_at_forward", ()):
         t = ctx.inputs[i]
-        if t._version != version and t.data is array:  # the same array, written: what backward reads has changed
-            changes = t._version - version
-            raise AnomalyError(_report(ctx, f"{names[i]} {_describe_input(t)}, saved by the forward of "
-                                            f"{type(ctx).__name__} for its backward, was changed in place before that "
-                                            f"backward ran (.data assigned {changes} time{'s' * (changes > 1)} since, "
-                                            "e.g. `w.data += 1` or an optimizer step)",
-                                       "its backward used the changed values, so the gradients are not those of the "
-                                       "forward that ran: change the tensor only after backward, or assign a new array"))
+        if t.data is not array:  # a new array was assigned: the saved one is what the forward read
+            continue
+        changes = t._version - version
+        if changes:
+            how = f".data assigned {changes} time{'s' * (changes > 1)} since, e.g. `w.data += 1`"
+        elif checksum is not None and not _same_sum(checksum, _checksum(array)):
+            how = (f"the sum of its values went from {checksum:.9g} to {_checksum(array):.9g}: its elements were "
+                   "written, e.g. `w.data[0] = 1` or an optimizer step")
+        else:
+            continue
+        raise AnomalyError(_report(ctx, f"{names[i]} {_describe_input(t)}, saved by the forward of "
+                                        f"{type(ctx).__name__} for its backward, was changed in place before that "
+                                        f"backward ran ({how})",
+                                   "its backward used the changed values, so the gradients are not those of the "
+                                   "forward that ran: change the tensor only after backward, or assign a new array"))
+
+
+def _checksum(a) -> float:
+    return float(a.sum(dtype=backend_of(a).float64).item()) if a.dtype.kind in "fc" else float(a.sum().item())
+
+
+def _same_sum(a: float, b: float) -> bool:
+    return a == b or (a != a and b != b)  # NaN == NaN here: a NaN sum that stayed NaN is no evidence of a change
 
 
 def _same_memory(a, b) -> bool:
