@@ -14,7 +14,7 @@ def _broadcastable(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return all(m == n or m == 1 or n == 1 for m, n in zip(reversed(a), reversed(b)))
 
 
-def _broadcast_shape(op: str, a: tuple[int, ...], b: tuple[int, ...]) -> None:
+def _check_broadcastable(op: str, a: tuple[int, ...], b: tuple[int, ...]) -> None:
     if not _broadcastable(a, b):
         raise ValueError(f"{op}: shapes {a} and {b} cannot be broadcast together")
 
@@ -29,7 +29,7 @@ class Add(Function):
 
     @staticmethod
     def forward(ctx, a, b):
-        _broadcast_shape("add", a.shape, b.shape)
+        _check_broadcastable("add", a.shape, b.shape)
         return a + b
 
     @staticmethod
@@ -42,7 +42,7 @@ class Sub(Function):
 
     @staticmethod
     def forward(ctx, a, b):
-        _broadcast_shape("sub", a.shape, b.shape)
+        _check_broadcastable("sub", a.shape, b.shape)
         return a - b
 
     @staticmethod
@@ -55,7 +55,7 @@ class Mul(Function):
 
     @staticmethod
     def forward(ctx, a, b):
-        _broadcast_shape("mul", a.shape, b.shape)
+        _check_broadcastable("mul", a.shape, b.shape)
         ctx.save_for_backward(a, b)
         return a * b
 
@@ -71,7 +71,7 @@ class Div(Function):
 
     @staticmethod
     def forward(ctx, a, b):
-        _broadcast_shape("div", a.shape, b.shape)
+        _check_broadcastable("div", a.shape, b.shape)
         y = a / b
         ctx.save_for_backward(b, y)
         return y
