@@ -5,7 +5,7 @@ import sys
 import pytest
 
 import tinygpt.functional as F
-from tinygpt import kernels
+from tinygpt import dispatch
 from tinygpt.cli import main
 from tinygpt.opsuite import cases
 
@@ -24,7 +24,7 @@ def test_gradcheck_command_runs_on_strict_backend(capsys):
 
 
 def test_gradcheck_command_fails_with_exit_1_on_a_wrong_backward(monkeypatch, capsys):
-    monkeypatch.setattr(kernels, "_mode", "plain")  # the plain op is the one patched below
+    monkeypatch.setattr(dispatch, "_mode", "plain")  # the plain op is the one patched below
     correct = F.GELU.backward
     monkeypatch.setattr(F.GELU, "backward", staticmethod(lambda ctx, grad: correct(ctx, grad) * 1.01))
     assert main(["gradcheck", "gelu", "tanh"]) == 1

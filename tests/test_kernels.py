@@ -25,7 +25,9 @@ import pytest
 import tinygpt as tg
 import tinygpt.functional as F
 from tinygpt import backend, kernels
-from tinygpt.kernels import GELU_CUBIC, SQRT_2_OVER_PI, cpu, fused, threads
+from tinygpt import dispatch
+from tinygpt.functional.activations import GELU_CUBIC, SQRT_2_OVER_PI
+from tinygpt.kernels import cpu, fused, threads
 from tinygpt.kernels import cuda as ck
 from tinygpt.opcase import FixedPicker
 from tinygpt.opsuite import CASES
@@ -36,9 +38,9 @@ from conftest import host
 @pytest.fixture
 def mode():
     """Restores the kernels mode a test changes."""
-    before = kernels.kernels_mode()
-    yield kernels.set_kernels
-    kernels.set_kernels(before)
+    before = dispatch.kernels_mode()
+    yield dispatch.set_kernels
+    dispatch.set_kernels(before)
 
 
 def _run(fn, inputs, dtype, device="cpu"):
@@ -53,9 +55,9 @@ def _run(fn, inputs, dtype, device="cpu"):
 
 
 def _plain_and_fast(fn, inputs, dtype, device="cpu"):
-    kernels.set_kernels("plain")
+    dispatch.set_kernels("plain")
     plain = _run(fn, inputs, dtype, device)
-    kernels.set_kernels("fast")
+    dispatch.set_kernels("fast")
     return plain, _run(fn, inputs, dtype, device)
 
 
@@ -206,25 +208,25 @@ def test_every_fused_op_routes_through_the_kernels_and_plain_mode_routes_none(mo
 def test_unknown_kernels_mode_is_an_error_naming_the_allowed_ones(mode, monkeypatch):
     with pytest.raises(ValueError, match=r"kernels must be one of 'fast', 'plain', got 'turbo'"):
         mode("turbo")
-    monkeypatch.setattr(kernels, "_mode", None)
+    monkeypatch.setattr(dispatch, "_mode", None)
     monkeypatch.setenv("TINYGPT_KERNELS", "fastest")
     with pytest.raises(ValueError, match=r"TINYGPT_KERNELS must be one of 'fast', 'plain', got 'fastest'"):
-        kernels.kernels_mode()
+        dispatch.kernels_mode()
     monkeypatch.setenv("TINYGPT_KERNELS", "plain")
-    assert kernels.kernels_mode() == "plain"
+    assert dispatch.kernels_mode() == "plain"
 
 
 def test_tg_set_kernels_is_the_switch_every_op_reads(mode):
     tg.set_kernels("plain")
-    assert tg.kernels_mode() == "plain" and kernels.implementation(F.LayerNorm, np.zeros(3)) is F.LayerNorm
+    assert tg.kernels_mode() == "plain" and dispatch.implementation(F.LayerNorm, np.zeros(3)) is F.LayerNorm
     tg.set_kernels("fast")
-    assert kernels.implementation(F.LayerNorm, np.zeros(3)) is fused.LayerNorm
+    assert dispatch.implementation(F.LayerNorm, np.zeros(3)) is fused.LayerNorm
 
 
 def test_strict_backend_has_no_fast_path(mode):
     mode("fast")
-    assert kernels.implementation(F.GELU, backend.get_backend("strict").xp.zeros(3)) is F.GELU
-    assert kernels.implementation(F.GELU, np.zeros(3)) is fused.GELU
+    assert dispatch.implementation(F.GELU, backend.get_backend("strict").xp.zeros(3)) is F.GELU
+    assert dispatch.implementation(F.GELU, np.zeros(3)) is fused.GELU
 
 
 def test_cpu_and_cuda_kernels_have_the_same_interface():

@@ -8,7 +8,7 @@ from conftest import host
 
 import tinygpt as tg
 import tinygpt.functional as F
-from tinygpt import kernels
+from tinygpt import dispatch
 from tinygpt.model import GPT_CONFIG_124M, GPT_PRESETS, GPTModel, count_parameters, parameter_table, size_mb
 
 TINY = {"vocab_size": 13, "context_length": 8, "emb_dim": 12, "n_heads": 3, "n_layers": 2, "drop_rate": 0.0,
@@ -260,7 +260,7 @@ def test_whole_model_gradients_match_finite_differences_with_dropout_in_train_mo
 def test_whole_model_gradcheck_fails_when_one_backward_is_slightly_wrong(monkeypatch):
     cfg = {**TINY, "n_layers": 1}
     assert gradcheck_model(cfg, **GRADCHECK_TOLERANCE) is True
-    gelu = kernels.implementation(F.GELU, np.zeros(1))  # the class that runs: the plain op or its fast version
+    gelu = dispatch.implementation(F.GELU, np.zeros(1))  # the class that runs: the plain op or its fast version
     correct = gelu.backward
 
     def off_by_a_tenth_of_a_percent(ctx, grad):

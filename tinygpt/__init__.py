@@ -2,9 +2,10 @@
 from tinygpt.backend import (default_device, default_dtype, get_rng_state, manual_seed, set_default_device,
                              set_default_dtype, set_rng_state)
 from tinygpt.gradcheck import gradcheck, gradcheck_report
-from tinygpt.kernels import kernels_mode, set_kernels
+from tinygpt.dispatch import kernels_mode, set_kernels
 from tinygpt.tensor import Function, Tensor, cat, is_grad_enabled, no_grad, ones, randn, tensor, where, zeros
 from tinygpt import functional  # noqa: E402  (import order: functional builds on tensor)
+from tinygpt.kernels import fused  # noqa: E402, F401  (registers the fast versions of the ops with dispatch)
 from tinygpt.trace import detect_anomaly, trace  # noqa: E402
 
 __version__ = "0.1.0"

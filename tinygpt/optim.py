@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-from tinygpt import backend, kernels
+from tinygpt import backend, dispatch
 from tinygpt.backend import backend_of
 from tinygpt.tensor import Tensor, no_grad
 
@@ -57,7 +57,7 @@ class AdamW:
                 t = state["step"]
                 rule = {"lr": lr, "beta1": b1, "beta2": b2, "eps": eps, "weight_decay": wd,
                         "step_size": lr / (1.0 - b1**t), "rsqrt_correction": 1.0 / math.sqrt(1.0 - b2**t)}
-                update = kernels.implementation(adamw_step_, p.data)  # the plain update below, or the device's fast one
+                update = dispatch.implementation(adamw_step_, p.data)  # the plain update below, or the device's fast one
                 update(p.data, p.grad.data, state["m"], state["v"], **rule)
 
     def state_dict(self) -> dict:

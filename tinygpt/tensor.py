@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from tinygpt import backend, kernels, op_checks
+from tinygpt import backend, dispatch, op_checks
 from tinygpt.backend import backend_of, device_of, is_array
 from tinygpt.grads import GradientSums, HookHandle, call_backward
 from tinygpt.graph_state import is_grad_enabled, no_grad, state  # noqa: F401 (part of tensor's API)
@@ -40,10 +40,14 @@ class Function:
     def __init__(self, inputs: Sequence["Tensor | None"]):
         self.inputs = inputs
         self.needs_input_grad = tuple(t is not None and t.requires_grad for t in inputs)
+        self.requires_grad = state.grad_enabled and any(self.needs_input_grad)  # will backward run?
         self.saved: tuple = ()
 
     def save_for_backward(self, *arrays) -> None:
-        self.saved = arrays
+        """Keep arrays for backward; under no_grad (or with no input needing a gradient) there
+        is no backward, and nothing is kept."""
+        if self.requires_grad:
+            self.saved = arrays
 
     @staticmethod
     def forward(ctx, *args, **kwargs):
@@ -60,13 +64,12 @@ class Function:
         if len(devices) > 1:
             raise RuntimeError(f"{cls.__name__}: expected all tensors on one device, got {' and '.join(sorted(devices))}")
         first = next(t for t in inputs if t is not None).data
-        op = kernels.implementation(cls, first)  # cls itself, or its fast version (kernels/fused.py)
+        op = dispatch.implementation(cls, first)  # cls itself, or its fast version (kernels/fused.py)
         ctx = op(inputs)
         data = op.forward(ctx, *(None if t is None else t.data for t in inputs), **options)
         if not is_array(data):  # NumPy reductions return scalars; keep a 0-d array of the same dtype
             data = backend_of(first).asarray(data)
-        requires_grad = state.grad_enabled and any(ctx.needs_input_grad)
-        out = Tensor(data, requires_grad=requires_grad, _ctx=ctx if requires_grad else None)
+        out = Tensor(data, requires_grad=ctx.requires_grad, _ctx=ctx if ctx.requires_grad else None)
         for observer in state.observers:
             observer.on_forward(ctx, out)
         return out

@@ -9,7 +9,7 @@ last, flattened).
 This plain math is the reference, and nothing else lives in these files. A faster version of
 an op (blocked on every CPU core, or fused CUDA kernels) is a class of the same name in
 tinygpt/kernels/fused.py, tested against the one here; `Function.apply` picks which runs
-(kernels.implementation). On the strict backend, or with TINYGPT_KERNELS=plain, it is always
+(dispatch.implementation). On the strict backend, or with TINYGPT_KERNELS=plain, it is always
 the math below.
 
     linear.py        linear, embedding

@@ -1,10 +1,17 @@
 """Elementwise activations and the softmax family."""
 from __future__ import annotations
 
+import math
+
 from tinygpt import op_checks
 from tinygpt.backend import backend_of
-from tinygpt.kernels import GELU_CUBIC, SQRT_2_OVER_PI
 from tinygpt.tensor import Function, Tensor
+
+
+# GPT-2's tanh approximation of GELU, shared by the plain op and every kernel:
+# gelu(x) = 0.5 x (1 + tanh(SQRT_2_OVER_PI (x + GELU_CUBIC x^3)))
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+GELU_CUBIC = 0.044715
 
 
 class GELU(Function):

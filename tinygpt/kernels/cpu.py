@@ -18,7 +18,7 @@ import numpy as np
 from tinygpt import backend
 from tinygpt.functional.attention import future_mask
 from tinygpt.functional.dropout import drop_scale
-from tinygpt.kernels import GELU_CUBIC, SQRT_2_OVER_PI
+from tinygpt.functional.activations import GELU_CUBIC, SQRT_2_OVER_PI
 from tinygpt.kernels.threads import matmul as matmul  # the interface's matmul: split across the threads
 from tinygpt.kernels.threads import rows_per_block, run_blocks, run_rows
 

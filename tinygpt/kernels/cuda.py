@@ -26,7 +26,7 @@ import numpy as np
 from tinygpt import backend
 from tinygpt.backend import backend_of
 from tinygpt.functional.dropout import drop_scale
-from tinygpt.kernels import GELU_CUBIC, SQRT_2_OVER_PI
+from tinygpt.functional.activations import GELU_CUBIC, SQRT_2_OVER_PI
 
 # the GELU constants as CUDA literals of the kernel's type T
 SQRT_2_OVER_PI_T = f"T({SQRT_2_OVER_PI!r})"

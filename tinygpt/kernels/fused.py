@@ -2,7 +2,7 @@
 of the array's device (cpu.py or cuda.py, which have the same functions: see kernels/__init__).
 
 Each class subclasses the plain op and replaces its forward and/or backward with the same
-signature, so `Function.apply` can run either one (kernels.implementation picks). What a
+signature, so `Function.apply` can run either one (dispatch.implementation picks). What a
 method saves for backward is its own business: the forward and backward of one call always
 come from the same class. The docstrings of the plain ops have the math.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from tinygpt import functional as F
-from tinygpt import kernels
+from tinygpt import dispatch, kernels
 from tinygpt.backend import backend_of, device_of
 
 
@@ -20,6 +20,7 @@ def _on(x):
     return kernels.module_of(device_of(x))
 
 
+@dispatch.register
 class Linear(F.Linear):
     """Matrix products split across the CPU's threads (cuBLAS already uses the whole GPU)."""
 
@@ -44,6 +45,7 @@ class Linear(F.Linear):
         return grad_x, grad_w, grad_b
 
 
+@dispatch.register
 class Embedding(F.Embedding):
     """The forward is a plain lookup; the backward's scatter-add is a sort and a segmented sum
     on the CPU and atomic adds on the GPU."""
@@ -54,6 +56,7 @@ class Embedding(F.Embedding):
         return _on(grad).embedding_backward(ids, g2, ctx.vocab)
 
 
+@dispatch.register
 class LayerNorm(F.LayerNorm):
     @staticmethod
     def forward(ctx, x, scale, shift, eps):
@@ -69,6 +72,7 @@ class LayerNorm(F.LayerNorm):
         return grad_x.reshape(ctx.x_shape), grad_scale, grad_shift
 
 
+@dispatch.register
 class GELU(F.GELU):
     @staticmethod
     def forward(ctx, x):
@@ -81,6 +85,7 @@ class GELU(F.GELU):
         return _on(x).gelu_backward(x, grad)
 
 
+@dispatch.register
 class Dropout(F.Dropout):
     @staticmethod
     def forward(ctx, x, p, seed):
@@ -92,6 +97,7 @@ class Dropout(F.Dropout):
         return _on(grad).dropout(grad, ctx.p, ctx.seed)
 
 
+@dispatch.register
 class ScaledDotProductAttention(F.ScaledDotProductAttention):
     @staticmethod
     def forward(ctx, q, k, v, causal, dropout_p, seed):
@@ -106,6 +112,7 @@ class ScaledDotProductAttention(F.ScaledDotProductAttention):
         return _on(grad).attention_backward(grad, q, k, v, probs, ctx.dropout_p, ctx.seed, ctx.needs_input_grad[:3])
 
 
+@dispatch.register
 class CrossEntropy(F.CrossEntropy):
     """logsumexp of the rows and the backward's softmax - onehot, blocked."""
 
@@ -129,6 +136,7 @@ class CrossEntropy(F.CrossEntropy):
         return _on(z).cross_entropy_backward(z, lse, t, weight).reshape(ctx.shape)
 
 
+@dispatch.register
 def adamw_step_(w, g, m, v, **hyperparameters) -> None:
     """optim.adamw_step_, one pass over the parameter's memory (blocked on the CPU, one kernel on the GPU)."""
     _on(w).adamw_step_(w, g, m, v, **hyperparameters)
