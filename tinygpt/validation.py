@@ -125,7 +125,7 @@ def check_environment(environ=None) -> None:
         raise UsageError(f"TINYGPT_CACHE must be a folder, got the file {cache}")
     kernels = environ.get("TINYGPT_KERNELS")
     if kernels is not None:
-        from tinygpt.kernels import set_kernels
+        from tinygpt.dispatch import set_kernels
 
         try:
             set_kernels(kernels)
