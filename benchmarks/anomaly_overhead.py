@@ -36,7 +36,7 @@ import numpy as np
 
 import tinygpt as tg
 import tinygpt.functional as F
-from tinygpt import grads, hooks, nn
+from tinygpt import hooks, nn
 from tinygpt.files import atomic_write_text
 from tinygpt.graph_state import watching
 from tinygpt.model import GPTModel
