@@ -146,16 +146,25 @@ def test_writing_into_dy_or_a_saved_value_fails_naming_the_line(tmp_path, capsys
     assert f"answer.py:{number}: {what}" in out and "read-only" in out and "another consumer" in out
 
 
-def test_changing_a_saved_value_through_add_at_is_caught_after_backward(tmp_path, capsys):
+def test_changing_a_saved_value_through_a_writeable_view_is_caught_after_backward(tmp_path, capsys):
     source = """\
         import numpy as np
-        from tinygpt.exercises.sheets.embedding import forward
+        from tinygpt.exercises.sheets.embedding import forward as sheet_forward
+
+        views = []
+
+
+        def forward(W, ids):
+            views.append(W[:])  # a view made before the check marks W read-only stays writeable
+            return sheet_forward(W, ids)
 
 
         def backward(dy, cache):
             W, ids = cache
-            np.add.at(W, ids.reshape(-1), dy.reshape(-1, W.shape[1]))  # numpy lets ufunc.at write here
-            return W
+            views[0] += 1.0
+            dW = np.zeros_like(W)
+            np.add.at(dW, ids, dy)
+            return dW
         """
     code, out = check(capsys, tmp_path, source, "embedding")
     assert_not_fooled(code, out)
