@@ -183,22 +183,7 @@ def train_bpe(
             rank[merged] = len(tokens)
             tokens.append(merged)
         merges.append(pair)
-
-        delta: dict[Pair, int] = defaultdict(int)
-        for w in where.pop(pair):
-            old, c = words[w], counts[w]
-            new = _merge(old, pair, rank[merged])
-            old_pairs, new_pairs = list(pairwise(old)), list(pairwise(new))
-            for p in old_pairs:
-                delta[p] -= c
-            for p in new_pairs:
-                delta[p] += c
-            for p in set(old_pairs) - set(new_pairs):
-                if p != pair:
-                    where[p].discard(w)
-            for p in new_pairs:
-                where[p].add(w)
-            words[w] = new
+        delta = _merge_everywhere(pair, rank[merged], words, counts, where)
         for p, d in delta.items():
             if d == 0:
                 continue
@@ -210,6 +195,27 @@ def train_bpe(
                 pair_counts.pop(p, None)
                 where.pop(p, None)
     return BPETokenizer(tokens, special_tokens, pattern, merges)
+
+
+def _merge_everywhere(pair: Pair, new_id: int, words: list, counts: list, where: dict) -> dict[Pair, int]:
+    """Replace `pair` by `new_id` in every chunk that holds it (updating `where`); return how
+    the count of each pair changes, weighted by how often each chunk occurs."""
+    delta: dict[Pair, int] = defaultdict(int)
+    for w in where.pop(pair):
+        old, c = words[w], counts[w]
+        new = _merge(old, pair, new_id)
+        old_pairs, new_pairs = list(pairwise(old)), list(pairwise(new))
+        for p in old_pairs:
+            delta[p] -= c
+        for p in new_pairs:
+            delta[p] += c
+        for p in set(old_pairs) - set(new_pairs):
+            if p != pair:
+                where[p].discard(w)
+        for p in new_pairs:
+            where[p].add(w)
+        words[w] = new
+    return delta
 
 
 def _count_chunks(
