@@ -24,11 +24,11 @@ from tinygpt.tensor import Tensor, ones
 # A model for the default text (`tinygpt train --arch llama`), the default GPT's size with half as many kv heads.
 LLAMA_CONFIG_SMALL = {"vocab_size": 1024, "context_length": 128, "emb_dim": 128, "n_heads": 4, "n_kv_heads": 2,
                       "n_layers": 4, "hidden_dim": 352, "head_dim": 32, "rope_theta": 10000.0, "rope_scaling": None,
-                      "rms_norm_eps": 1e-5, "qk_norm": False, "tie_weights": True}
+                      "rms_norm_eps": 1e-5, "qk_norm": False, "tie_weights": False}
 
 # The real shapes, from each model's config.json on the Hugging Face Hub.
 LLAMA_PRESETS = {
-    "llama-small": LLAMA_CONFIG_SMALL,
+    "llama-small": {**LLAMA_CONFIG_SMALL},
     "smollm2-135m": {"vocab_size": 49152, "context_length": 8192, "emb_dim": 576, "n_heads": 9, "n_kv_heads": 3,
                      "n_layers": 30, "hidden_dim": 1536, "head_dim": 64, "rope_theta": 100000.0, "rope_scaling": None,
                      "rms_norm_eps": 1e-5, "qk_norm": False, "tie_weights": True},
