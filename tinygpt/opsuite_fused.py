@@ -6,6 +6,7 @@ from typing import Any
 
 
 import tinygpt.functional as F
+from tinygpt.functional.flash_attention import flash_attention as tiled_attention
 from tinygpt.opcase import Picker, case, same
 
 
@@ -117,6 +118,20 @@ def dropout(pick):
     p = pick.sampled_from(DROPOUT_P, name="p")
     reference = (lambda torch, x: torch.nn.functional.dropout(x, p)) if p == 0.0 else None  # the masks differ
     return (lambda x: F.dropout(x, p, training=True)), [pick.leaf(pick.shape(name="shape"))], reference
+
+
+@case("flash_attention", max_examples=40, examples=[
+    {"lead": (1, 2), "causal": True, "tk": 5, "tq": 5, "d": 2, "dv": 3, "block": 2},  # T not a multiple of the block
+    {"lead": (2,), "causal": True, "tk": 5, "tq": 2, "d": 3, "dv": 2, "block": 3},    # fewer queries than keys
+    {"lead": (1,), "causal": False, "tk": 3, "tq": 4, "d": 2, "dv": 1, "block": 2}])
+def flash_attention(pick):
+    """The tiled lesson op (functional/flash_attention.py), blocks smaller than T."""
+    lead, causal, tk = pick.shape(1, 2, name="lead"), pick.booleans(name="causal"), pick.dim("tk", high=5)
+    tq, d, dv = pick.dim("tq", high=tk if causal else 4), pick.dim("d", high=3), pick.dim("dv", high=3)
+    block = pick.integers(1, 4, name="block")
+    return ((lambda q, k, v: tiled_attention(q, k, v, causal=causal, block_size=block)),
+            pick.leaves(lead + (tq, d), lead + (tk, d), lead + (tk, dv)),
+            lambda torch, q, k, v: _torch_attention(torch, q, k, v, causal))
 
 
 # ============================================================================ compositions

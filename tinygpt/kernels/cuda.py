@@ -263,29 +263,82 @@ def dropout(x, p: float, seed: int):
     return x * keep * drop_scale(p)
 
 
-def attention_forward(q, k, v, causal: bool, dropout_p: float, seed: int):
-    """(out, probs): the scores by one batched product, softmax (masked, scaled) by one
-    row kernel in place, then dropout and the product with V."""
+ATTENTION_BLOCK_ELEMENTS = 1 << 26  # scores per block of queries (256 MB in float32): bounds attention's memory
+
+
+def _query_blocks(q_shape, tk: int, dropout_p: float) -> list[tuple[int, int]]:
+    """Blocks of queries whose scores, for every sequence at once, hold at most
+    ATTENTION_BLOCK_ELEMENTS numbers. With dropout, one block: CuPy's generator cannot start
+    a mask in the middle of its stream (backend.uniform), so the whole mask is drawn at once."""
+    tq = q_shape[-2]
+    per_query = max(1, math.prod(q_shape[:-2]) * tk)
+    rows = tq if dropout_p > 0.0 else max(1, min(tq, ATTENTION_BLOCK_ELEMENTS // per_query))
+    return [(i0, min(i0 + rows, tq)) for i0 in range(0, tq, rows)]
+
+
+def _block_probs(q, k, i0: int, i1: int, causal: bool):
+    """(P, kend): the softmax probabilities of queries i0:i1 against the keys they may see,
+    k[..., :kend, :], by one batched product and the softmax row kernel in place. The row
+    kernel places query r of the block at key position kend - (i1 - i0) + r, which is
+    Tk - Tq + i0 + r, its place among all the queries."""
     xp = backend_of(q)
-    probs = xp.matmul(q, xp.swapaxes(k, -1, -2))  # S: [B,H,Tq,D] @ [B,H,D,Tk] -> [B,H,Tq,Tk]
-    attention_softmax_(probs, 1.0 / math.sqrt(q.shape[-1]), causal)
-    dropped = probs if dropout_p == 0.0 else dropout(probs, dropout_p, seed)
-    return dropped @ v, probs  # [B,H,Tq,Tk] @ [B,H,Tk,Dv] -> [B,H,Tq,Dv]
+    kend = k.shape[-2] - q.shape[-2] + i1 if causal else k.shape[-2]
+    p = xp.matmul(q[..., i0:i1, :], xp.swapaxes(k[..., :kend, :], -1, -2))  # [..., Bq, D] @ [..., D, kend]
+    attention_softmax_(p, 1.0 / math.sqrt(q.shape[-1]), causal)
+    return p, kend
 
 
-def attention_backward(grad, q, k, v, probs, dropout_p: float, seed: int, needs):
-    """(dq, dk, dv); the softmax backward and the score scale in one row kernel, in place."""
+def attention_forward(q, k, v, causal: bool, dropout_p: float, seed: int):
+    """(out, lse): out as functional.ScaledDotProductAttention, computed in blocks of queries so
+    that the scores never take more than one block's memory; lse [..., Tq] (float64) the
+    log-sum-exp of each query's scores, kept for inspection (tinygpt trace): the backward
+    reruns the softmax row kernel on each block's scores, which gives the forward's P exactly."""
+    xp = backend_of(q)
+    dtype = xp.result_type(q.dtype, k.dtype, v.dtype)
+    out = xp.empty((*q.shape[:-1], v.shape[-1]), dtype=dtype)
+    lse = xp.empty(q.shape[:-1], dtype=xp.float64)
+    for i0, i1 in _query_blocks(q.shape, k.shape[-2], dropout_p):
+        p, kend = _block_probs(q, k, i0, i1, causal)
+        lse[..., i0:i1] = _log_sum_exp(q[..., i0:i1, :], k[..., :kend, :], p)
+        if dropout_p > 0.0:
+            p = dropout(p, dropout_p, seed)
+        out[..., i0:i1, :] = p @ v[..., :kend, :]  # [..., Bq, kend] @ [..., kend, Dv]
+    return out, lse
+
+
+def _log_sum_exp(q, k, p):
+    """L = s_j - log p_j for each query's most likely key j (p_j >= 1 / Tk, so its log is
+    well conditioned), s_j = q . k_j / sqrt(D) recomputed in float64."""
+    xp = backend_of(q)
+    j = p.argmax(axis=-1)[..., None]  # [..., Bq, 1]
+    k_j = xp.take_along_axis(k, xp.broadcast_to(j, (*j.shape[:-1], k.shape[-1])), axis=-2)  # [..., Bq, D]
+    s_j = (q.astype(xp.float64) * k_j).sum(axis=-1) / math.sqrt(q.shape[-1])
+    return s_j - xp.log(xp.take_along_axis(p, j, axis=-1)[..., 0].astype(xp.float64))
+
+
+def attention_backward(grad, q, k, v, lse, causal: bool, dropout_p: float, seed: int, needs):
+    """(dq, dk, dv), block by block: each block's probabilities recomputed, the softmax
+    backward and the score scale in one row kernel, in place."""
     xp = backend_of(q)
     need_q, need_k, need_v = needs
-    dropped = probs if dropout_p == 0.0 else dropout(probs, dropout_p, seed)
-    grad_v = xp.swapaxes(dropped, -1, -2) @ grad if need_v else None
-    dscores = grad @ xp.swapaxes(v, -1, -2)  # dL/dP, through the dropout mask
-    if dropout_p > 0.0:
-        dscores = dropout(dscores, dropout_p, seed)
-    dscores = xp.ascontiguousarray(dscores)
-    softmax_backward_(dscores, probs, 1.0 / math.sqrt(q.shape[-1]))
-    grad_q = dscores @ k if need_q else None
-    grad_k = xp.swapaxes(dscores, -1, -2) @ q if need_k else None
+    grad_q = xp.empty_like(q) if need_q else None
+    grad_k = xp.zeros_like(k) if need_k else None
+    grad_v = xp.zeros_like(v) if need_v else None
+    for i0, i1 in _query_blocks(q.shape, k.shape[-2], dropout_p):
+        p, kend = _block_probs(q, k, i0, i1, causal)
+        g = grad[..., i0:i1, :]
+        dropped = p if dropout_p == 0.0 else dropout(p, dropout_p, seed)
+        if need_v:
+            grad_v[..., :kend, :] += xp.swapaxes(dropped, -1, -2) @ g
+        dscores = g @ xp.swapaxes(v[..., :kend, :], -1, -2)  # dL/dP, through the dropout mask
+        if dropout_p > 0.0:
+            dscores = dropout(dscores, dropout_p, seed)
+        dscores = xp.ascontiguousarray(dscores)
+        softmax_backward_(dscores, p, 1.0 / math.sqrt(q.shape[-1]))
+        if need_q:
+            grad_q[..., i0:i1, :] = dscores @ k[..., :kend, :]
+        if need_k:
+            grad_k[..., :kend, :] += xp.swapaxes(dscores, -1, -2) @ q[..., i0:i1, :]
     return grad_q, grad_k, grad_v
 
 

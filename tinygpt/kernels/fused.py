@@ -8,10 +8,8 @@ come from the same class. The docstrings of the plain ops have the math.
 """
 from __future__ import annotations
 
-import math
-
 from tinygpt import functional as F
-from tinygpt import dispatch, kernels
+from tinygpt import dispatch, graph_state, kernels
 from tinygpt.backend import backend_of, device_of
 
 
@@ -99,17 +97,24 @@ class Dropout(F.Dropout):
 
 @dispatch.register
 class ScaledDotProductAttention(F.ScaledDotProductAttention):
+    """Tiled over blocks of queries (FlashAttention-2's scheme: functional/flash_attention.py
+    derives it): forward keeps each query's log-sum-exp [..., Tq] instead of the probabilities
+    [..., Tq, Tk], backward rebuilds them block by block, so a step's memory grows with T, not
+    T^2. Under no_grad nothing is kept."""
+
     @staticmethod
     def forward(ctx, q, k, v, causal, dropout_p, seed):
-        ctx.scale, ctx.dropout_p, ctx.seed = 1.0 / math.sqrt(q.shape[-1]), dropout_p, seed
-        out, probs = _on(q).attention_forward(q, k, v, causal, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, probs)
+        out, lse = _on(q).attention_forward(q, k, v, causal, dropout_p, seed)
+        ctx.causal, ctx.dropout_p, ctx.seed = causal, dropout_p, seed
+        if graph_state.state.grad_enabled and any(ctx.needs_input_grad):
+            ctx.save_for_backward(q, k, v, lse)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, probs = ctx.saved
-        return _on(grad).attention_backward(grad, q, k, v, probs, ctx.dropout_p, ctx.seed, ctx.needs_input_grad[:3])
+        q, k, v, lse = ctx.saved
+        return _on(grad).attention_backward(grad, q, k, v, lse, ctx.causal, ctx.dropout_p, ctx.seed,
+                                            ctx.needs_input_grad[:3])
 
 
 @dispatch.register
