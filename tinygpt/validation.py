@@ -157,6 +157,7 @@ def choose_device(args) -> None:
     if not hasattr(args, "device"):
         return
     from tinygpt import backend
+    from tinygpt.errors import RunError
 
     source = f"--device {args.device}"
     if args.device is None:
@@ -164,7 +165,7 @@ def choose_device(args) -> None:
         source = f"TINYGPT_DEVICE={args.device}"
     try:
         backend.set_default_device(args.device)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RunError) as e:  # an unknown name; no CuPy or no GPU
         raise UsageError(f"{source}: {e}") from None
 
 
