@@ -276,11 +276,16 @@ def download_gpt2(name: str, cache_dir: str | os.PathLike | None = None) -> Path
 
 def load_model_and_tokenizer(source: str | os.PathLike, device: str | None = None, bpe_file: str | os.PathLike | None = None):
     """(model, tokenizer) to start finetuning from: a GPT-2 size by name, a Hugging Face
-    GPT-2 folder (config.json with "n_embd"), or a run or checkpoint of `tinygpt train`."""
+    GPT-2 folder (config.json with "n_embd"), a Hugging Face Llama, Qwen3 or Mistral folder
+    (hf_llama.py, with its tokenizer.json), or a run or checkpoint of `tinygpt train`."""
     from tinygpt.checkpoint import load_checkpoint
     from tinygpt.data import gpt2_tokenizer
+    from tinygpt.hf_llama import is_llama_folder, load_llama
+    from tinygpt.hf_tokenizer import load_hf_tokenizer
 
     folder = Path(source)
+    if is_llama_folder(folder):  # model_type llama, qwen3 or mistral: LlamaModel and tokenizer.json
+        return load_llama(folder, device=device), load_hf_tokenizer(folder)
     is_hf_folder = (folder / "config.json").exists() and "n_embd" in json.loads((folder / "config.json").read_text())
     if str(source) in GPT2_NAMES or is_hf_folder:
         return load_gpt2(source, device=device), gpt2_tokenizer(bpe_file)
