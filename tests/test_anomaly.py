@@ -109,7 +109,7 @@ def test_a_backward_report_names_where_an_input_made_inside_the_detector_was_mad
     assert "before detect_anomaly was entered" not in message
 
 
-def test_a_saved_weight_changed_in_place_between_forward_and_backward_is_named():
+def test_a_saved_weight_changed_in_place_between_forward_and_backward_is_named(device):
     model, x, y = _model_and_batch()
     weight = model.trf_blocks[1].att.W_key.weight
     with pytest.raises(AnomalyError) as caught:
@@ -124,7 +124,7 @@ def test_a_saved_weight_changed_in_place_between_forward_and_backward_is_named()
     assert f"test_anomaly.py:{_line_of('marker: forward that saves the weight')}" in message
 
 
-def test_an_optimizer_step_between_forward_and_backward_is_named_by_the_changed_sum():
+def test_an_optimizer_step_between_forward_and_backward_is_named_by_the_changed_sum(device):
     """AdamW writes into the parameters' arrays (no .data assignment, no version): the checksum sees it."""
     from tinygpt.optim import AdamW
 

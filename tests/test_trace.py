@@ -112,7 +112,7 @@ def test_ops_made_before_the_trace_are_recorded_without_a_module_and_the_table_s
     assert state.observers == []
 
 
-def test_keep_grads_gives_the_gradients_retain_grad_gives():
+def test_keep_grads_gives_the_gradients_retain_grad_gives(device):
     model, x, y = _model_and_batch()
     outputs = {}
     for path in ("trf_blocks.0.att", "trf_blocks.1", "trf_blocks.1.ff.layers.1", "final_norm"):
