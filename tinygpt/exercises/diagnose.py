@@ -51,9 +51,11 @@ def diagnose(exercise, grads: list, theirs: dict, expected: dict, inputs, dout, 
             g.where = g.hint = (f"right given your {_names(upstream)}: {g.name} is computed from "
                                 f"{'it' if len(upstream) == 1 else 'them'} and only inherits the error")
             continue
-        g.hint, g.mistake = _swapped(g.name, t, theirs, local, wrong_names)
+        g.hint, g.mistake = _swapped(g.name, t, theirs, expected, wrong_names, flow, both_ways=True)
         if g.hint is None:
             g.hint, g.mistake = candidates.match(g.name, t, e)
+        if g.hint is None:
+            g.hint, g.mistake = _swapped(g.name, t, theirs, expected, wrong_names, flow, both_ways=False)
         if g.hint is None:
             g.hint = hints.hint(t, e, case, exercise.hints) or _fallback(g.name, t, e, g.where, candidates)
     origins = [g.name for g in wrong if not g.inherits]
@@ -64,14 +66,20 @@ def _names(names) -> str:
     return " and ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def _swapped(name, t, theirs, local, wrong_names):
-    for other in wrong_names - {name}:
+def _swapped(name, t, theirs, expected, wrong_names, flow, both_ways: bool):
+    """Yours `name` is the (right) gradient of another one: both ways round is a swap. A step
+    that passes its gradient on unchanged (att_out = x1's) is no candidate."""
+    for other in sorted((wrong_names if both_ways else set(expected)) - {name}):
+        if other in flow.get(name, ((),))[0] or name in flow.get(other, ((),))[0]:
+            continue
         o = theirs.get(other)
-        if o is not None and t.shape == local[other].shape and hints.same(t, local[other]):
-            if o.shape == local[name].shape and hints.same(o, local[name]):
+        if t.shape == expected[other].shape and hints.same(t, expected[other]):
+            if o is not None and o.shape == expected[name].shape and hints.same(o, expected[name]):
                 return (f"{name} and {other} are swapped: yours {name} is the gradient of {other}, and yours {other} is "
                         f"the gradient of {name}. Check the order you return them in (or which input each line uses)"), "swapped"
-            return f"yours {name} is the gradient of {other}: is it computed from the wrong input, or returned in its place?", "swapped"
+            if not both_ways:
+                return (f"yours {name} is the gradient of {other}: is it computed from the wrong input, or returned in "
+                        "its place?"), "swapped"
     return None, None
 
 

@@ -53,7 +53,8 @@ def _gradient_lines(g, width: int, shape_width: int, level: int) -> list:
         return [f"{head}close  max |yours - expected| {g.diff_engine:.1e} (vs finite differences {g.diff_numeric:.1e})"] + notes
     lines = [head + "WRONG" + (f"  max |yours - expected| {g.diff_engine:.3g}" if g.diff_engine is not None else "")]
     if g.inherits and level >= 1:
-        return [lines[0] + f"  (right given your {', '.join(g.inherits)}: only inherits their error)"]
+        whose = "its" if len(g.inherits) == 1 else "their"
+        return [lines[0] + f"  (right given your {', '.join(g.inherits)}: only inherits {whose} error)"]
     if g.worst is not None:
         index, theirs, expected, numeric = g.worst
         lines.append(f"{pad}worst element {list(index)}: yours {theirs:.6g}, expected {expected:.6g} (finite differences {numeric:.6g})")

@@ -58,7 +58,8 @@ def _(c):
          (ids.reshape(-1) with dy.reshape(-1, C)); transposing one of them pairs dy[b, t] with ids[t, b]""")
 def _(c):
     C = c.dy.shape[-1]
-    return {"dW": scatter(c, c.ids.reshape(-1), c.dy.swapaxes(0, 1).reshape(-1, C))}
+    return {"dW": [scatter(c, c.ids.reshape(-1), c.dy.swapaxes(0, 1).reshape(-1, C)),
+                   scatter(c, c.ids.T.reshape(-1), c.dy.reshape(-1, C))]}
 
 
 @mistake("mean-over-uses", "each row averaged over the positions that used it, not summed",
