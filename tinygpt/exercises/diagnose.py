@@ -53,7 +53,7 @@ def diagnose(exercise, grads: list, theirs: dict, expected: dict, inputs, dout, 
             continue
         g.hint, g.mistake = _swapped(g.name, t, theirs, expected, wrong_names, flow, both_ways=True)
         if g.hint is None:
-            g.hint, g.mistake = candidates.match(g.name, t, e)
+            g.hint, g.mistake = candidates.match(g.name, t, e, case)
         if g.hint is None:
             g.hint, g.mistake = _swapped(g.name, t, theirs, expected, wrong_names, flow, both_ways=False)
         if g.hint is None:
@@ -100,7 +100,7 @@ class _Candidates:
                 out.append((m, np.asarray(v, dtype=np.float64)))
         return out
 
-    def match(self, name: str, t, e) -> tuple:
+    def match(self, name: str, t, e, case=None) -> tuple:
         singles = self.of(name)
         for m, v in singles:
             if v.shape == t.shape and hints.same(t, v):
@@ -110,6 +110,18 @@ class _Candidates:
             if m1.key != m2.key and hints.same(t, v1 + v2 - e):
                 return (f"two mistakes at once: {m1.title}; and {m2.title}. {m1.lesson} {m2.lesson}",
                         f"{m1.key}+{m2.key}")
+        return self._scaled(t, e, singles, case)
+
+    @staticmethod
+    def _scaled(t, e, singles, case) -> tuple:
+        """A catalogued mistake times a constant the recogniser can name (a sign, 1/N, 2, ...),
+        for mistakes that are not themselves a constant times the right gradient."""
+        for m, v in singles:
+            if v.shape != t.shape or v.shape != e.shape or not np.any(v) or hints.constant_factor(v, e, case):
+                continue
+            factor = hints.constant_factor(t, v, case)
+            if factor and not factor.startswith("off by the upstream"):
+                return f"{m.title}, and on top of it {factor.replace('expected', 'that')}. {m.lesson}", m.key
         return None, None
 
     def count(self, name: str) -> int:
