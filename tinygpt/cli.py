@@ -37,8 +37,12 @@ def _gradcheck(args) -> int:
 
 
 def _info(args) -> int:
+    from tinygpt.llama import LLAMA_PRESETS, preset_summary
     from tinygpt.model import GPT_PRESETS, count_parameters, parameter_table, size_mb
 
+    if args.model in LLAMA_PRESETS:
+        print("\n".join(preset_summary(args.model)))
+        return 0
     cfg = GPT_PRESETS[args.model]
     rows = dict(parameter_table(cfg))
     n = cfg["n_layers"]
@@ -112,10 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=validation.seed, default=0)
     p.set_defaults(run=_gradcheck)
 
+    from tinygpt.llama import LLAMA_PRESETS
     from tinygpt.model import GPT_PRESETS
 
-    p = sub.add_parser("info", help="parameter counts and memory of a GPT preset, module by module")
-    p.add_argument("--model", default="gpt2-small", choices=list(GPT_PRESETS))
+    p = sub.add_parser("info", help="parameter counts and memory of a GPT or Llama preset, module by module")
+    p.add_argument("--model", default="gpt2-small", choices=list(GPT_PRESETS) + list(LLAMA_PRESETS))
     p.set_defaults(run=_info)
 
     from tinygpt.train_cli import add_command
@@ -146,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tinygpt.trace_cli import add_commands as add_trace_commands
 
     add_trace_commands(sub)
+    from tinygpt.compare import add_command as add_compare_command
+
+    add_compare_command(sub)
     return parser
 
 

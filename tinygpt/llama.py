@@ -205,3 +205,22 @@ def parameter_table(cfg: dict) -> list[tuple[str, int]]:
 def count_parameters(cfg: dict) -> int:
     """The parameter count of LlamaModel(cfg), from the config alone (tied weights count once)."""
     return sum(count for _, count in parameter_table(cfg))
+
+
+def preset_summary(name: str) -> list[str]:
+    """`tinygpt info --model NAME` for a Llama preset: its shape, parameters module by module, the KV cache."""
+    cfg = full_config(LLAMA_PRESETS[name])
+    rows, n = dict(parameter_table(cfg)), cfg["n_layers"]
+    block = {part: rows[f"trf_blocks.0.{part}"] for part in ("att", "ff", "norm1", "norm2")}
+    per_block, total = sum(block.values()), count_parameters(cfg)
+    lines = [f"{name}: vocab {cfg['vocab_size']}, context {cfg['context_length']}, emb_dim {cfg['emb_dim']}, {n} layers, "
+             f"{cfg['n_heads']} heads ({cfg['n_kv_heads']} kv heads) of {cfg['head_dim']}, hidden_dim {cfg['hidden_dim']}, "
+             f"qk_norm {cfg['qk_norm']}, tied {cfg['tie_weights']}", f"{'module':<34}{'parameters':>14}",
+             f"{'tok_emb':<34}{rows['tok_emb']:>14,}", f"{f'trf_blocks ({n} x {per_block:,})':<34}{n * per_block:>14,}"]
+    lines += [f"{'  each block .' + part:<34}{count:>14,}" for part, count in block.items()]
+    lines += [f"{'final_norm':<34}{rows['final_norm']:>14,}", f"{'out_head':<34}{rows['out_head']:>14,}"
+              + ("   (tied to tok_emb)" if cfg["tie_weights"] else ""),
+              f"{'total':<34}{total:>14,}   ({total * 4 / 1024**2:.2f} MB in float32)",
+              f"KV cache: {cache_bytes(cfg, 1, 1):,} bytes per token in float32 "
+              f"({cfg['n_kv_heads']} of {cfg['n_heads']} heads cached)"]
+    return lines
