@@ -49,7 +49,7 @@ def learner_block(dout, c, wrong_line=None):
     d["ln2"] = d["h"] @ p["W_1"]
     dx1_norm, d["scale2"], d["shift2"] = ln_back(d["ln2"], c["x1"], p["scale2"], wrong_line)
     d["x1"] = {"residual-missing": dx1_norm, "norm-path-missing": dout}.get(wrong_line, dout + dx1_norm)
-    d["att_out"] = d["x1"]
+    d["att_out"] = d["x1"] if wrong_line != "att-out-from-dout" else dout
     d["W_o"] = flat(d["att_out"]).T @ flat(c["ctx"])
     d["b_o"] = d["att_out"].sum(axis=(0, 1))
     d["ctx"] = d["att_out"] @ (p["W_o"].T if wrong_line == "input-weight-transposed" else p["W_o"])
@@ -64,6 +64,8 @@ def learner_block(dout, c, wrong_line=None):
         d["scores"] = d["att"] - (d["att"] * att).sum(-1, keepdims=True)
     elif wrong_line == "softmax-no-sum-term":
         d["scores"] = att * d["att"]
+    elif wrong_line == "softmax-skipped":
+        d["scores"] = d["att"]
     elif wrong_line == "softmax-wrong-axis":
         d["scores"] = att * (d["att"] - (d["att"] * att).sum(-2, keepdims=True))
     else:
@@ -95,7 +97,7 @@ LINES = ["weight-transposed", "bias-some-axes", "bias-mean", "gelu-no-3", "gelu-
          "gelu-no-upstream", "ln-no-scale", "ln-no-rstd-path", "ln-scale-uses-x", "ln-param-some-axes", "residual-missing",
          "norm-path-missing", "input-weight-transposed", "heads-no-transpose", "v-att-not-transposed", "softmax-no-P",
          "softmax-no-sum-term", "softmax-wrong-axis", "masked-gets-gradient", "no-scale", "k-not-transposed",
-         "merge-no-transpose", "ln1-one-use", "swapped"]
+         "merge-no-transpose", "ln1-one-use", "swapped", "att-out-from-dout", "softmax-skipped"]
 for _line in LINES:
     def _backward(dout, cache, _line=_line):
         return learner_block(dout, cache, _line)

@@ -239,3 +239,18 @@ def _(dloss, cache):
     p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
     onehot = (np.arange(logits.shape[1]) == targets[:, None]).astype(float)
     return dloss * (p - onehot) / logits.shape[0]
+
+
+@wrong("layer_norm", "rstd-on-first-term-only")
+def _(dy, cache):
+    x, scale, xhat, rstd = cache
+    g = dy * scale
+    return g * rstd - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True), *sums(dy, xhat)
+
+
+@wrong("cross_entropy", "scale-on-one-term")
+def _(dloss, cache):
+    logits, targets, lse = cache
+    g = probs(logits, lse) * dloss / len(targets)
+    g[np.arange(len(targets)), targets] -= 1
+    return g

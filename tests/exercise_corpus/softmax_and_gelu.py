@@ -203,3 +203,10 @@ def _(dy, cache):
     u = C * (x + 0.044715 * x * x * x)
     sech2 = 1 / np.cosh(u) ** 2
     return 0.5 * dy * (1 + np.tanh(u)) + 0.5 * dy * x * sech2 * C * (1 + 0.134145 * x * x)
+
+
+@wrong("gelu", "tanh-of-x")
+def _(dy, cache):
+    (x,) = cache
+    t = np.tanh(x)
+    return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t**2) * C * (1 + 3 * 0.044715 * x**2))

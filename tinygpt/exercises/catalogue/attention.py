@@ -114,7 +114,16 @@ def _(c):
          """Masked scores were replaced by -inf, a constant: they do not depend on Q or K, so their gradient is 0.
          P = 0 there makes P * (...) vanish by itself; passing dP through, or not masking, leaks gradient""")
 def _(c):
-    return qk(c, np.where(c.future, c.dP, c.dS))
+    unmasked = softmax(c.S)
+    return {g: [v, w] for (g, v), w in zip(qk(c, np.where(c.future, c.dP, c.dS)).items(),
+                                           qk(c, unmasked * (c.dP - (c.dP * unmasked).sum(axis=-1, keepdims=True))).values())}
+
+
+@mistake("softmax-skipped", "the softmax's backward skipped: dS = dP",
+         """P = softmax(S) is a step of its own between S and out: dS = P * (dP - sum(dP * P)). Using dP as dS
+         treats the softmax as if it were the identity""")
+def _(c):
+    return qk(c, c.dP)
 
 
 @mistake("dq-uses-q", "dq computed with q where k belongs (dS @ q)",

@@ -152,6 +152,20 @@ def _(c):
     return {"scores": c.d["att"] - (c.d["att"] * c.att).sum(axis=-1, keepdims=True)}
 
 
+@mistake("softmax-skipped", "the softmax's backward skipped: dscores = datt",
+         """att = softmax(masked scores) is a step of its own: dscores = att * (datt - sum(datt * att)).
+         Passing datt straight through treats the softmax as the identity""")
+def _(c):
+    return {"scores": c.d["att"]}
+
+
+@mistake("att-out-from-dout", "att_out given dout, the gradient of out, instead of the gradient of x1",
+         """att_out feeds x1 = x + att_out, so its gradient is x1's, and x1's gradient collects dout from the
+         residual AND the path through ln2. dout alone misses the feed-forward branch""")
+def _(c):
+    return {"att_out": c.d["out"]}
+
+
 @mistake("softmax-no-sum-term", "the softmax backward without - att * sum(datt * att)",
          """Every att_i of a row shares the denominator, so dscores needs the term - att_j sum_i datt_i att_i""")
 def _(c):

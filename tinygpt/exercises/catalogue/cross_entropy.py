@@ -117,6 +117,14 @@ def _(c):
     return {"dlogits": [(np.exp(c.z) - c.onehot) * c.dloss / c.N, (np.exp(c.z - c.z.max(axis=1, keepdims=True)) - c.onehot) * c.dloss / c.N]}
 
 
+@mistake("scale-on-one-term", "dloss / N applied to one of softmax and onehot only",
+         """dlogits = (softmax - onehot) * dloss / N: both terms come from the same loss_r, which is scaled by
+         dloss / N; the parentheses matter""")
+def _(c):
+    k = c.dloss / c.N
+    return {"dlogits": [c.p * k - c.onehot, c.p - c.onehot * k]}
+
+
 @mistake("mean-over-classes", "divided by V (the classes) or N*V instead of N",
          """The mean in the loss is over the N rows only; each row's loss is one number, not a mean over its V
          classes""")

@@ -121,6 +121,16 @@ def _(c):
     return {"dx": c.dy * (cdf + c.x * phi)}
 
 
+@mistake("tanh-of-x", "tanh taken of x (or of x + 0.044715 x^3 without sqrt(2/pi)) where the forward has tanh(u)",
+         """t = tanh(u) with u = sqrt(2/pi) (x + 0.044715 x^3): the same u as the forward, in both 0.5 (1 + t)
+         and 1 - t^2. Recompute it exactly, or save t in the cache""")
+def _(c):
+    out = []
+    for t in (np.tanh(c.x), np.tanh(c.x + A * c.x**3)):
+        out.append(c.dy * (0.5 * (1 + t) + 0.5 * c.x * (1 - t**2) * c.du))
+    return {"dx": out}
+
+
 @mistake("y-for-x", "the output y used where x belongs in the second term",
          """In 0.5 x (1 - t^2) du/dx the x is the input (the x in front of (1 + t) in the forward), not the
          output y = 0.5 x (1 + t)""")

@@ -78,6 +78,13 @@ def _(c):
     return {"dx": dx_from(rstd, c.dxhat, xhat), "dscale": (c.dy * xhat).sum(axis=c.rows)}
 
 
+@mistake("rstd-on-first-term-only", "rstd multiplies only the first term of dx",
+         """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)): all three paths go through
+         xhat = (x - mean) * rstd, so every term carries the factor rstd""")
+def _(c):
+    return {"dx": c.rstd * c.dxhat - c.dxhat.mean(axis=-1, keepdims=True) - c.xhat * (c.dxhat * c.xhat).mean(axis=-1, keepdims=True)}
+
+
 @mistake("sum-not-mean", "sums over the row where the math has means (the 1/C is missing)",
          """Both extra terms come with 1/C: d mean/dx_j = 1/C, and d var/dx_j = (2/C)(x_j - mean). So they are
          means over the row, mean(dxhat) and mean(dxhat * xhat), not sums""")
