@@ -36,6 +36,7 @@ from tinygpt import backend
 from tinygpt.data import load_tokenizer, save_tokenizer
 from tinygpt.errors import RunError
 from tinygpt.files import atomic_write_text, make_temp_dir, sha256_file
+from tinygpt.llama import LlamaModel
 from tinygpt.model import GPTModel
 from tinygpt.optim import AdamW
 from tinygpt.validation import UsageError
@@ -294,7 +295,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | None = None, bpe_file
         trainer_state = _read_json(folder, "trainer_state.json")
     try:
         with backend.device_scope(device):
-            model = GPTModel(config)
+            model = (LlamaModel if config.get("arch") == "llama" else GPTModel)(config)
             for key, rebuild in MODEL_CHANGES.items():  # e.g. LoRA's adapters: the same change, then its weights
                 if key in config:
                     rebuild(model, **config[key])

@@ -17,13 +17,23 @@ Initialisation is PyTorch's default for each layer, as in model.py (norm weights
 """
 from __future__ import annotations
 
+import math
+
 from tinygpt import backend, nn
 from tinygpt import functional as F
 from tinygpt.tensor import Tensor, ones
 
+
+
+def swiglu_hidden(emb_dim: int) -> int:
+    """Llama's feed-forward width: 2/3 of GPT's 4 * emb_dim, so that three matrices hold as many
+    parameters as GPT's two, rounded up to a multiple of 8."""
+    return 8 * math.ceil(2 * 4 * emb_dim / 3 / 8)
+
+
 # A model for the default text (`tinygpt train --arch llama`), the default GPT's size with half as many kv heads.
 LLAMA_CONFIG_SMALL = {"vocab_size": 1024, "context_length": 128, "emb_dim": 128, "n_heads": 4, "n_kv_heads": 2,
-                      "n_layers": 4, "hidden_dim": 352, "head_dim": 32, "rope_theta": 10000.0, "rope_scaling": None,
+                      "n_layers": 4, "hidden_dim": swiglu_hidden(128), "rope_theta": 10000.0, "rope_scaling": None,
                       "rms_norm_eps": 1e-5, "qk_norm": False, "tie_weights": False}
 
 # The real shapes, from each model's config.json on the Hugging Face Hub.
@@ -43,7 +53,9 @@ LLAMA_PRESETS = {
 }
 
 _REQUIRED = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_kv_heads", "n_layers", "hidden_dim")
-_DEFAULTS = {"rope_theta": 10000.0, "rope_scaling": None, "rms_norm_eps": 1e-5, "qk_norm": False, "tie_weights": False}
+# drop_rate is always 0 (these models train without dropout); it is kept for the tools that print it.
+_DEFAULTS = {"rope_theta": 10000.0, "rope_scaling": None, "rms_norm_eps": 1e-5, "qk_norm": False, "tie_weights": False,
+             "drop_rate": 0.0}
 
 
 def full_config(cfg: dict) -> dict:
@@ -52,7 +64,7 @@ def full_config(cfg: dict) -> dict:
     missing = [k for k in _REQUIRED if k not in cfg]
     if missing:
         raise KeyError(f"Llama config lacks {', '.join(missing)}")
-    cfg = {**_DEFAULTS, "head_dim": cfg["emb_dim"] // cfg["n_heads"], **cfg}
+    cfg = {**_DEFAULTS, "head_dim": cfg["emb_dim"] // cfg["n_heads"], **cfg, "arch": "llama"}
     bad = [f"{k}={cfg[k]!r}" for k in (*_REQUIRED, "head_dim")
            if isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] < 1]
     if bad:
@@ -61,7 +73,26 @@ def full_config(cfg: dict) -> dict:
         raise ValueError(f"Llama config: n_kv_heads={cfg['n_kv_heads']} does not divide n_heads={cfg['n_heads']}")
     if cfg["head_dim"] % 2:
         raise ValueError(f"Llama config: head_dim={cfg['head_dim']} must be even (RoPE turns pairs of values)")
+    unsupported = {"drop_rate": cfg["drop_rate"] != 0.0, "qkv_bias": bool(cfg.get("qkv_bias")),
+                   "num_classes": bool(cfg.get("num_classes"))}
+    wrong = [f"{k}={cfg.get(k)!r}" for k, bad in unsupported.items() if bad]
+    if wrong:
+        raise ValueError(f"Llama config: {', '.join(wrong)} is not supported (LlamaModel trains without dropout, "
+                         "has no biases and no classifier head)")
     return cfg
+
+
+def cli_config(preset: str | None, changes: dict, vocab_size: int) -> dict:
+    """The config of `tinygpt train --arch llama [--model PRESET] [--emb-dim ...]`: the preset
+    (default llama-small) with the options given, head_dim and hidden_dim following emb_dim
+    and n_heads where the preset derives them so."""
+    base = full_config(LLAMA_PRESETS[preset or "llama-small"])
+    cfg = {**base, **changes, "vocab_size": vocab_size}
+    if base["head_dim"] == base["emb_dim"] // base["n_heads"]:
+        cfg["head_dim"] = cfg["emb_dim"] // cfg["n_heads"]
+    if base["hidden_dim"] == swiglu_hidden(base["emb_dim"]):
+        cfg["hidden_dim"] = swiglu_hidden(cfg["emb_dim"])
+    return full_config(cfg)
 
 
 class RMSNorm(nn.Module):

@@ -51,8 +51,20 @@ def _build_tokenizer(args, text: str):
 
 
 def _model_config(args, vocab_size: int) -> dict:
+    from tinygpt.llama import LLAMA_PRESETS, cli_config
     from tinygpt.model import GPT_PRESETS
 
+    if args.arch == "llama" or args.model in LLAMA_PRESETS:  # the sibling model, tinygpt/llama.py
+        if args.arch == "gpt" or (args.model and args.model not in LLAMA_PRESETS):
+            raise UsageError(f"--model {args.model} and --arch {args.arch or 'llama'} do not go together")
+        changes = {key: getattr(args, option) for option, key in MODEL_OPTIONS.items() if getattr(args, option) is not None}
+        try:
+            return cli_config(args.model, {**changes, **({"n_kv_heads": args.n_kv_heads} if args.n_kv_heads else {})},
+                              vocab_size)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if args.n_kv_heads is not None:
+        raise UsageError("--n-kv-heads applies only to --arch llama")
     cfg = dict(GPT_PRESETS[args.model]) if args.model else dict(DEFAULT_MODEL)
     for option, key in MODEL_OPTIONS.items():
         if getattr(args, option) is not None:
@@ -98,6 +110,7 @@ def run_train(args) -> int:
 
 def _new_run(args, run_dir: Path) -> int:
     from tinygpt.checkpoint import checkpoints
+    from tinygpt.llama import LlamaModel
     from tinygpt.model import GPTModel
     from tinygpt.rundir import data_identity, text_identity
     from tinygpt.train import TrainConfig
@@ -119,7 +132,8 @@ def _new_run(args, run_dir: Path) -> int:
     import tinygpt as tg
 
     tg.manual_seed(args.seed)
-    model = GPTModel(_model_config(args, tokenizer.n_vocab))
+    cfg = _model_config(args, tokenizer.n_vocab)
+    model = (LlamaModel if cfg.get("arch") == "llama" else GPTModel)(cfg)
     return _fit(args, model, tokenizer, config, data, text, run_dir, checkpoint=None)
 
 
@@ -234,6 +248,7 @@ def _fit(args, model, tokenizer, config, data, text, run_dir, checkpoint, in_run
 
 
 def add_command(sub) -> None:
+    from tinygpt.llama import LLAMA_PRESETS
     from tinygpt.model import GPT_PRESETS
 
     p = sub.add_parser("train", help="pretrain a GPT (default: a small character-level model on text that ships with Python)")
@@ -242,10 +257,14 @@ def add_command(sub) -> None:
     p.add_argument("--tokenizer", choices=["char", "gpt2", "bpe"], help="default char")
     p.add_argument("--bpe-file", type=v.existing_file, help="local GPT-2 ranks file for --tokenizer gpt2 offline (or TINYGPT_BPE_FILE)")
     p.add_argument("--vocab-size", type=v.integer(257), help="vocabulary for --tokenizer bpe (default 1024)")
-    p.add_argument("--model", choices=list(GPT_PRESETS), help="a GPT-2 size (default: a small model, see --emb-dim ...)")
+    p.add_argument("--arch", choices=["gpt", "llama"], help="gpt (default): the book's GPT-2; llama: RMSNorm, RoPE, "
+                   "SwiGLU, grouped-query attention (tinygpt/llama.py)")
+    p.add_argument("--model", choices=list(GPT_PRESETS) + list(LLAMA_PRESETS),
+                   help="a GPT-2 size or a Llama-family preset (default: a small model, see --emb-dim ...)")
     p.add_argument("--emb-dim", type=v.positive_int)
     p.add_argument("--n-layers", type=v.positive_int)
     p.add_argument("--n-heads", type=v.positive_int)
+    p.add_argument("--n-kv-heads", type=v.positive_int, help="--arch llama: key/value heads, dividing --n-heads")
     p.add_argument("--context-length", type=v.positive_int)
     p.add_argument("--dropout", type=v.dropout, help="dropout rate in [0, 1)")
     p.add_argument("--qkv-bias", action="store_true", default=None)
