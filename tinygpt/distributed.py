@@ -18,9 +18,9 @@ mean. Clipping and AdamW then run on identical gradients and keep the weights id
 With the -100 masking of instruction finetuning the c_r differ: a mean of per-rank means
 would count a target on a rank with few of them more than one on a rank with many.
 
-How the ranks talk (MPI, NCCL, buckets, the heartbeat watchdog, stopping every rank) is in
-tinygpt/transport.py; its public names are re-exported here, so `distributed.init()`,
-`distributed.all_reduce(...)` and the rest work as before.
+Joining the ranks and ending them together is tinygpt/ranks.py; how arrays travel between
+them (MPI, NCCL, buckets, the heartbeat watchdog) is tinygpt/transport.py. Their public names
+are re-exported here: `distributed.init()`, `distributed.all_reduce(...)` and the rest.
 """
 from __future__ import annotations
 
@@ -31,9 +31,11 @@ import numpy as np
 
 from tinygpt import backend
 from tinygpt.functional.loss import IGNORE_INDEX
-from tinygpt.transport import (BUCKET_BYTES, DistributedError, StopEveryRank, abort, all_gather_object,  # noqa: F401
-                               all_reduce, barrier, broadcast, broadcast_object, describe, end_every_rank_on_failure,
-                               ending_together, init, is_main, launched_by_mpi, rank, stop_if_any, world_size)
+from tinygpt.ranks import (DistributedError, StopEveryRank, abort, all_gather_object, all_reduce,  # noqa: F401
+                           barrier, broadcast, broadcast_object, describe, end_every_rank_on_failure, ending_together,
+                           init, is_main, launched_by_mpi, meet_to_start_training, rank, stop_if_any,
+                           world_size)
+from tinygpt.transport import BUCKET_BYTES  # noqa: F401
 
 
 # ------------------------------------------------------------------ data parallel training
@@ -126,6 +128,7 @@ def start_training(params: list, run: dict, batch_size: int, resumed: bool = Fal
     if world_size() == 1:
         return
     ending_together(None)
+    meet_to_start_training()  # every rank got here (or one ended before: all stop)
     stop_if_any(different_start(params, run))
     try:
         check_batch_size(batch_size, resumed=resumed)

@@ -1,22 +1,15 @@
-"""How the ranks of a data-parallel run talk: the process group, its collectives, and what
-happens when a rank fails. The math that uses them is in tinygpt/distributed.py.
+"""The wire between the ranks of a data-parallel run: one process group, its collectives, and
+a heartbeat watchdog. Who the ranks are and how a run starts and ends is tinygpt/ranks.py;
+the math that uses the collectives is tinygpt/distributed.py.
 
-`mpiexec -n N python ...` starts the ranks; `init()` joins them into one group. Arrays
-travel by MPI (mpi4py), or by NCCL for CuPy arrays (cupy.cuda.nccl, its id handed out over
-MPI). MPI reads host memory only, so any other array (the strict test backend's) goes through
-a host copy. Small arrays travel packed in flat buckets of `BUCKET_BYTES`, not one message
-per parameter. Waits poll a non-blocking request, so signals reach the main thread and a
-heartbeat thread (`_Watchdog`) can end a rank whose peer died.
-
-Ending a run. A rank that fails alone must stop the others, or they wait for it forever in
-their next collective: `end_every_rank_on_failure` calls MPI_Abort. A stop that every rank
-reaches at the same point (a bad start all ranks agree on, `stop_if_any`; a Ctrl-C agreed at
-a step boundary, `ending_together`) needs no abort: each rank leaves with the same status
-and rank 0 alone says why.
+Arrays travel by MPI (mpi4py), or by NCCL for CuPy arrays (cupy.cuda.nccl, its id handed out
+over MPI). MPI reads host memory only, so any other array (the strict test backend's) goes
+through a host copy. Small arrays travel packed in flat buckets of `BUCKET_BYTES`, not one
+message per parameter. Waits poll a non-blocking request, so signals reach the main thread
+and a heartbeat thread (`_Watchdog`) can end a rank whose peer died.
 """
 from __future__ import annotations
 
-import atexit
 import os
 import socket
 import sys
@@ -26,183 +19,9 @@ import time
 import numpy as np
 
 from tinygpt import backend, env
-from tinygpt.validation import UsageError
 
 BUCKET_BYTES = 25 * 2**20  # arrays smaller than this are packed together into one message
 HEARTBEAT_S = 1.0          # how often each rank tells the others it is alive
-# MPI launchers set one of these in every rank they start (MPICH/Intel MPI, Open MPI, MVAPICH)
-LAUNCHER_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-
-_group: "ProcessGroup | None" = None
-_agreed_status: int | None = None  # the exit status every rank agreed to end with (no MPI_Abort then)
-
-
-class DistributedError(UsageError):
-    """The ranks were started in a way that cannot work (exit status 2)."""
-
-
-class StopEveryRank(BaseException):
-    """Raised on every rank at once, for a reason all the ranks agreed on (see stop_if_any).
-    Not an Exception: like SystemExit it ends the run, and `except Exception` lets it pass
-    up to end_every_rank_on_failure, where rank 0 alone prints it."""
-
-    def __init__(self, message: str, status: int = 2, speaks: bool = True):
-        super().__init__(message)
-        self.message, self.status, self.speaks = message, status, speaks  # speaks: rank 0 (prints it)
-
-
-# ------------------------------------------------------------------ joining the ranks
-
-def launched_by_mpi() -> bool:
-    """Whether this process was started by mpiexec/mpirun with more than one rank."""
-    return any(int(os.environ.get(name, "1") or 1) > 1 for name in LAUNCHER_VARIABLES)
-
-
-def init(force: bool = False, device: str = "cpu", nccl=None, transport: str = "auto") -> int:
-    """Join the ranks started by an MPI launcher (or, with force, whatever MPI sees) and
-    return the world size; in a process started alone, do nothing and return 1.
-    device "cuda" puts each rank on its own GPU of its machine. `nccl` replaces
-    cupy.cuda.nccl (tests use a stand-in); transport "nccl" sends NumPy arrays through it too.
-    A device or setting that does not work on some rank stops every rank (StopEveryRank)."""
-    global _group
-    if _group is not None:
-        return _group.size
-    if not (force or launched_by_mpi()):
-        return 1
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        raise DistributedError("running under an MPI launcher needs mpi4py: pip install -e \".[mpi]\" "
-                               "(or pip install mpi4py mpich)") from None
-    comm = MPI.COMM_WORLD
-    devices = comm.allgather(device)
-    differ = next((r for r, d in enumerate(devices) if d != devices[0]), None)
-    _stop_if_any(comm, None if differ is None else
-                f"rank {differ} was started differently from rank 0 (device: {devices[differ]!r} on rank {differ}, "
-                f"{devices[0]!r} on rank 0; from --device or TINYGPT_DEVICE); start every rank on the same device", 2)
-    _stop_if_any(comm, _device_problem(device), 2)
-    _group = ProcessGroup(comm, device, nccl, transport)
-    atexit.register(_group.close)  # runs before mpi4py's own MPI_Finalize (registered earlier)
-    return _group.size
-
-
-def _device_problem(device: str) -> str | None:
-    """What keeps this rank from running on `device`, or None."""
-    if device not in backend.DEVICES:
-        return f"unknown device {device!r}; expected one of {', '.join(backend.DEVICES)}"
-    if device == "cuda":
-        usable, why = backend.cuda_available()
-        if not usable:
-            return f"rank {rank_from_launcher()} cannot use device 'cuda': {why}"
-    return None
-
-
-def rank_from_launcher() -> int:
-    """This rank's number as the launcher set it (usable before init)."""
-    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return rank()
-
-
-def rank() -> int:
-    return _group.rank if _group else 0
-
-
-def world_size() -> int:
-    return _group.size if _group else 1
-
-
-def is_main() -> bool:
-    """Rank 0: the one that prints, shows progress and writes checkpoints and history."""
-    return rank() == 0
-
-
-def describe() -> str:
-    """One line naming every rank's process and machine (mpiexec names a dead one by its PID)."""
-    ranks = "; ".join(f"rank {r}: {where}" for r, where in enumerate(_group.where)) if _group else "one process"
-    return f"data parallel over {world_size()} ranks ({ranks})"
-
-
-# ------------------------------------------------------------------ collectives
-
-def all_reduce(arrays, op: str = "mean"):
-    """Sum (op "sum") or average (op "mean") each array over the ranks, in place; returns them."""
-    if _group is not None:
-        _group.all_reduce(list(arrays), op)
-    return arrays
-
-
-def broadcast(arrays, root: int = 0):
-    """Overwrite each array, in place, with rank `root`'s; returns them."""
-    if _group is not None:
-        _group.broadcast(list(arrays), root)
-    return arrays
-
-
-def barrier() -> None:
-    """Wait until every rank is here."""
-    if _group is not None:
-        _group.wait(_group.comm.Ibarrier())
-
-
-def broadcast_object(obj, root: int = 0):
-    """Rank `root`'s copy of a picklable object, on every rank."""
-    return _group.comm.bcast(obj, root=root) if _group else obj
-
-
-def all_gather_object(obj) -> list:
-    """Every rank's `obj` (picklable), in rank order, on every rank."""
-    return _group.comm.allgather(obj) if _group else [obj]
-
-
-# ------------------------------------------------------------------ ending a run
-
-def stop_if_any(problem: str | None, status: int = 2) -> None:
-    """Every rank says what is wrong on it (None: nothing). If any rank has a problem, every
-    rank raises StopEveryRank with the first one, so they all stop here together."""
-    _stop_if_any(_group.comm if _group else None, problem, status)
-
-
-def _stop_if_any(comm, problem: str | None, status: int) -> None:
-    problems = comm.allgather(problem) if comm is not None else [problem]
-    first = next((p for p in problems if p), None)
-    if first is not None:
-        raise StopEveryRank(first, status, speaks=comm is None or comm.Get_rank() == 0)
-
-
-def ending_together(status: int | None) -> None:
-    """Every rank has agreed to end now with exit `status` (e.g. 130 after a Ctrl-C agreed at
-    a step boundary), so that status no longer means this rank failed alone. None: not ending."""
-    global _agreed_status
-    _agreed_status = status
-
-
-def abort(message: str, code: int = 1) -> None:
-    """Print `message` naming this rank and stop every rank (a rank that merely exited with
-    an error would leave the others waiting for it forever)."""
-    print(f"tinygpt: error: rank {rank()} of {world_size()}: {message}", file=sys.stderr, flush=True)
-    if _group is not None and _group.size > 1:
-        sys.stdout.flush()
-        time.sleep(0.5)  # MPI_Abort kills every rank at once: give mpiexec time to forward what they printed
-        _group.comm.Abort(code)
-
-
-def end_every_rank_on_failure(main):
-    """Wrap a command's main(). A StopEveryRank is printed by rank 0 and ends every rank with
-    its status. Any other failure (non-zero status) on one rank stops the whole job, rather
-    than leave the other ranks waiting for this one in their next collective."""
-    def run(*args, **kwargs) -> int:
-        try:
-            code = main(*args, **kwargs)
-        except StopEveryRank as stop:
-            if stop.speaks:
-                print(f"tinygpt: error: {stop.message}", file=sys.stderr, flush=True)
-            return stop.status
-        if code and world_size() > 1 and code != _agreed_status:
-            abort(f"the command failed (exit status {code}); stopping every rank", code)
-        return code
-    return run
 
 
 # ------------------------------------------------------------------ the process group
@@ -399,7 +218,7 @@ class _Watchdog(threading.Thread):
             if silent:
                 lost = ", ".join(f"rank {r} ({self.where[r]})" for r in silent)
                 print(f"tinygpt: error: rank {self.comm.Get_rank()}: lost {lost}: no heartbeat for {self.timeout:g} s "
-                      f"(it died or is stuck); stopping this rank too", file=sys.stderr, flush=True)
+                      f"(it died or is stuck); stopping this rank too", file=sys.__stderr__, flush=True)  # never held back
                 os._exit(1)
 
     def _send(self, tag: int) -> None:
