@@ -35,7 +35,7 @@ from safetensors.numpy import load_file, save_file
 from tinygpt import backend
 from tinygpt.data import load_tokenizer, save_tokenizer
 from tinygpt.errors import RunError
-from tinygpt.files import atomic_write_text, make_temp_dir, sha256_file
+from tinygpt.files import atomic_write_text, give_umask_mode, make_temp_dir, sha256_file
 from tinygpt.llama import LlamaModel
 from tinygpt.model import GPTModel
 from tinygpt.optim import AdamW
@@ -143,12 +143,14 @@ def _write(folder: Path, weights: dict, cfg: dict, tokenizer: Any, opt: dict | N
 
 
 def _save_arrays(arrays: dict, path: Path) -> None:
-    """save_file, whose I/O failures (a full disk) arrive as SafetensorError: an OSError naming the file."""
+    """save_file, whose I/O failures (a full disk) arrive as SafetensorError: an OSError naming the
+    file; the file gets the mode open() would give."""
     def save(path: Path) -> None:
         try:
             save_file(arrays, str(path))
         except SafetensorError as e:
             raise OSError(str(e).replace("Error while serializing: ", "")) from None
+        give_umask_mode(path)  # save_file makes it 0600: another user of the run could not read it
     _write_file(path, save)
 
 

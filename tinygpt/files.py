@@ -135,6 +135,27 @@ def _naming(e: OSError, path) -> OSError:
     return OSError(e.errno, f"could not write {path}: {reason}") if e.errno else OSError(f"could not write {path}: {reason}")
 
 
+def give_umask_mode(path: str | os.PathLike) -> None:
+    """Set a new file's mode to what open() gives under the umask (for writers, such as
+    safetensors, that create files 0600)."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def current_umask() -> int:
+    """The process's umask, read from /proc where Linux offers it: setting the umask to learn it
+    would race with other threads creating files meanwhile."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
     """A new folder parent/PREFIXxxxxxxxx with the mode mkdir() gives (0777 less the umask)."""
     for _ in range(100):
