@@ -7,16 +7,14 @@ trace() switched on.
     python benchmarks/anomaly_overhead.py --repeats 40 --json overhead.json
 
 The watch points are: Function.apply's loop over this thread's observers after each op's
-forward, the backward loop's timer and loop over them (grads.call_backward), Module.__call__'s
-test for observers and hooks, and the version counter of Tensor.data's setter (anomaly mode
-compares it to find a saved tensor changed in place). "Taken out" recompiles apply and
-call_backward from their own source without those lines (so the copies cannot drift from the
-engine), calls forward directly in Module.__call__, and gives Tensor.data a setter that counts
-nothing; the script checks that both give the same loss to the last bit.
-
-The per-call figures also say what recording module paths at every forward would cost (every
-module call through hooks.call_module, as when someone watches): the price of showing module
-paths for a backward traced without its forward.
+forward and its note of the module path on each op that records a graph (so that a trace of
+a backward alone still names the modules), the backward loop's timer and loop over the
+observers (grads.call_backward), Module.__call__'s way through hooks.call_module, which keeps
+the module path, whenever the call records a graph, and the version counter of Tensor.data's
+setter (anomaly mode compares it to find a saved tensor changed in place). "Taken out"
+recompiles apply and call_backward from their own source without those lines (so the copies
+cannot drift from the engine), calls forward directly in Module.__call__, and gives Tensor.data
+a setter that counts nothing; the script checks that both give the same loss to the last bit.
 
 The variants run in turn (out, in, out, in, ...) so that whatever else the machine does
 falls on both alike; each figure is the median over the repeats.
@@ -36,7 +34,7 @@ import numpy as np
 
 import tinygpt as tg
 import tinygpt.functional as F
-from tinygpt import hooks, nn
+from tinygpt import nn
 from tinygpt.files import atomic_write_text
 from tinygpt.graph_state import watching
 from tinygpt.model import GPTModel
@@ -50,9 +48,15 @@ TENSOR = sys.modules["tinygpt.tensor"]  # the module (the name tinygpt.tensor is
 
 
 class _TakeOut(ast.NodeTransformer):
-    """Deletes the watch points from a function's syntax tree: loops over the observers and
-    the backward timer (`started = ...`)."""
+    """Deletes the watch points from a function's syntax tree: loops over the observers, the
+    note of the module path (`if ...: ctx.module_path = ...`) and the backward timer (`started = ...`)."""
     removed = 0
+
+    def visit_If(self, node):
+        if "module_path" in ast.unparse(node):
+            self.removed += 1
+            return None
+        return self.generic_visit(node)
 
     def visit_For(self, node):
         if "observers" in ast.unparse(node.iter):
@@ -169,15 +173,26 @@ class _Same(nn.Module):
         return x
 
 
+class _Chain(nn.Module):
+    """Modules that do nothing, called in turn: one outermost call and CHAIN inner ones, as in a model."""
+    CHAIN = 16
+
+    def __init__(self):
+        self.layers = nn.Sequential(*[_Same() for _ in range(self.CHAIN - 1)])
+
+    def forward(self, x):
+        return self.layers(x)
+
+
 def per_call_costs(rounds: int = 40, calls: int = 2000) -> dict:
     """Seconds per call of a one-element op's forward + backward, of calling a module whose
-    forward does nothing, and of assigning Tensor.data, with and without the watch points; and
-    of that module call through hooks.call_module (module paths recorded). The fastest round,
-    as timeit does, since on a busy machine the slower rounds measure the other processes."""
+    forward does nothing (on a tensor that requires grad; in a chain of such modules, so that
+    the outermost call's naming of the modules below it counts once per chain, as in a
+    model), and of assigning Tensor.data, with and without the watch points. The fastest round, as timeit does, since on a busy machine the
+    slower rounds measure the other processes."""
     a, b = tg.tensor([1.0], requires_grad=True), tg.tensor([2.0])
-    module, array = _Same(), a.data
+    module, array = _Chain(), a.data
     samples = {(w, what): [] for w in (False, True) for what in ("op", "module", "data")}
-    samples[True, "module with paths"] = []
     for _ in range(rounds):
         for watch_points in (False, True):
             use(watch_points)
@@ -186,17 +201,13 @@ def per_call_costs(rounds: int = 40, calls: int = 2000) -> dict:
                 (a * b).backward(np.ones(1, dtype=np.float32))
             samples[watch_points, "op"].append((time.perf_counter() - started) / calls)
             started = time.perf_counter()
-            for _ in range(calls):
+            for _ in range(calls // module.CHAIN):
                 module(a)
-            samples[watch_points, "module"].append((time.perf_counter() - started) / calls)
+            samples[watch_points, "module"].append((time.perf_counter() - started) / (calls // module.CHAIN * (module.CHAIN + 1)))
             started = time.perf_counter()
             for _ in range(calls):
                 b.data = array
             samples[watch_points, "data"].append((time.perf_counter() - started) / calls)
-        started = time.perf_counter()
-        for _ in range(calls):
-            hooks.call_module(module, (a,), {})
-        samples[True, "module with paths"].append((time.perf_counter() - started) / calls)
     use(True)
     return {key: min(values) for key, values in samples.items()}
 
@@ -250,7 +261,6 @@ def main() -> None:
     op_extra = costs[True, "op"] - costs[False, "op"]
     module_extra = costs[True, "module"] - costs[False, "module"]
     data_extra = costs[True, "data"] - costs[False, "data"]
-    paths_extra = costs[True, "module with paths"] - costs[True, "module"]
     # every op here is also a backward node, or none
     predicted = counter.ops * op_extra + counter.modules * module_extra + counter.assignments * data_extra
     print(f"per call (one-element tensors, fastest of {args.rounds} x 2000): op forward+backward "
@@ -262,17 +272,12 @@ def main() -> None:
     print(f"one step runs {counter.ops} ops ({counter.nodes} backward nodes), {counter.modules} module calls and "
           f"{counter.assignments} .data assignments: {predicted * 1e6:.0f} us of watch points, "
           f"{predicted / base:.3%} of the step")
-    # an upper bound: each call here is an outermost one, which also names every module below it
-    print(f"recording module paths at every forward (each module call through hooks.call_module) would add at most "
-          f"{paths_extra * 1e9:+.0f} ns per module call: {counter.modules * paths_extra * 1e6:.0f} us, "
-          f"{counter.modules * paths_extra / base:.3%} of the step")
     if args.json:
         atomic_write_text(args.json, json.dumps({"batch": args.batch, "tokens": args.tokens, "repeats": args.repeats,
                                                  "variants": report, "ops": counter.ops, "modules": counter.modules,
                                                  "data_assignments": counter.assignments,
                                                  "per_call_s": {f"{'shipped' if w else 'taken out'} {what}": v
                                                                 for (w, what), v in costs.items()},
-                                                 "module_paths_fraction": counter.modules * paths_extra / base,
                                                  "predicted_fraction": predicted / base}, indent=2))
         print(f"wrote {args.json}")
 

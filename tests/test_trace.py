@@ -97,19 +97,38 @@ def test_module_paths_are_taken_at_forward_time(traced):
     assert leaf.name == "trf_blocks.1.ff.layers.0.weight" and leaf.shape == (32, 8)
 
 
-def test_ops_made_before_the_trace_are_recorded_without_a_module_and_the_table_says_so():
+def test_a_trace_of_the_backward_alone_has_the_module_paths_but_no_source_lines_and_says_so(traced):
+    inside, _, _, _ = traced
     model, x, y = _model_and_batch()
     loss = F.cross_entropy(model(x), y)
     tensors, _, _ = _graph(loss)
     with tg.trace() as t:
         loss.backward()
     assert len(t.nodes) == len(tensors)
-    assert {n.module for n in t.nodes} == {None} and not any(n.forward_seen for n in t.nodes)
+    assert [(n.op, n.module) for n in t.nodes] == [(n.op, n.module) for n in inside.nodes]
+    assert not any(n.forward_seen for n in t.nodes)
     assert {n.op_line for n in t.nodes} == {None}  # not the line that called backward
     first = t.table().splitlines()[0]
     assert first.startswith(f"{len(tensors)} of {len(tensors)} nodes were made before the trace began")
     assert "run the forward inside" in first
     assert state.observers == []
+
+
+def test_module_paths_are_noted_on_ops_only_when_the_forward_records_a_graph():
+    seen = []
+
+    class Probe(tg.nn.Module):
+        def forward(self, x):
+            seen.append(list(state.module_paths))
+            return x * 2.0
+
+    outer = tg.nn.Sequential(Probe())
+    x = tg.tensor(np.ones(2, dtype=np.float32), requires_grad=True)
+    with tg.no_grad():  # evaluation and generation call forward directly: nothing to note
+        outer(x)
+    out = outer(x)
+    assert seen == [[], ["", "0"]] and state.module_paths == []
+    assert out._ctx.module_path == "0"
 
 
 def test_keep_grads_gives_the_gradients_retain_grad_gives(device):

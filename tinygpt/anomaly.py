@@ -124,12 +124,13 @@ def _same_memory(a, b) -> bool:
 
 def _report(ctx, what: str, cause: str) -> str:
     origin = origin_of(ctx)
+    path = origin.module if origin else getattr(ctx, "module_path", None)
+    module = "(outside modules)" if path is None else path or "(outermost module)"
+    lines = [f"detect_anomaly: {what}", f"  module:   {module}"]
     if origin is None:
-        lines = [f"detect_anomaly: {what}", "  module:   unknown: the forward ran before detect_anomaly was entered "
-                                            "(run it inside to see the module and the line)"]
+        lines.append("  op line:  unknown: the forward ran before detect_anomaly was entered (run it inside to see it)")
     else:
-        module = "(outside modules)" if origin.module is None else origin.module or "(outermost module)"
-        lines = [f"detect_anomaly: {what}", f"  module:   {module}", f"  op line:  {origin.op_line}"]
+        lines.append(f"  op line:  {origin.op_line}")
         if origin.user_line != origin.op_line:
             lines.append(f"  called from: {origin.user_line}")
     lines.append(f"  cause:    {cause}")

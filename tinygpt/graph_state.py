@@ -1,9 +1,12 @@
 """What the autograd engine remembers between calls, kept per thread.
 
-Two things: whether operations record a graph (`no_grad` turns it off), and who watches the
-graph (`trace()` and `detect_anomaly()` add an observer while they are active). Both are per
-thread, as PyTorch's grad mode is: inference under `no_grad` in one thread must not switch
-gradients off for a training loop in another, and a trace records only its own thread's nodes.
+Three things: whether operations record a graph (`no_grad` turns it off), who watches the
+graph (`trace()` and `detect_anomaly()` add an observer while they are active), and which
+module calls are in progress (hooks.py keeps them, so that every op recorded in a graph knows
+its module path, and a trace of a backward whose forward it did not see can still name it).
+All are per thread, as PyTorch's grad mode is: inference under `no_grad` in one thread must
+not switch gradients off for a training loop in another, and a trace records only its own
+thread's nodes.
 
 An observer has on_forward(ctx, output) and on_backward(node, grad_output, grad_inputs, seconds).
 The list is empty by default, so watching costs nothing when nobody watches.
@@ -19,6 +22,10 @@ class _ThreadState(threading.local):
     def __init__(self):  # runs once in every thread that touches it
         self.grad_enabled = True
         self.observers: list = []
+        self.module_paths: list[str] = []          # the module calls in progress, innermost last
+        self.module_names: dict[int, str] = {}     # id(module) -> its path in the outermost module called last
+        self.outermost = None                      # a weak reference to that module
+        self.parameter_names: dict | None = None   # id(parameter) -> its name there, made when first asked
 
 
 state = _ThreadState()

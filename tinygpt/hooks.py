@@ -1,8 +1,10 @@
 """Module hooks with PyTorch's semantics, and the module path of the op being run.
 
-`Module.__call__` (nn.py) comes here only when someone watches: a module has hooks, or a
-trace / anomaly detector is in this thread's `graph_state.state.observers`. Otherwise it
-calls forward directly, so an unwatched model pays one truth test per module call.
+`Module.__call__` (nn.py) comes here when the call records a graph (so that each op knows
+its module path: Function.apply notes it on the op) or when someone watches: a module has
+hooks, or a trace / anomaly detector is in this thread's `graph_state.state.observers`.
+Otherwise (under no_grad, unwatched: evaluation, generation) it calls forward directly, so
+such a model pays one truth test per module call.
 
 A full backward hook needs the gradients with respect to a module's inputs and outputs.
 As in PyTorch, each tensor input (and output) is passed through an identity node; a tensor
@@ -12,28 +14,28 @@ called once the gradient of every input has arrived, and may replace them.
 from __future__ import annotations
 
 import functools
+import weakref
 
 from tinygpt import backend
 from tinygpt.graph_state import state
 from tinygpt.tensor import Function, Tensor, is_grad_enabled
 from tinygpt.tensor import HookHandle
 
-# The module calls in progress, outermost first, and the path of every module below the
-# outermost one, as its named_modules() gives them ("" is the outermost module itself).
-_paths: list[str] = []
-_names: dict[int, str] = {}
-_parameter_names: dict[int, str] = {}
-
 
 def current_module() -> str | None:
     """The dotted path of the innermost module being called ("trf_blocks.3.att"), "" for the
-    outermost module's own code, None outside any module. Known only while someone watches."""
-    return _paths[-1] if _paths else None
+    outermost module's own code, None outside any module. Known while the call records a graph
+    or someone watches."""
+    paths = state.module_paths
+    return paths[-1] if paths else None
 
 
 def parameter_name(t: Tensor) -> str | None:
-    """The name of a parameter of the outermost module called last while watching, if t is one."""
-    return _parameter_names.get(id(t))
+    """The name of a parameter of the outermost module called last in this thread, if t is one."""
+    if state.parameter_names is None:  # named when first asked (by a trace or an anomaly report), not every call
+        root = state.outermost() if state.outermost is not None else None
+        state.parameter_names = {} if root is None else {id(p): name for name, p in root.named_parameters()}
+    return state.parameter_names.get(id(t))
 
 
 def add_hook(hooks: dict, fn) -> HookHandle:
@@ -58,22 +60,21 @@ def call_module(module, args: tuple, kwargs: dict):
             output = backward.wrap_outputs(output)
         for observer in state.observers:
             if hasattr(observer, "on_module"):
-                observer.on_module(_paths[-1], module, output)
+                observer.on_module(state.module_paths[-1], module, output)
         return output
     finally:
-        _paths.pop()
+        state.module_paths.pop()
 
 
 def _enter(module) -> None:
-    if not _paths:  # the outermost call names every module below it
-        _names.clear()
-        _names.update((id(m), name) for name, m in module.named_modules())
-        _parameter_names.clear()
-        _parameter_names.update((id(p), name) for name, p in module.named_parameters())
-    path = _names.get(id(module))
+    paths = state.module_paths
+    if not paths:  # the outermost call names every module below it
+        state.module_names = {id(m): name for name, m in module.named_modules()}
+        state.outermost, state.parameter_names = weakref.ref(module), None
+    path = state.module_names.get(id(module))
     if path is None:  # a module outside the outermost one's tree: name it by its class
-        path = f"{_paths[-1]}.{type(module).__name__}" if _paths[-1] else type(module).__name__
-    _paths.append(path)
+        path = f"{paths[-1]}.{type(module).__name__}" if paths[-1] else type(module).__name__
+    paths.append(path)
 
 
 class HookIdentity(Function):

@@ -41,9 +41,9 @@ class Module:
     _forward_hooks = _backward_hooks = _NO_HOOKS
 
     def __call__(self, *args, **kwargs):
-        if not (state.observers or self._forward_hooks or self._backward_hooks):
+        if not (state.grad_enabled or state.observers or self._forward_hooks or self._backward_hooks):
             return self.forward(*args, **kwargs)
-        return hooks.call_module(self, args, kwargs)  # watched: module path, hooks
+        return hooks.call_module(self, args, kwargs)  # module path (for the graph's ops), hooks
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError

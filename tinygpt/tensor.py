@@ -69,6 +69,8 @@ class Function:
         data = op.forward(ctx, *(None if t is None else t.data for t in inputs), **options)
         if not is_array(data):  # NumPy reductions return scalars; keep a 0-d array of the same dtype
             data = backend_of(first).asarray(data)
+        if ctx.requires_grad:  # the module the op sits in (hooks.py keeps the calls), for trace() and detect_anomaly()
+            ctx.module_path = state.module_paths[-1] if state.module_paths else None
         out = Tensor(data, requires_grad=ctx.requires_grad, _ctx=ctx if ctx.requires_grad else None)
         for observer in state.observers:
             observer.on_forward(ctx, out)

@@ -18,8 +18,10 @@ list unless one of these context managers is active, so an unwatched model pays 
         loss.backward()
     t.grad_of("trf_blocks.0.att")             # dL/d(output of that module call), a NumPy array
 
-Module paths ("trf_blocks.3.att") and source lines are taken at forward time, so ops made
-before the trace was entered show module None and no lines (`Node.forward_seen` is False).
+Module paths ("trf_blocks.3.att") are noted on every op that records a graph, so a trace
+that holds only `loss.backward()` names them too; source lines are taken only while someone
+watches the forward, so ops made before the trace was entered show none (`Node.forward_seen`
+is False), and neither their forward statistics.
 A Trace records one `with` block: entering it again, nested or after it ended, is refused.
 """
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Node:
     """One backward node: the op that made a tensor, and the gradient that arrived at it."""
     index: int                  # position in the order backward ran the nodes
     op: str                     # the Function's class name
-    module: str | None          # module path at forward time; "" the outermost module, None outside any (or unknown)
+    module: str | None          # module path at forward time; "" the outermost module, None outside any
     shape: tuple                # output shape
     dtype: str
     input_shapes: list          # per input of the op (None for an absent one)
@@ -56,7 +58,7 @@ class Node:
     seconds: float              # its backward's time
     op_line: str | None = None
     user_line: str | None = None
-    forward_seen: bool = True   # False: the forward ran before the trace began (module and lines unknown)
+    forward_seen: bool = True   # False: the forward ran before the trace began (source lines unknown)
 
 
 @dataclass
@@ -160,8 +162,9 @@ class Trace:
 
     def on_backward(self, node: Tensor, grad_output, grad_inputs: tuple, seconds: float) -> None:
         ctx, index = node._ctx, len(self.nodes)
-        origin = origin_of(ctx)
-        module, op_line, user_line = (origin.module, origin.op_line, origin.user_line) if origin else (None, None, None)
+        origin = origin_of(ctx)  # None: the forward ran before the trace, only its module path was noted
+        module, op_line, user_line = ((origin.module, origin.op_line, origin.user_line) if origin
+                                      else (getattr(ctx, "module_path", None), None, None))
         norm, low, high, zeros = grad_stats(grad_output)
         inputs = [self._input(t, index, i) for i, t in enumerate(ctx.inputs)]
         self.nodes.append(Node(index, type(ctx).__name__, module, node.shape, str(node.dtype),

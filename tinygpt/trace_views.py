@@ -43,8 +43,8 @@ def table(t, flat: bool = False, under: str | None = None) -> str:
     unseen = sum(not n.forward_seen for n in nodes)
     lines = []
     if unseen:
-        lines += [f"{unseen} of {len(nodes)} nodes were made before the trace began, so their module and source line "
-                  "are unknown: run the forward inside `with tg.trace()` too", ""]
+        lines += [f"{unseen} of {len(nodes)} nodes were made before the trace began, so their source lines and "
+                  "forward statistics are unknown: run the forward inside `with tg.trace()` too", ""]
     lines += _flat(t, nodes) if flat else _grouped(t, nodes)
     seconds, saved = sum(n.seconds for n in nodes), sum(n.saved_bytes for n in nodes)
     lines.append(f"{len(nodes)} backward nodes, {seconds * 1e3:.2f} ms in backward, {_bytes(saved)} saved for backward")
