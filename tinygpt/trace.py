@@ -7,7 +7,7 @@ node after its backward, and `Module.__call__` about every module output. Nobody
 list unless one of these context managers is active, so an unwatched model pays nothing.
 
     with tg.trace() as t:
-        loss = F.cross_entropy(model(x), y)   # forward inside too: module paths, forward statistics
+        loss = F.cross_entropy(model(x), y)   # forward inside too: source lines, forward statistics
         loss.backward()
     print(t.table())                          # per module; t.table(flat=True) node by node
     t.nodes[0].op, t.nodes[0].grad_norm       # one record per backward node, in the order they ran
