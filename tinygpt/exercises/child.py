@@ -275,7 +275,8 @@ def by_name(returned, names: tuple) -> dict:
 
 
 def _lookup(returned: dict, name: str):
-    for key in (name, "d" + name, name.removeprefix("d")):
+    bare = name.removeprefix("d") if name.startswith("d") and len(name) > 1 else name
+    for key in (name, "d" + name, bare, "d_" + bare, "grad_" + bare):
         if key in returned:
             return returned[key]
     return _ABSENT

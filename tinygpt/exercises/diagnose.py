@@ -178,4 +178,4 @@ def _locate(bad, case, regions, word: str) -> str:
             what = {"B": "batch row", "N": "row", "H": "head", "T": "position", "V": "row"}.get(name, "index")
             return (f"{n} of {total} elements are {word}, all in {what} {int(index[0])} of axis {axis} "
                     f"(size {size}{' = ' + name if name else ''}); the other {what}s are right")
-    return f"{n} of {total} elements are {word}, spread over every axis"
+    return f"{n} of {total} elements are {word}, at more than one index of every axis"

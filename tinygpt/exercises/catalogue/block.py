@@ -236,3 +236,48 @@ def _(c):
     p = {**c.p, **ones}
     plain = Context(**{**vars(c), "p": p})
     return {"x1": c.d["out"] + layer_norm_back(plain, 2, c.d["ln2"])[0], "x": c.d["x1"] + layer_norm_back(plain, 1, c.d["ln1"])[0]}
+
+
+# ------------------------------------------------------------------ the single-op catalogues, as steps of the block
+
+
+def _step_contexts(c) -> dict:
+    """For each op of the block, the single-op exercise's context built from the block's values,
+    with the learner's gradient flowing into that step as its dy, and where its gradients go."""
+    from tinygpt.exercises.catalogue import gelu, layer_norm, linear, softmax
+
+    p, d = c.p, c.d
+    steps = {"gelu": (gelu, {"x": c.h}, d["act"], {"dx": "h"}, None),
+             "softmax": (softmax, {"x": c.scores}, d["att"], {"dx": "scores"}, None)}
+    for i, x, dy, into, res in ((1, c.x, d["ln1"], "x", d["x1"]), (2, c.x1, d["ln2"], "x1", d["out"])):
+        steps[f"layer_norm{i}"] = (layer_norm, {"x": x, "scale": p[f"scale{i}"], "shift": p[f"shift{i}"]}, dy,
+                                   {"dx": into, "dscale": f"scale{i}", "dshift": f"shift{i}"}, res)
+    for y, x, w in LINEARS:
+        steps[w] = (linear, {"x": getattr(c, x), "W": p[w], "b": p[f"b_{w[-1]}"]}, d[y], {"dx": x, "dW": w, "db": f"b_{w[-1]}"}, None)
+    return steps
+
+
+def _from_op(step: str, op_mistake):
+    def wrong(c):
+        module, inputs, dy, into, residual = _step_contexts(c)[step]
+        ctx = module.context(inputs, dy)
+        if module.__name__.endswith("softmax"):
+            ctx.y = c.att  # the masked softmax the block ran
+            ctx.s = (dy * c.att).sum(axis=-1, keepdims=True)
+        out = {}
+        for grad, values in op_mistake.wrong(ctx).items():
+            values = values if isinstance(values, list) else [values]
+            add = residual if grad == "dx" and residual is not None else 0
+            out[into[grad]] = [v + add for v in values]
+        return out
+    return wrong
+
+
+STEP_LINES = {"gelu": "act = gelu(h)", "softmax": "att = softmax(scores)", "layer_norm1": "ln1 = layer_norm(x)",
+              "layer_norm2": "ln2 = layer_norm(x1)", "W_2": "ff_out = act @ W_2.T + b_2", "W_1": "h = ln2 @ W_1.T + b_1",
+              "W_o": "att_out = ctx @ W_o.T + b_o"}
+for _step, _module in (("gelu", "gelu"), ("softmax", "softmax"), ("layer_norm1", "layer_norm"), ("layer_norm2", "layer_norm"),
+                       ("W_2", "linear"), ("W_1", "linear"), ("W_o", "linear")):
+    for _m in __import__(f"tinygpt.exercises.catalogue.{_module}", fromlist=["MISTAKES"]).MISTAKES:
+        MISTAKES.append(type(_m)(f"{_step}:{_m.key}", f"in the step {STEP_LINES[_step]}: {_m.title}", _m.lesson,
+                                 _from_op(_step, _m)))
