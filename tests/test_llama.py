@@ -1,7 +1,7 @@
-"""The Llama family's ops and LlamaModel on tinygpt's own: gradient checks of the cases in
-tinygpt/opsuite_llama.py on every backend (and their torch references where torch is
-installed), values of rms_norm, rope, silu and grouped-query attention worked out by hand,
-and the model's shapes, parameter counts, KV cache and training."""
+"""The Llama family's ops and LlamaModel on tinygpt's own: values of rms_norm, rope, silu and
+grouped-query attention worked out by hand, and the model's shapes, parameter counts, KV
+cache and training. (The ops' gradient checks and torch parity run from their cases in
+tinygpt/opsuite_llama.py, in test_ops_gradcheck.py, test_torch_parity_ops.py and test_kernels.py.)"""
 from __future__ import annotations
 
 import math
@@ -13,42 +13,10 @@ import tinygpt as tg
 import tinygpt.functional as F
 from tinygpt import optim
 from tinygpt.llama import LLAMA_PRESETS, LlamaModel, cache_bytes, count_parameters, full_config
-from tinygpt.opcase import FixedPicker
-from tinygpt.opsuite import CASES
-import tinygpt.opsuite_llama  # noqa: F401  (registers the cases)
 from conftest import host
 
-LLAMA_CASES = [c for c in CASES if c.build.__module__ == "tinygpt.opsuite_llama"]
 TINY = {"vocab_size": 37, "context_length": 16, "emb_dim": 12, "n_heads": 4, "n_kv_heads": 2, "n_layers": 2,
         "hidden_dim": 20, "head_dim": 4, "qk_norm": True, "tie_weights": False}
-
-
-def builds(case, device):
-    """The case built from each of its examples, then from three seeds with nothing pinned."""
-    for i, pinned in enumerate(list(case.examples) + [{}] * 3):
-        yield case.build(FixedPicker(np.random.default_rng(i), pinned, device))
-
-
-@pytest.mark.parametrize("case", LLAMA_CASES, ids=lambda c: c.name)
-def test_llama_op_grads_match_finite_differences(case, device):
-    for fn, inputs, _ in builds(case, device):
-        assert tg.gradcheck(fn, inputs, raise_exception=True)
-
-
-@pytest.mark.parametrize("case", LLAMA_CASES, ids=lambda c: c.name)
-def test_llama_ops_match_their_torch_reference_in_float64(case):
-    torch = pytest.importorskip("torch", reason="torch is not installed")
-    tg.set_default_dtype(np.float64)
-    for fn, inputs, torch_ref in builds(case, "cpu"):
-        theirs_in = [torch.tensor(x.numpy(), requires_grad=True) for x in inputs]
-        theirs = torch_ref(torch, *theirs_in)
-        grad = np.random.default_rng(0).standard_normal(theirs.shape)
-        theirs.backward(torch.tensor(grad))
-        ours = fn(*inputs)
-        ours.backward(grad)
-        np.testing.assert_allclose(ours.numpy(), theirs.detach().numpy(), rtol=0, atol=1e-12)
-        for x, t in zip(inputs, theirs_in):
-            np.testing.assert_allclose(x.grad.numpy(), t.grad.numpy(), rtol=0, atol=1e-12)
 
 
 # --- values by hand ---------------------------------------------------------------------------

@@ -117,8 +117,9 @@ class SiLU(Function):
     e / (1 + e) below (the same value, exp(x) / (1 + exp(x)), with numerator and denominator
     divided by exp(-x)). Only x is saved; s is recomputed in backward.
 
-    Tested by: test_ops_gradcheck.py::test_op_grad_matches_finite_differences[DEVICE-silu]
-    (case in tinygpt/opsuite_llama.py) test_llama.py::test_silu_is_finite_at_the_extremes (in tests/)."""
+    Tested by: test_ops_gradcheck.py::test_op_grad_matches_finite_differences[DEVICE-silu], [DEVICE-swiglu]
+    test_torch_parity_ops.py::test_every_op_case_matches_torch[DEVICE-silu-*] (case in tinygpt/opsuite_llama.py)
+    test_llama.py::test_silu_is_finite_with_the_right_limits_at_the_extremes (in tests/)."""
 
     @staticmethod
     def forward(ctx, x):
