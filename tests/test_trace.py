@@ -213,7 +213,7 @@ def test_table_has_a_row_per_module_run_with_inputs_a_legend_and_the_parameter_g
     att_rows = re.findall(r"^trf_blocks\.0\.att +#(\d+)(?:-(\d+))? ", grouped, re.M)
     assert sum(int(b or a) - int(a) + 1 for a, b in att_rows) == 9
     assert re.search(r"^trf_blocks\.1\.att\.W_query +#\d+ .* #\d+ \.weight \.bias +Linear$", grouped, re.M)
-    assert grouped.count("saved is what the backward") == 1  # the legend, once, under the table
+    assert grouped.count("saved is what the ops hold") == 1  # the legend, once, under the table
     node_lines = [line for line in flat.splitlines() if re.match(r"^ +\d+  ", line)]
     assert len(node_lines) == len(tensors)
     only = t.table(flat=True, module="trf_blocks.1.att")

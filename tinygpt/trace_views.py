@@ -32,10 +32,11 @@ def _ops(names) -> str:
     return ", ".join(f"{op}x{n}" if n > 1 else op for op, n in counts.items())
 
 
-LEGEND = """columns: |dL/d out| (|grad|) is the L2 norm of the gradient arriving at the output of the module run
-(the node); min, max and zeros (the share of exact zeros) are over that gradient; saved is what the backward
-holds between forward and backward (the arrays the ops saved, weights included); ms is the backward's time;
-inputs are the nodes (#) and parameters (.name, below the row's module) that the row reads."""
+LEGEND = """columns: nodes are the row's backward nodes (#: the order backward ran them); |dL/d out| is the L2 norm
+of the gradient that arrived at the row's output (its first node's), |grad| that of one node, and min, max and
+zeros (the share of exact zeros) describe the same gradient; saved is what the ops hold from forward to backward,
+weights included; ms is backward time; inputs are the nodes (#N) and parameters (.name, below the row's module)
+that the row reads from outside itself."""
 
 
 def table(t, flat: bool = False, under: str | None = None) -> str:
