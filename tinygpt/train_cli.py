@@ -19,9 +19,12 @@ from tinygpt.validation import UsageError
 # A model small enough to learn something visible in a few minutes on 2 CPU cores.
 # Dropout is off: with 465,000 characters and a few minutes of training the model underfits.
 DEFAULT_MODEL = {"emb_dim": 128, "n_layers": 4, "n_heads": 4, "context_length": 128, "drop_rate": 0.0, "qkv_bias": False}
-# The default run's schedule: 1000 steps (about 4 minutes on 2 cores), warmup then cosine decay
-# from 2e-3 (the best of a few tries: val loss 2.09 after 400 steps, 2.33 at a constant 1e-3).
-DEFAULT_RUN = {"max_steps": 1000, "lr": 2e-3, "warmup_steps": 30, "cosine": True}
+# The schedule of a new run on the default text: 1000 steps (about 4 minutes on 2 cores), warmup
+# then cosine decay from 2e-3 (the best of a few tries: val loss 2.09 after 400 steps, 2.33 at a
+# constant 1e-3). With --data FILE: the book's schedule, a constant rate for 10 epochs.
+DEFAULT_RUN = {"epochs": 100, "max_steps": 1000, "lr": 2e-3, "warmup_steps": 30, "cosine": True}
+DATA_RUN = {"epochs": 10, "max_steps": None, "lr": 2e-3, "warmup_steps": 0, "cosine": False}
+PRESET_LR = 4e-4  # with --model (a GPT-2 size): the book's rate for GPT-2; 2e-3 suits only the small default model
 # Defaults of a new run. The options default to None so that a resumed run can tell which were given.
 NEW_RUN = {"tokenizer": "char", "vocab_size": 1024, "batch_size": 16, "weight_decay": 0.1, "eval_freq": 100,
            "eval_iter": 10, "checkpoint_every": 200, "start_context": "The ", "sample_tokens": 100,
@@ -120,11 +123,9 @@ def _new_run(args, run_dir: Path) -> int:
     text = read_text_file(args.data) if args.data else default_corpus()
     identity = data_identity(args.data) if args.data else text_identity(text, "pydoc_data.topics")
     data = {**identity, "batch_size": args.batch_size, "stride": args.stride, "seed": args.seed, "train_ratio": 0.9}
-    defaults = dict(DEFAULT_RUN) if args.data is None else {"max_steps": None, "warmup_steps": 0, "cosine": False,
-                                                             "lr": 4e-4 if args.model else 2e-3}
-    chosen = {key: getattr(args, key) for key in defaults if getattr(args, key) is not None}
-    config = TrainConfig(epochs=args.epochs if args.epochs is not None else (10 if args.data else 100),
-                         **{**defaults, **chosen}, weight_decay=args.weight_decay,
+    schedule = {**(DATA_RUN if args.data else DEFAULT_RUN), **({"lr": PRESET_LR} if args.model else {})}
+    chosen = {key: getattr(args, key) for key in schedule if getattr(args, key) is not None}
+    config = TrainConfig(**{**schedule, **chosen}, weight_decay=args.weight_decay,
                          grad_clip=args.grad_clip, eval_freq=args.eval_freq, eval_iter=args.eval_iter,
                          start_context=args.start_context, sample_tokens=args.sample_tokens,
                          sample_temperature=args.sample_temperature, checkpoint_every=args.checkpoint_every)
@@ -206,7 +207,7 @@ def _fit(args, model, tokenizer, config, data, text, run_dir, checkpoint, in_run
     from tinygpt.data import encode_text
     from tinygpt.model import size_mb
     from tinygpt.optim import AdamW
-    from tinygpt.train import Trainer, decay_groups, evaluate_model, generate_and_print_sample
+    from tinygpt.train import INTERRUPTED, Trainer, decay_groups, evaluate_model, generate_and_print_sample
 
     context = model.cfg["context_length"]
     train_loader, val_loader, train_text = _loaders(tokenizer, text, data, context)
@@ -236,7 +237,7 @@ def _fit(args, model, tokenizer, config, data, text, run_dir, checkpoint, in_run
     history = trainer.fit()
     if trainer.interrupted:
         print(f"saved step {trainer.state.step} in {run_dir}; continue with: tinygpt train --resume {run_dir}")
-        return 130
+        return INTERRUPTED
     train_loss, val_loss = evaluate_model(model, train_loader, val_loader, config.eval_iter)
     if history["val_loss"]:
         print(f"loss: train {history['train_loss'][0]:.3f} -> {train_loss:.3f}, val {history['val_loss'][0]:.3f} -> {val_loss:.3f} "
@@ -250,13 +251,14 @@ def _fit(args, model, tokenizer, config, data, text, run_dir, checkpoint, in_run
 def add_command(sub) -> None:
     from tinygpt.llama import LLAMA_PRESETS
     from tinygpt.model import GPT_PRESETS
+    from tinygpt.train import TrainConfig
 
     p = sub.add_parser("train", help="pretrain a GPT (default: a small character-level model on text that ships with Python)")
     p.add_argument("--data", type=v.existing_file, help="a UTF-8 text file (default: pydoc_data.topics, offline); "
                    "with --resume: continue on this file instead of the run's own")
-    p.add_argument("--tokenizer", choices=["char", "gpt2", "bpe"], help="default char")
+    p.add_argument("--tokenizer", choices=["char", "gpt2", "bpe"], help=f"default {NEW_RUN['tokenizer']}")
     p.add_argument("--bpe-file", type=v.existing_file, help="local GPT-2 ranks file for --tokenizer gpt2 offline (or TINYGPT_BPE_FILE)")
-    p.add_argument("--vocab-size", type=v.integer(257), help="vocabulary for --tokenizer bpe (default 1024)")
+    p.add_argument("--vocab-size", type=v.integer(257), help=f"vocabulary for --tokenizer bpe (default {NEW_RUN['vocab_size']})")
     p.add_argument("--arch", choices=["gpt", "llama"], help="gpt (default): the book's GPT-2; llama: RMSNorm, RoPE, "
                    "SwiGLU, grouped-query attention (tinygpt/llama.py)")
     p.add_argument("--model", choices=list(GPT_PRESETS) + list(LLAMA_PRESETS),
@@ -269,25 +271,28 @@ def add_command(sub) -> None:
     p.add_argument("--dropout", type=v.dropout, help="dropout rate in [0, 1)")
     p.add_argument("--qkv-bias", action="store_true", default=None)
     p.add_argument("--tie-weights", action="store_true", default=None, help="share tok_emb and out_head weights")
-    p.add_argument("--batch-size", type=v.positive_int, help="default 16")
+    p.add_argument("--batch-size", type=v.positive_int, help=f"default {NEW_RUN['batch_size']}")
     p.add_argument("--stride", type=v.positive_int, help="window stride in tokens (default: the context length)")
-    p.add_argument("--lr", type=v.positive, help="peak learning rate (default 2e-3; 4e-4 with --model); "
+    p.add_argument("--lr", type=v.positive, help=f"peak learning rate (default {DEFAULT_RUN['lr']:g}; {PRESET_LR:g} with --model); "
                    "with --resume, e.g. a lower one after a divergence")
-    p.add_argument("--weight-decay", type=v.non_negative, help="default 0.1")
-    p.add_argument("--warmup-steps", type=v.count, help="linear warmup steps (default 0; 30 for the default run)")
-    p.add_argument("--cosine", action=argparse.BooleanOptionalAction, help="cosine decay to 1e-6 after warmup (default: on for the default run)")
+    p.add_argument("--weight-decay", type=v.non_negative, help=f"default {NEW_RUN['weight_decay']}")
+    p.add_argument("--warmup-steps", type=v.count, help=f"linear warmup steps (default {DATA_RUN['warmup_steps']}; "
+                   f"{DEFAULT_RUN['warmup_steps']} for the default run)")
+    p.add_argument("--cosine", action=argparse.BooleanOptionalAction, help=f"cosine decay to {TrainConfig.min_lr:g} after warmup "
+                   f"(default: on for the default run)")
     p.add_argument("--grad-clip", type=v.positive, help="clip the global gradient norm to this")
-    p.add_argument("--epochs", type=v.positive_int, help="default 10 (--data) or until --max-steps (default run)")
-    p.add_argument("--max-steps", type=v.positive_int, help="default: none with --data, 1000 for the default run")
-    p.add_argument("--eval-freq", type=v.positive_int, help="evaluate every this many steps (default 100)")
-    p.add_argument("--eval-iter", type=v.positive_int, help="batches per evaluation (default 10)")
-    p.add_argument("--checkpoint-every", type=v.count, help="steps between checkpoints, 0: only at the end (default 200)")
-    p.add_argument("--start-context", type=v.text, help="the prompt of the samples (default 'The ')")
-    p.add_argument("--sample-tokens", type=v.count, help="length of the samples (default 100)")
-    p.add_argument("--sample-temperature", type=v.non_negative, help="0 for greedy samples (default 0.8)")
-    p.add_argument("--seed", type=v.seed, help="default 123")
+    p.add_argument("--epochs", type=v.positive_int, help=f"default {DATA_RUN['epochs']} (--data) or until --max-steps (default run)")
+    p.add_argument("--max-steps", type=v.positive_int, help=f"default: none with --data, {DEFAULT_RUN['max_steps']} for the default run")
+    p.add_argument("--eval-freq", type=v.positive_int, help=f"evaluate every this many steps (default {NEW_RUN['eval_freq']})")
+    p.add_argument("--eval-iter", type=v.positive_int, help=f"batches per evaluation (default {NEW_RUN['eval_iter']})")
+    p.add_argument("--checkpoint-every", type=v.count, help=f"steps between checkpoints, 0: only at the end "
+                   f"(default {NEW_RUN['checkpoint_every']})")
+    p.add_argument("--start-context", type=v.text, help=f"the prompt of the samples (default {NEW_RUN['start_context']!r})")
+    p.add_argument("--sample-tokens", type=v.count, help=f"length of the samples (default {NEW_RUN['sample_tokens']})")
+    p.add_argument("--sample-temperature", type=v.non_negative, help=f"0 for greedy samples (default {NEW_RUN['sample_temperature']})")
+    p.add_argument("--seed", type=v.seed, help=f"default {NEW_RUN['seed']}")
     p.add_argument("--device", choices=["cpu", "cuda", "strict"], help="default $TINYGPT_DEVICE or cpu")
-    p.add_argument("--out", help="run directory for checkpoints and loss history (default runs/tinygpt); "
+    p.add_argument("--out", help=f"run directory for checkpoints and loss history (default {NEW_RUN['out']}); "
                    "with --resume: branch into this new directory")
     p.add_argument("--resume", metavar="DIR", type=v.existing_path, help="continue the run (or checkpoint) saved in DIR exactly where it stopped")
     p.add_argument("--reset-optimizer", action="store_true", help="with --resume: restart AdamW's running averages (when its state is lost)")
