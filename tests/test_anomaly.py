@@ -115,11 +115,12 @@ def test_a_saved_weight_changed_in_place_between_forward_and_backward_is_named(d
     with pytest.raises(AnomalyError) as caught:
         with tg.detect_anomaly():
             loss = F.cross_entropy(model(x), y)  # marker: forward that saves the weight
-            weight.data += 1
+            weight.data += 1  # marker: the in-place change
             loss.backward()
     message = str(caught.value)
     assert ("weight (shape (16, 16), a leaf: parameter trf_blocks.1.att.W_key.weight), saved by the forward of "
-            "Linear for its backward, was changed in place before that backward ran (.data assigned 1 time since") in message
+            "Linear for its backward, was changed in place before that backward ran (.data assigned 1 time since, "
+            f"last at tests/test_anomaly.py:{_line_of('marker: the in-place change')} in test_a_saved_weight") in message
     assert re.search(r"module: +trf_blocks\.1\.att\.W_key\n", message) and "tinygpt/nn.py:" in message
     assert f"test_anomaly.py:{_line_of('marker: forward that saves the weight')}" in message
 

@@ -11,7 +11,8 @@ A backward computes its gradient from what its forward saved. If an input it sav
 changed in place in between (`w.data += 1`, an optimizer step before backward), the
 gradient is that of another function, and nothing else would notice. Every assignment to
 `Tensor.data` counts a version (`t._version`, as PyTorch's version counter does); the
-detector notes the versions of the saved inputs at forward and compares them in backward.
+detector notes the versions of the saved inputs at forward and compares them in backward,
+naming the line that last assigned the tensor's .data while it watched.
 Writing into the array's elements (`w.data[0] = 1`, AdamW's update) assigns nothing, so for
 leaves (parameters, data) the detector also keeps a checksum of the values and compares it:
 a changed sum is certain, an unchanged one may still hide a change that kept the sum.
@@ -23,11 +24,13 @@ a changed sum is certain, an unchanged one may still hide a change that kept the
 """
 from __future__ import annotations
 
+import weakref
+
 from tinygpt import hooks
 from tinygpt.backend import backend_of
 from tinygpt.errors import RunError
 from tinygpt.graph_state import watching
-from tinygpt.node_info import input_names, origin_of, saved_arrays, take_origin
+from tinygpt.node_info import input_names, origin_of, saved_arrays, take_origin, user_line
 from tinygpt.tensor import Tensor
 
 
@@ -39,6 +42,9 @@ class detect_anomaly:
     """Context manager: an AnomalyError at the first non-finite forward result or gradient,
     or at a saved input changed in place before its backward, naming the op, its module
     path, its source lines and the input or gradient at fault."""
+
+    def __init__(self):
+        self._assigned: dict[int, tuple] = {}  # id(tensor) -> (weakref, the line that last assigned its .data)
 
     def __enter__(self) -> "detect_anomaly":
         watch = watching(self)
@@ -64,6 +70,9 @@ class detect_anomaly:
                                                    "(overflow, log or division by zero, inf - inf, ...)")
         raise AnomalyError(_report(ctx, f"the forward of {type(ctx).__name__} produced {_count(out.data)}", cause))
 
+    def on_data_assigned(self, t: Tensor) -> None:
+        self._assigned[id(t)] = (weakref.ref(t), user_line())
+
     def on_module(self, path: str, module, output) -> None:
         outputs = output if isinstance(output, tuple) else (output,)
         for i, o in enumerate(outputs):
@@ -75,7 +84,7 @@ class detect_anomaly:
 
     def on_backward(self, node: Tensor, grad_output, grad_inputs: tuple, seconds: float) -> None:
         ctx, name = node._ctx, type(node._ctx).__name__
-        _check_versions(ctx)
+        self._check_versions(ctx)
         if not _finite(grad_output):
             raise AnomalyError(_report(ctx, f"the gradient arriving at the output of {name} holds {_count(grad_output)}",
                                        "it was given to backward(), returned by a tensor hook, or overflowed when "
@@ -86,27 +95,28 @@ class detect_anomaly:
                                                 f"{input_name} {_describe_input(t)}",
                                            "the gradient arriving at its output was finite, so its backward made it"))
 
-
-def _check_versions(ctx) -> None:
-    """An AnomalyError if an input whose array the op saved was changed in place since its forward."""
-    names = input_names(ctx)
-    for i, version, array, checksum in getattr(ctx, "versions_at_forward", ()):
-        t = ctx.inputs[i]
-        if t.data is not array:  # a new array was assigned: the saved one is what the forward read
-            continue
-        changes = t._version - version
-        if changes:
-            how = f".data assigned {changes} time{'s' * (changes > 1)} since, e.g. `w.data += 1`"
-        elif checksum is not None and not _same_sum(checksum, _checksum(array)):
-            how = (f"the sum of its values went from {checksum:.9g} to {_checksum(array):.9g}: its elements were "
-                   "written, e.g. `w.data[0] = 1` or an optimizer step")
-        else:
-            continue
-        raise AnomalyError(_report(ctx, f"{names[i]} {_describe_input(t)}, saved by the forward of "
-                                        f"{type(ctx).__name__} for its backward, was changed in place before that "
-                                        f"backward ran ({how})",
-                                   "its backward used the changed values, so the gradients are not those of the "
-                                   "forward that ran: change the tensor only after backward, or assign a new array"))
+    def _check_versions(self, ctx) -> None:
+        """An AnomalyError if an input whose array the op saved was changed in place since its forward."""
+        names = input_names(ctx)
+        for i, version, array, checksum in getattr(ctx, "versions_at_forward", ()):
+            t = ctx.inputs[i]
+            if t.data is not array:  # a new array was assigned: the saved one is what the forward read
+                continue
+            changes = t._version - version
+            if changes:
+                ref, line = self._assigned.get(id(t), (None, None))
+                where = f", last at {line}" if ref is not None and ref() is t and line else ""
+                how = f".data assigned {changes} time{'s' * (changes > 1)} since{where}"
+            elif checksum is not None and not _same_sum(checksum, _checksum(array)):
+                how = (f"the sum of its values went from {checksum:.9g} to {_checksum(array):.9g}: its elements were "
+                       "written, e.g. `w.data[0] = 1` or an optimizer step")
+            else:
+                continue
+            raise AnomalyError(_report(ctx, f"{names[i]} {_describe_input(t)}, saved by the forward of "
+                                            f"{type(ctx).__name__} for its backward, was changed in place before that "
+                                            f"backward ran ({how})",
+                                       "its backward used the changed values, so the gradients are not those of the "
+                                       "forward that ran: change the tensor only after backward, or assign a new array"))
 
 
 def _checksum(a) -> float:

@@ -47,6 +47,17 @@ def take_origin(ctx) -> Origin:
     return origin
 
 
+def user_line() -> str | None:
+    """The first line outside tinygpt on the call stack: where the user's code asked."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not path.startswith(_PACKAGE + os.sep):
+            return _where(frame, path)
+        frame = frame.f_back
+    return None
+
+
 def origin_of(ctx) -> Origin | None:
     """The Origin taken when ctx's forward ran, or None when nobody watched it then (asking
     the call stack now, in backward, would name the line that called backward)."""

@@ -104,6 +104,9 @@ class Tensor:
     def data(self, array) -> None:
         self._data = array
         self._version += 1
+        for observer in state.observers:  # anomaly mode notes the line, to name it if a saved tensor changed
+            if hasattr(observer, "on_data_assigned"):
+                observer.on_data_assigned(self)
 
     @property
     def shape(self) -> tuple[int, ...]:
