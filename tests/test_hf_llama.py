@@ -156,6 +156,32 @@ def test_greedy_generation_of_32_tokens_equals_transformers_generate(name, seed,
         np.testing.assert_array_equal(got, expected, err_msg=f"use_cache={use_cache}")
 
 
+def test_greedy_generation_at_batch_3_equals_transformers_padded_batch(tmp_path):
+    """Three prompts of equal length in one batch; and prompts of lengths 5, 3, 1, which
+    transformers runs as one left-padded batch with an attention mask and tinygpt row by row
+    (tinygpt's generate takes no padding mask): the same 32 tokens for every row."""
+    from tinygpt.generate import generate
+
+    hf = hf_model("qwen3-qk-norm")
+    hf.save_pretrained(tmp_path)
+    tg.set_default_dtype(np.float64)
+    ours, theirs = load_llama(tmp_path), float64_throughout(hf)
+    prompts, _ = ids_and_targets(hf.config.vocab_size, batch=3, steps=5, seed=4)
+    expected = theirs.generate(torch.from_numpy(prompts), attention_mask=torch.ones(3, 5, dtype=torch.long),
+                               max_new_tokens=32, do_sample=False, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(generate(ours, prompts, 32, context_size=64), expected)
+    lengths = [5, 3, 1]
+    padded = np.zeros((3, 5), dtype=np.int64)
+    mask = np.zeros((3, 5), dtype=np.int64)
+    for row, n in enumerate(lengths):
+        padded[row, 5 - n:], mask[row, 5 - n:] = prompts[row, :n], 1
+    expected = theirs.generate(torch.from_numpy(padded), attention_mask=torch.from_numpy(mask), max_new_tokens=32,
+                               do_sample=False, pad_token_id=0).numpy()
+    for row, n in enumerate(lengths):
+        got = generate(ours, prompts[row:row + 1, :n], 32, context_size=64)
+        np.testing.assert_array_equal(got[0, n:], expected[row, 5:], err_msg=f"row {row}")
+
+
 @pytest.mark.parametrize("preset, cls", [("smollm2-135m", "LlamaForCausalLM"), ("qwen3-0.6b", "Qwen3ForCausalLM"),
                                          ("llama3.2-1b", "LlamaForCausalLM")])
 def test_preset_parameter_counts_equal_transformers_built_on_the_meta_device(preset, cls):

@@ -209,3 +209,39 @@ def test_too_many_tokens_for_the_context_are_refused():
     model(np.zeros((1, 10), dtype=int), cache=cache)
     with pytest.raises(ValueError, match="input has 7 tokens after 10 cached ones but context_length is 16"):
         model(np.zeros((1, 7), dtype=int), cache=cache)
+
+
+def test_lora_wraps_every_projection_and_only_the_adapters_train():
+    from tinygpt.finetune import LoRALayer, replace_linear_with_lora
+
+    model = LlamaModel(TINY)
+    ids = np.random.default_rng(5).integers(0, 37, size=(1, 6))
+    before = model(ids).numpy()
+    replace_linear_with_lora(model, rank=2, alpha=4)
+    att, ff = model.trf_blocks[0].att, model.trf_blocks[0].ff
+    for layer in (att.W_query, att.W_key, att.W_value, att.out_proj, ff.fc1, ff.fc2, ff.fc3, model.out_head):
+        assert isinstance(layer.lora, LoRALayer)
+    np.testing.assert_allclose(model(ids).numpy(), before, rtol=1e-6)  # B starts at zero: the same model
+    F.cross_entropy(model(ids).reshape(-1, 37), ids.reshape(-1)).backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained and all(".lora." in n for n in trained)
+    assert "trf_blocks.0.norm1.weight" not in trained and "tok_emb.weight" not in trained
+
+
+def test_trace_names_the_llama_modules_of_each_backward_node():
+    model = LlamaModel(TINY)
+    ids = np.random.default_rng(6).integers(0, 37, size=(1, 5))
+    with tg.trace(keep_grads=True) as t:
+        F.cross_entropy(model(ids).reshape(-1, 37), ids.reshape(-1)).backward()
+    ops = {(n.op, n.module) for n in t.nodes}
+    assert ("Rope", "trf_blocks.1.att") in ops and ("RepeatHeads", "trf_blocks.0.att") in ops
+    assert ("RMSNorm", "trf_blocks.0.att.k_norm") in ops and ("SiLU", "trf_blocks.1.ff") in ops
+    assert t.grad_of("trf_blocks.0.att.q_norm").shape == (1, 4, 5, 4)  # [B, H, T, D]: before RoPE
+
+
+def test_anomaly_mode_names_the_llama_module_where_a_nan_appears():
+    model = LlamaModel(TINY)
+    model.trf_blocks[1].ff.fc2.weight.data[0, 0] = np.nan
+    with pytest.raises(RuntimeError, match=r"trf_blocks\.1\.ff\.fc2"):
+        with tg.detect_anomaly():
+            model(np.zeros((1, 3), dtype=int))
