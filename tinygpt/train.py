@@ -13,12 +13,11 @@ import io
 import json
 import math
 import signal
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tinygpt import backend, distributed
+from tinygpt import backend, distributed, ranks
 from tinygpt import functional as F
 from tinygpt.checkpoint import NonFiniteError, checkpoints, save_checkpoint
 from tinygpt.errors import RunError
@@ -26,6 +25,7 @@ from tinygpt.files import atomic_write_bytes, atomic_write_text
 from tinygpt.generate import generate, text_to_token_ids, token_ids_to_text
 from tinygpt.optim import AdamW, clip_grad_norm, warmup_cosine_lr
 from tinygpt.tensor import Tensor, no_grad
+from tinygpt.throughput import Speedometer
 
 
 # ------------------------------------------------------------------ losses (book names)
@@ -136,6 +136,7 @@ class Trainer:
         self.interrupted = False  # the last fit() ended on Ctrl-C (after saving)
         self._saved_step: int | None = None  # the step of the checkpoint on disk, if this trainer wrote or loaded it
         self._lr = config.lr
+        self.speed = Speedometer(model, ranks.world_size())  # tokens/s and MFU of the steps
 
     @property
     def total_steps(self) -> int:
@@ -162,13 +163,12 @@ class Trainer:
         self.interrupted = False
         try:
             self.model.train()
-            started, tokens_at_start = time.perf_counter(), self.state.tokens_seen
             while not self.finished():
                 for batch in self.train_loader:
-                    loss = self._step(batch)
+                    with self.speed.timing(batch):
+                        loss = self._step(batch)
                     bar.update(1)
-                    rate = (self.state.tokens_seen - tokens_at_start) / max(time.perf_counter() - started, 1e-9)
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self._lr:.2e}", tok_s=f"{rate:.0f}")
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self._lr:.2e}", **self.speed.postfix())
                     if (self.state.step - 1) % self.config.eval_freq == 0:  # after the first step, as in the book
                         self.evaluate()
                     if self.config.checkpoint_every and self.state.step % self.config.checkpoint_every == 0:
@@ -237,10 +237,13 @@ class Trainer:
         return train_loss, val_loss
 
     def record(self, **values: float) -> None:
-        """Append one evaluation (step, tokens seen, lr and `values`) to the history."""
+        """Append one evaluation (step, tokens seen, lr, `values`, and the steps' tokens/s and MFU
+        since the last one) to the history."""
         h = self.state.history
-        for key, value in {"step": self.state.step, "tokens_seen": self.state.tokens_seen, **values, "lr": self._lr}.items():
-            h.setdefault(key, []).append(value)
+        rows = len(h["step"])  # a column new to this history (one resumed from an older run) starts blank
+        for key, value in {"step": self.state.step, "tokens_seen": self.state.tokens_seen, **values, "lr": self._lr,
+                           **self.speed.window()}.items():
+            h.setdefault(key, [None] * rows).append(value)
 
     def sample(self) -> str:
         return generate_and_print_sample(self.model, self.tokenizer, self.config.start_context, self.config.sample_tokens,
