@@ -284,6 +284,7 @@ def test_json_and_html_hold_every_record(traced):
     parser.feed(page)
     assert parser.count == len({n.module for n in t.nodes})
     assert parser.rows == len(t.nodes) + parser.count  # a header row per section
+    assert "<h2>Parameter gradients</h2>" in page and "trf_blocks.1.att.W_key.weight" in page
 
 
 def test_the_trace_leaves_the_observers_even_when_the_block_raises():

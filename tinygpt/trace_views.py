@@ -201,6 +201,9 @@ def to_html(t) -> str:
                      f"|dL/d out| {group[0].grad_norm:.3e}</summary><table><tr><th>#</th><th class=l>op</th>"
                      f"<th class=l>output</th><th>|grad|</th><th></th><th>min</th><th>max</th><th>zeros</th>"
                      f"<th>saved</th><th>ms</th><th class=l>created at</th></tr>{rows}</table></details>")
+    if t.leaves:
+        grads = "\n".join(_parameters(t.leaves))
+        parts.append(f"<h2>Parameter gradients</h2><pre>{html.escape(grads)}</pre>")
     if t.modules:
         stats = "\n".join(_forward(list(t.modules.values())))
         parts.append(f"<h2>Forward statistics</h2><pre>{html.escape(stats)}</pre>")
