@@ -217,3 +217,9 @@ def test_python_running_the_sheet_uses_the_same_child_process_check(tmp_path):
                     "    raise SystemExit(check_main('gelu', __file__))\n")
     done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "FAIL: the gradient is wrong (dx)" in done.stdout, done.stderr
+
+
+def test_printing_in_a_loop_is_stopped_before_it_fills_the_disk(tmp_path, capsys):
+    code, out = check(capsys, tmp_path, GELU_WRONG + "\n\ndef backward(dy, cache):\n    while True:\n        print('x' * 4096)\n")
+    assert_not_fooled(code, out)
+    assert "printed or wrote more than the check allows" in out and len(out) < 200_000

@@ -304,3 +304,14 @@ def test_checker_refuses_to_judge_when_the_engine_disagrees_with_finite_differen
     monkeypatch.setattr(checker, "_numeric", lambda exercise, seed: {n: g * 1.01 for n, g in numeric(exercise, seed).items()})
     with pytest.raises(RuntimeError, match="tinygpt's backward and finite differences disagree on dx"):
         check_function("layer_norm", EXERCISES["layer_norm"].answer)
+
+
+def test_softmax_recogniser_for_the_dropped_row_term_fires_despite_rounding():
+    from tinygpt.exercises import hints
+
+    exercise = EXERCISES["softmax"]
+    inputs, dout = exercise.draw(np.random.default_rng(0))
+    expected = exercise.engine(inputs, dout)["dx"]
+    y = catalogue.load("softmax").context(inputs, dout).y
+    hint = hints.softmax_row_term(y * dout, expected, hints.Case("dx", exercise.dims, inputs, dout))
+    assert hint is not None and "missing the term - sum_i dy_i y_i" in hint

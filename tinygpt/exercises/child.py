@@ -13,6 +13,7 @@ asked for): the check grades a backward the learner wrote. The sheets stay impor
 The same functions run in-process for trusted code (tests, the walk-through)."""
 from __future__ import annotations
 
+import errno
 import importlib.abc
 import importlib.util
 import json
@@ -108,6 +109,8 @@ def explain(error: BaseException, path: Path, what: str) -> str:
         return f"{path}: {what} still raises NotImplementedError: fill it in, then check again"
     if isinstance(error, ValueError) and "read-only" in str(error) and frames:
         return f"{where}`{frames[-1].line}` writes into an array backward was handed ({error}). {READ_ONLY_WHY}"
+    if isinstance(error, OSError) and error.errno == errno.EFBIG:
+        return f"{where}your file printed or wrote more than the check allows (a print in a loop?), so it was stopped"
     if isinstance(error, SystemExit):
         return (f"{where}{what} called sys.exit({error.code!r}): that ends the program, so it returned no gradients. "
                 "Return them instead")

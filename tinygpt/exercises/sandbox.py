@@ -22,6 +22,7 @@ from tinygpt.exercises.registry import copy
 CHILD = Path(__file__).with_name("child.py")
 DEFAULT_TIMEOUT = 20.0
 PRINTED_LINES = 20                     # at most this many lines the learner printed are shown
+MAX_FILE_BYTES = 64 * 2**20            # no file the child writes (its printing included) grows past this
 VERDICT = re.compile(r"\b(PASS|FAIL)\b")
 
 
@@ -38,7 +39,7 @@ def run_in_child(exercise, path, inputs: dict, dout, timeout: float = DEFAULT_TI
         with open(printed, "wb") as sink:
             process = subprocess.Popen([sys.executable, "-u", str(CHILD), str(job)], stdin=subprocess.DEVNULL,
                                        stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
-                                       cwd=_folder_of(path))
+                                       cwd=_folder_of(path), preexec_fn=_limit_file_size)
             try:
                 code = process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -75,6 +76,13 @@ def _write_job(job: Path, exercise, path: Path, inputs: dict, dout) -> None:
                                               "dicts": dicts, "grads": list(exercise.grads)}))
 
 
+def _limit_file_size() -> None:
+    """In the child, before it starts: a print loop cannot fill the disk (the kernel stops it)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_BYTES, MAX_FILE_BYTES))
+
+
 def _folder_of(path) -> str:
     folder = Path(path).absolute().parent
     return str(folder) if folder.is_dir() else os.getcwd()
@@ -102,6 +110,9 @@ def _read_answer(job: Path, code: int) -> dict:
     except (OSError, ValueError):
         answer = None
     if not isinstance(answer, dict) or (not answer.get("error") and not (job / "result.npz").exists()):
+        if code == -signal.SIGXFSZ:
+            raise ChildFailed(f"your file wrote more than {MAX_FILE_BYTES // 2**20} MB (printing in a loop?), so the check "
+                              "stopped it")
         how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         raise ChildFailed(f"your file ended the check's process while {_stage(job)} ({how}), so no gradients came "
                           "back: no sys.exit / os._exit / atexit tricks in the file; backward must return its gradients")
