@@ -199,6 +199,18 @@ def test_generate_fills_one_preallocated_cache_with_the_prompt_then_one_token_pe
     assert all(c["tokens"] <= CTX for c in calls)  # the window slides past the context: no overflow
 
 
+def test_the_cache_prints_its_shape_fill_and_bytes():
+    model = tiny_model()
+    cache = model.new_cache(3, 10)
+    with tg.no_grad():
+        model(prompt(3, 4), cache=cache)
+    layer_bytes = 2 * 3 * CFG["n_heads"] * 10 * (CFG["emb_dim"] // CFG["n_heads"]) * 4  # k and v, float32
+    assert cache.layers[0].nbytes == layer_bytes and cache.nbytes == CFG["n_layers"] * layer_bytes
+    assert layer_bytes == 3840
+    assert repr(cache.layers[0]) == "LayerCache(batch=3, heads=2, head_dim=8, 4 of 10 tokens, float32, 3.8 KiB)"
+    assert repr(cache) == f"KVCache(2 layers, each {cache.layers[0]!r}; 7.5 KiB in all)"
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_generate_runs_under_no_grad_and_builds_no_graph(device, use_cache):
     model = tiny_model()

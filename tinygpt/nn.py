@@ -337,6 +337,16 @@ class LayerCache:
         self.length = end
         return Tensor(self.k[:, :, :end]), Tensor(self.v[:, :, :end])
 
+    @property
+    def nbytes(self) -> int:
+        """Memory of the preallocated keys and values (all max_len positions)."""
+        return self.k.nbytes + self.v.nbytes
+
+    def __repr__(self) -> str:
+        batch, heads, max_len, head_dim = self.k.shape
+        return (f"LayerCache(batch={batch}, heads={heads}, head_dim={head_dim}, {self.length} of {max_len} tokens, "
+                f"{self.k.dtype}, {_size(self.nbytes)})")
+
 
 class KVCache:
     """A LayerCache per transformer block (inference only: the cached arrays are not in any graph)."""
@@ -347,3 +357,18 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.layers[0].length
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    def __repr__(self) -> str:
+        return f"KVCache({len(self.layers)} layers, each {self.layers[0]!r}; {_size(self.nbytes)} in all)"
+
+
+def _size(nbytes: int) -> str:
+    """Bytes for people: 3840 -> '3.8 KiB'."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
