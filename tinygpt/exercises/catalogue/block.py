@@ -222,7 +222,6 @@ def _(c):
 def _(c):
     out = {}
     for i, (x, dln, res) in ((1, (c.x, "ln1", "x1")), (2, (c.x1, "ln2", "out"))):
-        xhat = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + sheet.EPS)
         dxhat = c.d[dln] * c.p[f"scale{i}"]
         rstd = 1 / np.sqrt(x.var(-1, keepdims=True) + sheet.EPS)
         out["x" if i == 1 else "x1"] = c.d[res] + rstd * (dxhat - dxhat.mean(-1, keepdims=True))
