@@ -4,13 +4,18 @@
 (tinygpt/transport.py) and the functions here reach it. In a process started alone they
 describe a world of one, and the collectives change nothing.
 
-Ending a run. A rank that fails alone must stop the others, or they wait for it forever in
-their next collective: `end_every_rank_on_failure` calls MPI_Abort. A stop that every rank
-reaches at the same point needs no abort: each rank leaves with the same status and rank 0
-alone says why. Such points are the check-in at `init` (every rank says whether it got
-there, or how it ended before: a bad option, a bad variable), the checks every rank agrees
-on (`stop_if_any`: devices, a run started differently, a batch that does not split), and a
-Ctrl-C agreed at a step boundary (`ending_together`).
+Ending a run. A rank that fails alone in the middle of training must stop the others, or
+they wait for it forever in their next collective: `end_every_rank_on_failure` calls
+MPI_Abort. A stop that every rank reaches at the same point needs no abort: each rank leaves
+with its status and rank 0 alone says why, once. Such points are
+  - the two meeting points, when the ranks join and when training starts (MEETINGS): a rank
+    that ended before one (a bad option, a missing file, a model that does not fit together)
+    attends it anyway, saying so, and the others stop there instead of waiting for it;
+  - the checks every rank agrees on (`stop_if_any`: devices, a run started differently, a
+    batch that does not split over the ranks);
+  - a Ctrl-C agreed at a step boundary (`ending_together`).
+Until training starts, ranks other than 0 hold back what they print (_EarlyOutput), and say
+it only if rank 0 did not say the same.
 """
 from __future__ import annotations
 
@@ -71,7 +76,8 @@ def init(force: bool = False, device: str = "cpu", nccl=None, transport: str = "
         raise DistributedError("running under an MPI launcher needs mpi4py: pip install -e \".[mpi]\" "
                                "(or pip install mpi4py mpich)") from None
     comm = MPI.COMM_WORLD
-    _meet(comm, None)
+    if _next_meeting == 0:
+        _meet(comm, None)
     devices = comm.allgather(device)
     differ = next((r for r, d in enumerate(devices) if d != devices[0]), None)
     _stop_if_any(comm, None if differ is None else
@@ -257,20 +263,20 @@ def meet_to_start_training() -> None:
         _meet(_group.comm, None)
 
 
-def _meet(comm, ended: tuple[int, str] | None) -> None:
-    """Every rank says whether it got here (None) or how it ended before ((exit status, what
-    it printed)). If any rank ended, the ranks that got here stop with StopEveryRank, and
+def _meet(comm, ended: int | None) -> None:
+    """Every rank says whether it got here (None) or ended before (its exit status), and what
+    it has printed. If any rank ended, the ranks that got here stop with StopEveryRank, and
     rank 0 alone says so."""
     global _next_meeting
     point, _next_meeting = MEETINGS[_next_meeting], _next_meeting + 1
-    outcomes = comm.allgather(ended)
-    first = next(((r, o) for r, o in enumerate(outcomes) if o is not None), None)
+    outcomes = comm.allgather((ended, _early.text.getvalue() if _early else ""))
+    first = next(((r, status) for r, (status, _) in enumerate(outcomes) if status is not None), None)
     if first is not None or _next_meeting == len(MEETINGS):
-        _release_early_output(unless=outcomes[0][1] if outcomes[0] is not None else None)
+        _release_early_output(unless=outcomes[0][1])
     if first is not None:
         _next_meeting = len(MEETINGS)  # the command ends on every rank: no more meetings
     if ended is None and first is not None:
-        r, (status, _) = first
+        r, status = first
         raise StopEveryRank(f"rank {r} ended before {point} (exit status {status}); stopping every rank",
                             status or 1, speaks=comm.Get_rank() == 0)
 
@@ -286,5 +292,5 @@ def _attend_late(status: int) -> int:
             _release_early_output()
             return status
         comm = MPI.COMM_WORLD
-    _meet(comm, (status, _early.text.getvalue() if _early else ""))
+    _meet(comm, status)
     return status
