@@ -154,7 +154,7 @@ def not_finite(t, case, regions) -> str:
     bad = ~np.isfinite(t)
     kinds = " and ".join(k for k, m in (("NaN", np.isnan(t)), ("inf", np.isinf(t))) if m.any())
     first = [int(i) for i in np.argwhere(bad)[0]]
-    return f"not finite: {kinds} in {_locate(bad, case, regions, 'not finite')} (the first at {first})"
+    return f"not finite ({kinds}): {_locate(bad, case, regions, 'not finite')}; the first at {first}"
 
 
 def _locate(bad, case, regions, word: str) -> str:

@@ -137,7 +137,7 @@ def constant_factor(theirs, expected, case: Case):
     if np.ndim(case.dout) == 0 and abs(k * float(case.dout) - 1) < 1e-6:
         return f"off by the upstream gradient: yours = expected / dloss ({float(case.dout):g}). Multiply by dloss: the chain rule"
     for name, n in _products(case.dims):
-        if abs(k * n - 1) < 1e-6:
+        if n > 2 and abs(k * n - 1) < 1e-6:  # a 2 is as likely a dropped 0.5 as a size
             return (f"off by a factor 1/{n} ({n} = {name}): yours = expected / {n}. A division by {name} too many: "
                     f"a mean where the math has a sum, or a mean divided a second time?")
     sign = "-" if k < 0 else ""
@@ -146,7 +146,7 @@ def constant_factor(theirs, expected, case: Case):
             if abs(abs(k) - value) < 1e-6 * value and not _simple_fraction(value):  # 2 = sqrt(4) is named 2
                 return f"off by a constant factor {sign}{root}: yours = {sign}{root} x expected. Is a scale applied twice, or missing?"
     meaning = next((f" ({n} = {name}: a sum where the forward takes a mean over {name}?)" for name, n in _products(case.dims)
-                    if abs(abs(k) - n) < 1e-6 * n), "")
+                    if n > 2 and abs(abs(k) - n) < 1e-6 * n), "")
     return (f"off by a constant factor {_nice(k)}: yours = {_nice(k)} x expected{meaning}. Look for a constant "
             f"(0.5, 2, 1/N) you dropped or added")
 

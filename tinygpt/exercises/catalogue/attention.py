@@ -126,6 +126,14 @@ def _(c):
     return qk(c, c.dP)
 
 
+@mistake("dP-transposed", "dP = v @ dout^T, the transpose of dout @ v^T",
+         """out[i] = sum_j P[i, j] v_j, so dP[i, j] = dout_i . v_j: row i of dout against row j of v, which is
+         dout @ V^T. v @ dout^T puts the key index first, the transpose""")
+def _(c):
+    dP = c.v @ T(c.dy)
+    return qk(c, c.P * (dP - (dP * c.P).sum(axis=-1, keepdims=True)))
+
+
 @mistake("dq-uses-q", "dq computed with q where k belongs (dS @ q)",
          """S[i, j] = q_i . k_j / sqrt(D): differentiating by q_i leaves k_j, so dQ = dS K / sqrt(D)""")
 def _(c):

@@ -139,6 +139,13 @@ def _(c):
     return out
 
 
+@mistake("datt-transposed", "datt = v @ dheads^T, the transpose of dheads @ v^T",
+         """ctx = att @ v: att[i, j] multiplies v_j into row i, so datt[i, j] = dctx_i . v_j, which is
+         dheads @ v^T. v @ dheads^T has the key index first""")
+def _(c):
+    return {"att": c.v @ heads(c.d["ctx"], c).swapaxes(-1, -2)}
+
+
 @mistake("v-att-not-transposed", "dv = att @ dheads: att is not transposed",
          """ctx = att @ v: value j is used by every query i with weight att[i, j], so dv = att^T @ dheads""")
 def _(c):
