@@ -320,3 +320,32 @@ def test_the_file_hash_has_one_source(tmp_path):
     data.write_bytes(b"x" * (3 << 20))  # over one 1 MB piece
     assert sha256_file(data) == hashlib.sha256(data.read_bytes()).hexdigest()
     assert tinygpt.rundir.data_identity(data)["sha256"] == sha256_file(data)
+
+
+# ------------------------------------------------------------------ Hugging Face folders: never a user's other files
+
+@pytest.mark.parametrize("save", ["save_gpt2", "save_llama"])
+def test_saving_a_model_folder_never_deletes_a_users_other_files(tmp_path, monkeypatch, save):
+    """save_gpt2(model, ".") deleted everything in the current folder before renaming failed."""
+    if save == "save_gpt2":
+        from tinygpt.model import GPTModel
+        from tinygpt.pretrained import save_gpt2 as saver
+
+        model = GPTModel({"vocab_size": 11, "context_length": 8, "emb_dim": 8, "n_heads": 2, "n_layers": 1,
+                          "drop_rate": 0.0, "qkv_bias": False})
+    else:
+        from tinygpt.hf_llama import save_llama as saver
+        from tinygpt.llama import LLAMA_PRESETS, LlamaModel
+
+        model = LlamaModel({**LLAMA_PRESETS["llama-small"], "n_layers": 1})
+    (tmp_path / "precious.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    for target in (".", tmp_path, tmp_path / "precious.txt"):
+        with pytest.raises(FileExistsError, match="precious.txt|is a file"):
+            saver(model, target)
+    assert (tmp_path / "precious.txt").read_text() == "mine" and os.listdir(tmp_path) == ["precious.txt"]
+    with umask(0o022):
+        out = saver(model, tmp_path / "hf")
+        saver(model, out)  # an earlier save of the same kind is replaced
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert mode(out) == 0o755 and mode(out / "model.safetensors") == 0o644

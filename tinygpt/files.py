@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import stat
 import sys
 from pathlib import Path
@@ -166,6 +167,31 @@ def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, f"no free temporary name in {parent}")
+
+
+def check_replaceable(folder: str | os.PathLike, own_files: set[str]) -> None:
+    """Refuse (FileExistsError) to replace `folder` unless it is missing, empty, or holds only
+    own_files (an earlier save of the same kind): a user's other files are never deleted."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise FileExistsError(errno.EEXIST, f"{folder} is a file, not a folder; save into a new or empty folder")
+    others = sorted(p.name for p in folder.iterdir() if p.name not in own_files)
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise FileExistsError(errno.EEXIST, f"{folder} already holds other files ({shown}); replacing it would delete "
+                                            f"them: save into a new or empty folder")
+
+
+def replace_folder(done: Path, folder: str | os.PathLike, own_files: set[str]) -> None:
+    """Rename the finished temporary folder `done` to `folder`, replacing an earlier save there
+    (see check_replaceable)."""
+    folder = Path(folder)
+    check_replaceable(folder, own_files)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.rename(done, folder)
 
 
 # ------------------------------------------------------------------ outputs the user names

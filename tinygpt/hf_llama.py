@@ -21,12 +21,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from tinygpt import backend
+from tinygpt import backend, files
 from tinygpt.llama import LlamaModel, full_config
 from tinygpt.safetensor_files import SafetensorsFile, save_safetensors
 
@@ -216,6 +215,9 @@ def load_llama(folder: str | os.PathLike, device: str | None = None, dtype=None)
     return model.eval()
 
 
+HF_FILES = {"config.json", "model.safetensors"}  # what save_llama writes, and may replace
+
+
 def save_llama(model: LlamaModel, out_dir: str | os.PathLike) -> Path:
     """Write `model` as a Hugging Face folder (config.json + model.safetensors) that
     load_llama and transformers' LlamaForCausalLM / Qwen3ForCausalLM read. The folder is
@@ -225,14 +227,13 @@ def save_llama(model: LlamaModel, out_dir: str | os.PathLike) -> Path:
     tensors = {hf: np.ascontiguousarray(params[ours].numpy()) for ours, hf in weight_map(cfg)}
     hf_config = config_to_hf(cfg) | {"torch_dtype": str(np.dtype(model.tok_emb.weight.dtype))}
     out = Path(out_dir)
+    files.check_replaceable(out, HF_FILES)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+    tmp = files.make_temp_dir(out.parent, prefix=f".tmp-{out.name}-")
     try:
         save_safetensors(tensors, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        files.replace_folder(tmp, out, HF_FILES)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from tinygpt import backend
+from tinygpt import backend, files
 from tinygpt.errors import RunError
 from tinygpt.model import GPTModel
 
@@ -193,6 +192,9 @@ def _copy_weights(model: GPTModel, path: Path) -> None:
             p.data = backend.make_array(np.ascontiguousarray(array.T if transpose else array), dtype=p.dtype, device=p.device)
 
 
+HF_FILES = {"config.json", "model.safetensors"}  # what save_gpt2 writes, and may replace
+
+
 def save_gpt2(model: GPTModel, out_dir: str | os.PathLike) -> Path:
     """Write `model` as a Hugging Face GPT-2 folder (model.safetensors + config.json) that
     load_gpt2 and transformers' GPT2LMHeadModel can read. A model whose out_head is not
@@ -225,14 +227,14 @@ def save_gpt2(model: GPTModel, out_dir: str | os.PathLike) -> Path:
     if cfg["vocab_size"] > 50256:  # GPT-2's <|endoftext|>, only where the vocabulary has it
         hf_config.update(bos_token_id=50256, eos_token_id=50256)
     out = Path(out_dir)
+    files.check_replaceable(out, HF_FILES)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".tmp-{out.name}-"))
+    tmp = files.make_temp_dir(out.parent, prefix=f".tmp-{out.name}-")
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        files.give_umask_mode(tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        files.replace_folder(tmp, out, HF_FILES)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

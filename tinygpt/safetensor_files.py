@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tinygpt.files import give_umask_mode
+
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
@@ -69,3 +71,4 @@ def save_safetensors(tensors: dict[str, np.ndarray], path: str | Path) -> None:
     from safetensors.numpy import save_file
 
     save_file(tensors, str(path), metadata={"format": "pt"})
+    give_umask_mode(path)  # save_file makes it 0600
