@@ -10,6 +10,7 @@ and a heartbeat thread (`_Watchdog`) can end a rank whose peer died.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -118,20 +119,16 @@ def _flat(array):
     return array.reshape(-1)
 
 
-class _on_host:
-    """A with-block giving MPI a host buffer for `flat`: the array itself when it is NumPy's,
-    else a host copy that is written back into it at the end of the block."""
-
-    def __init__(self, flat):
-        self.flat, self.moved = flat, not isinstance(flat, np.ndarray)
-
-    def __enter__(self) -> np.ndarray:
-        self.host = backend.to_host(self.flat) if self.moved else self.flat
-        return self.host
-
-    def __exit__(self, kind, error, trace) -> None:
-        if self.moved and kind is None:
-            self.flat[...] = backend.to_device(self.host, backend.device_of(self.flat))
+@contextlib.contextmanager
+def _on_host(flat):
+    """The buffer MPI reads and writes for `flat`: the array itself when it is NumPy's, else a
+    host copy, written back into `flat` at the end of the with-block."""
+    if isinstance(flat, np.ndarray):
+        yield flat
+        return
+    host = backend.to_host(flat)
+    yield host
+    flat[...] = backend.to_device(host, backend.device_of(flat))
 
 
 def _use_local_gpu(comm) -> None:
