@@ -253,8 +253,11 @@ def _release_early_output(unless: str | None = None) -> None:
         return
     sys.stderr = early.real
     if early.hold and early.text.getvalue() not in ("", unless):
-        sys.stderr.write(early.text.getvalue())
-        sys.stderr.flush()
+        try:
+            sys.stderr.write(early.text.getvalue())
+            sys.stderr.flush()
+        except (OSError, ValueError):  # stderr closed (a broken pipe): nowhere left to say it
+            pass
 
 
 def meet_to_start_training() -> None:
