@@ -63,6 +63,15 @@ TRICKS = {
     "tinygpt's Tensor.backward": ("import tinygpt as tg\nfrom tinygpt.exercises.sheets.gelu import forward\n\n\n"
                                   "def backward(dy, cache):\n    x = tg.tensor(cache[0], requires_grad=True)\n    return x\n",
                                   "imports tinygpt.tensor"),
+    "the answer key, imported around the guard": (
+        "import sys\nsys.meta_path.pop(0)\nfor name in [n for n in sys.modules if n.startswith('tinygpt')]:\n"
+        "    del sys.modules[name]\nfrom tinygpt.exercises.answers import gelu as backward\n"
+        "from tinygpt.exercises.sheets.gelu import forward\n", "runs the code of tinygpt.exercises.answers (the answer key)"),
+    "the answer key, run by its path": (
+        "import importlib.util, pathlib\nimport tinygpt.exercises.sheets.gelu as sheet\nforward = sheet.forward\n"
+        "spec = importlib.util.spec_from_file_location('key', pathlib.Path(sheet.__file__).parents[1] / 'answers.py')\n"
+        "key = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(key)\nbackward = key.gelu\n",
+        "runs the code of tinygpt.exercises.answers (the answer key)"),
     "a BaseException": (GELU_WRONG + "\n\nclass Stop(BaseException):\n    pass\n\n\ndef backward(dy, cache):\n    raise Stop('no')\n",
                         "your backward failed: Stop (a BaseException, not an Exception): no"),
     "an exception inside __array__": (GELU_RIGHT + "\n\nclass Lazy:\n    def __array__(self, dtype=None, copy=None):\n"

@@ -13,6 +13,7 @@ asked for): the check grades a backward the learner wrote. The sheets stay impor
 The same functions run in-process for trusted code (tests, the walk-through)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib.abc
 import importlib.util
@@ -29,6 +30,7 @@ TINYGPT_DIR = Path(__file__).resolve().parent.parent
 ALLOWED = ("tinygpt", "tinygpt.exercises", "tinygpt.exercises.sheets")
 FORBIDDEN_WHY = {
     "tinygpt.exercises.answers": "the answer key",
+    "tinygpt.exercises.answers_warmup": "the answer key",
     "tinygpt.functional": "tinygpt's own backward passes (the Function classes)",
     "tinygpt.tensor": "tinygpt's own autograd (Tensor.backward)",
     "tinygpt.exercises": "the checker itself",
@@ -44,10 +46,10 @@ READ_ONLY_WHY = ("tinygpt hands backward dy and the saved values read-only, as F
 class ForbiddenImport(ImportError):
     """The learner's file asked for a module the check does not lend it."""
 
-    def __init__(self, module: str):
+    def __init__(self, module: str, verb: str = "imports"):
         what = next((why for prefix, why in FORBIDDEN_WHY.items() if module == prefix or module.startswith(prefix + ".")),
                     "tinygpt's engine")
-        super().__init__(f"your file imports {module} ({what}): the check grades a backward you write, so it runs "
+        super().__init__(f"your file {verb} {module} ({what}): the check grades a backward you write, so it runs "
                          "your file without tinygpt's engine or answer key (only tinygpt.exercises.sheets is there)")
         self.module = module
 
@@ -83,6 +85,7 @@ def guard_imports() -> None:
     """tinygpt and tinygpt.exercises become bare packages (their sheets import, nothing else)."""
     sys.modules["tinygpt"] = _stub_package("tinygpt", TINYGPT_DIR)
     sys.modules["tinygpt.exercises"] = _stub_package("tinygpt.exercises", TINYGPT_DIR / "exercises")
+    sys.modules["tinygpt"].exercises = sys.modules["tinygpt.exercises"]
     sys.meta_path.insert(0, _Guard())
 
 
@@ -191,12 +194,42 @@ def _close(out, reference) -> bool:
     return out.shape == reference.shape and bool(np.all(np.abs(out - reference) <= 1e-6 * scale + 1e-5 * np.abs(reference)))
 
 
-def run_backward(forward, backward, inputs: dict, dout, path: Path, reference=None) -> dict:
+class EngineWatch:
+    """A profile hook: the first function of tinygpt's own (not a sheet, not this file) that
+    runs, however its module was loaded (an import around the guard, a file run by path)."""
+
+    def __init__(self):
+        self.root, self.first = str(TINYGPT_DIR) + os.sep, None
+        self.allowed = (str(TINYGPT_DIR / "exercises" / "sheets") + os.sep, str(Path(__file__).resolve()))
+
+    def __call__(self, frame, event, arg):
+        if event == "call" and self.first is None:
+            filename = frame.f_code.co_filename
+            if filename.startswith(self.root) and not filename.startswith(self.allowed):
+                self.first = Path(filename).relative_to(TINYGPT_DIR.parent)
+
+    def __enter__(self):
+        sys.setprofile(self)
+        return self
+
+    def __exit__(self, *exc):
+        sys.setprofile(None)
+
+    def verdict(self, path: Path) -> None:
+        if self.first is not None:
+            name = ".".join(self.first.with_suffix("").parts)
+            raise LearnerStop(f"{path}: {ForbiddenImport(name, verb='runs the code of')}")
+
+
+def run_backward(forward, backward, inputs: dict, dout, path: Path, reference=None, watch_engine=False) -> dict:
     """{"out": forward's output, "grads": what backward returned, "changed": [labels],
     "fp": first floating-point event}. The inputs passed to forward are the caller's; a
-    `reference` output, when given, is compared with forward's before backward runs."""
+    `reference` output, when given, is compared with forward's before backward runs. With
+    `watch_engine`, running any of tinygpt's own code (but the sheets) stops the check."""
+    engine = EngineWatch() if watch_engine else None
     try:
-        result = forward(*inputs.values())
+        with engine or contextlib.nullcontext():
+            result = forward(*inputs.values())
     except BaseException as e:  # noqa: BLE001
         raise LearnerStop(explain(e, path, "your forward")) from None
     if not (isinstance(result, tuple) and len(result) == 2):
@@ -212,12 +245,14 @@ def run_backward(forward, backward, inputs: dict, dout, path: Path, reference=No
     watch = FloatingPointWatch(path)
     old = np.seterrcall(watch)
     try:
-        with np.errstate(invalid="call", divide="call", over="call"):
+        with np.errstate(invalid="call", divide="call", over="call"), engine or contextlib.nullcontext():
             returned = backward(dout, cache)
     except BaseException as e:  # noqa: BLE001
         raise LearnerStop(explain(e, path, "your backward")) from None
     finally:
         np.seterrcall(old)
+    if engine is not None:
+        engine.verdict(path)
     changed = [label for label, (a, before) in handed.items() if not np.array_equal(a, before, equal_nan=True)]
     return {"out": out, "grads": returned, "changed": changed, "fp": watch.first}
 
@@ -308,7 +343,8 @@ def main(job_dir: str) -> None:
     try:
         module = load(Path(job["path"]), job["exercise"])
         stage.write_text("running forward and backward")
-        run = run_backward(module.forward, module.backward, inputs, arrays["__dout__"], Path(job["path"]), arrays["__reference__"])
+        run = run_backward(module.forward, module.backward, inputs, arrays["__dout__"], Path(job["path"]),
+                           arrays["__reference__"], watch_engine=True)
         collected = collect(run, tuple(job["grads"]))
         stage.write_text("sending the gradients back")
         sendable = {f"grad.{n}": g for n, g in collected.pop("grads").items()}
