@@ -315,3 +315,12 @@ def test_softmax_recogniser_for_the_dropped_row_term_fires_despite_rounding():
     y = catalogue.load("softmax").context(inputs, dout).y
     hint = hints.softmax_row_term(y * dout, expected, hints.Case("dx", exercise.dims, inputs, dout))
     assert hint is not None and "missing the term - sum_i dy_i y_i" in hint
+
+
+def test_block_nan_is_traced_to_the_step_that_made_it():
+    result = check_function("block", backward_with("block", "grads['h'] = grads['h'].copy()\ngrads['h'][0, 0, 1] = np.nan\n"
+                                                            "grads['W_1'] = grads['W_1'] * np.nan\n"))
+    wrong = {g.name: g for g in result.wrong}
+    assert result.first_wrong == "h" and "not finite (NaN): 1 of 480 elements" in wrong["h"].where
+    assert wrong["W_1"].inherits == ("h",) and "computed from your h, which is not finite either" in wrong["W_1"].where
+    assert "mask" not in result.report(2).lower()

@@ -43,7 +43,11 @@ def diagnose(exercise, grads: list, theirs: dict, expected: dict, inputs, dout, 
         g.where = where(t, e, case, regions)
         if not np.isfinite(t).all():
             g.where = not_finite(t, case, regions)
-            g.hint = g.where + (f"; numpy first reported {fp}" if fp else "")
+            fed = [u for u in flow.get(g.name, ((), None))[0] if theirs.get(u) is not None and not np.isfinite(theirs[u]).all()]
+            if fed:
+                g.inherits = tuple(fed)
+                g.where += f"; it is computed from your {_names(fed)}, which {'is' if len(fed) == 1 else 'are'} not finite either"
+            g.hint = g.where + (f"; numpy first reported {fp}" if fp and not fed else "")
             continue
         upstream = [u for u in flow.get(g.name, ((), None))[0] if u in wrong_names]
         if upstream and hints.same(t, e):

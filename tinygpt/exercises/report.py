@@ -54,6 +54,8 @@ def _gradient_lines(g, width: int, shape_width: int, level: int) -> list:
     lines = [head + "WRONG" + (f"  max |yours - expected| {g.diff_engine:.3g}" if g.diff_engine is not None else "")]
     if g.inherits and level >= 1:
         whose = "its" if len(g.inherits) == 1 else "their"
+        if g.where.startswith("not finite"):
+            return [lines[0] + f"  (not finite, computed from your {', '.join(g.inherits)}, not finite either)"]
         return [lines[0] + f"  (right given your {', '.join(g.inherits)}: only inherits {whose} error)"]
     if g.worst is not None:
         index, theirs, expected, numeric = g.worst
