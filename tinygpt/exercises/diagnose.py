@@ -151,7 +151,8 @@ def where(t, e, case, regions: list) -> str:
         return f"wrong shape: yours has shape {t.shape}, {case.grad} must have shape {e.shape}"
     scale = max(float(np.abs(e).max(initial=0.0)), 1e-12)
     bad = ~(np.abs(t - e) <= 1e-6 * scale + 1e-5 * np.abs(e))
-    return _locate(bad, case, regions, "wrong")
+    zeros = " (yours is 0 at every one of them: computed but never written there?)" if bad.any() and not t[bad].any() else ""
+    return _locate(bad, case, regions, "wrong") + zeros
 
 
 def not_finite(t, case, regions) -> str:
