@@ -200,6 +200,9 @@ def end_every_rank_on_failure(main):
         _hold_early_output()
         try:
             code = main(*args, **kwargs)
+        except KeyboardInterrupt:  # Ctrl-C before main() could catch it (while Python imports tinygpt)
+            print("tinygpt: interrupted", file=sys.stderr, flush=True)
+            code = 130
         except StopEveryRank as stop:
             _release_early_output()
             if stop.speaks:
