@@ -336,3 +336,28 @@ def _(c):
    dh_pre = dh * (1 - h^2)""")
 def _(c):
     return {"h_pre": c.d["h"]}
+
+
+def _mlp_steps(c) -> dict:
+    """The warm-ups the MLP is made of, each with its inputs, the learner's gradient flowing into
+    it, and where its gradients go."""
+    d = c.d
+    return {"tanh": ("tanh", {"a": c.h_pre}, d["h"], {"da": "h_pre"}),
+            "h @ W2": ("matmul", {"a": c.h, "b": c.W2}, d["logits"], {"da": "h", "db": "W2"}),
+            "+ b2": ("add", {"a": c.h @ c.W2, "b": c.b2}, d["logits"], {"db": "b2"}),
+            "x @ W1": ("matmul", {"a": c.x, "b": c.W1}, d["h_pre"], {"da": "x", "db": "W1"}),
+            "+ b1": ("add", {"a": c.x @ c.W1, "b": c.b1}, d["h_pre"], {"db": "b1"})}
+
+
+def _from_warmup(step: str, warmup_mistake):
+    def wrong(c):
+        name, inputs, dy, into = _mlp_steps(c)[step]
+        ctx = CATALOGUES[name].context(inputs, dy)
+        return {into[g]: v for g, v in warmup_mistake.wrong(ctx).items() if g in into}
+    return wrong
+
+
+for _step in ("tanh", "h @ W2", "+ b2", "x @ W1", "+ b1"):
+    for _m in list(CATALOGUES[{"tanh": "tanh", "+ b2": "add", "+ b1": "add"}.get(_step, "matmul")].MISTAKES):
+        CATALOGUES["mlp"].MISTAKES.append(type(_m)(f"{_step}:{_m.key}", f"in the step {_step}: {_m.title}", _m.lesson,
+                                                   _from_warmup(_step, _m)))
