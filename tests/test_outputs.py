@@ -83,11 +83,12 @@ def test_trace_refuses_a_checkpoint_config_it_would_make_unusable(tmp_path, no_r
     ("long name", ["bytes", "255"]),
     ("file as folder", ["is not a folder"]),
     ("same file twice", ["--dot and --json both name"]),
+    ("empty name", ["expected a file name"]),
 ])
 def test_trace_checks_output_paths_before_the_run(tmp_path, no_run, case, words):
     (tmp_path / "plain").write_text("x")
     path = {"missing folder": tmp_path / "nope" / "t.json", "folder": tmp_path, "long name": tmp_path / ("n" * 256),
-            "file as folder": tmp_path / "plain" / "t.json", "same file twice": tmp_path / "t.json"}[case]
+            "file as folder": tmp_path / "plain" / "t.json", "same file twice": tmp_path / "t.json", "empty name": ""}[case]
     extra = ["--dot", str(path)] if case == "same file twice" else []
     code, out, err = run(SMALL + ["--json", str(path)] + extra)
     assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
@@ -146,8 +147,19 @@ def test_a_failed_write_names_the_users_path_not_the_temporary_file(tmp_path):
             f"atomic_write_text({str(target)!r}, 'x' * 100000)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     last = done.stderr.strip().splitlines()[-1]
-    assert done.returncode == 1 and f"could not write {target}: File too large" in last, done.stderr
+    assert done.returncode == 1 and last.endswith(f"OSError: could not write {target}: File too large"), done.stderr
     assert ".tmp" not in last and os.listdir(tmp_path) == []  # and the temporary file is gone
+
+
+def test_a_device_that_refuses_the_write_is_one_line_naming_it(capsys):
+    assert main(SMALL + ["--json", "/dev/full"]) == 1
+    assert capsys.readouterr().err == "tinygpt: error: could not write /dev/full: No space left on device\n"
+
+
+def test_a_fifo_as_input_data_is_refused_instead_of_waiting_forever(tmp_path, capsys):
+    os.mkfifo(tmp_path / "pipe")
+    assert main(["train", "--data", str(tmp_path / "pipe"), "--out", str(tmp_path / "run")]) == 2
+    assert "is not a regular file" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ item 2: as a user who is not root

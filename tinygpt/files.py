@@ -130,10 +130,12 @@ def _rename(tmp: Path, target: Path, replace: bool) -> None:
 
 def _naming(e: OSError, path) -> OSError:
     """e, reworded to name the user's path (a temporary file's name would mean nothing to them)."""
-    reason = e.strerror or str(e)
     if isinstance(e, FileExistsError):
-        return FileExistsError(errno.EEXIST, f"{path} already exists; nothing was written")
-    return OSError(e.errno, f"could not write {path}: {reason}") if e.errno else OSError(f"could not write {path}: {reason}")
+        named = FileExistsError(f"{path} already exists; nothing was written")
+    else:
+        named = type(e)(f"could not write {path}: {e.strerror or e}")  # the same class: PermissionError stays one
+    named.errno = e.errno
+    return named
 
 
 def give_umask_mode(path: str | os.PathLike) -> None:

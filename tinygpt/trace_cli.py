@@ -59,7 +59,7 @@ def _check_outputs(args) -> None:
     """Every --dot/--json/--html path writable and free (or --force), before the run."""
     from tinygpt.files import check_output
 
-    named = [(option, getattr(args, option)) for option in OUTPUTS if getattr(args, option)]
+    named = [(option, getattr(args, option)) for option in OUTPUTS if getattr(args, option) is not None]
     for option, path in named:
         check_output(path, f"--{option}", force=args.force)
     paths = [os.path.realpath(path) if path != "-" else path for _, path in named]
@@ -119,7 +119,7 @@ def run_trace(args) -> int:
           + (f", only {only} and below" if only else "") + ":\n", file=out)
     print(t.table(flat=args.flat, module=only), file=out)
     for path, text in ((args.dot, t.to_dot), (args.json, t.to_json), (args.html, t.to_html)):
-        if path:
+        if path is not None:
             write_output(path, text(), force=args.force)
             print(f"wrote {'standard output' if path == '-' else path}", file=out)
     return 0

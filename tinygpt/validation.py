@@ -93,6 +93,8 @@ def existing_file(text: str) -> str:
         raise argparse.ArgumentTypeError(f"no such file: {text}")
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
+    if not path.is_file():  # a FIFO or device: reading would wait forever, and data is read twice (hash, text)
+        raise argparse.ArgumentTypeError(f"{text} is not a regular file (a FIFO, socket or device); give a file")
     return text
 
 
