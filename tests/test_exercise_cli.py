@@ -174,3 +174,8 @@ def test_running_the_sheet_with_python_checks_it(tmp_path, capsys):
     path = sheet_with(tmp_path, capsys, "layer_norm", STUB, RIGHT)
     done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "PASS: all 3 gradients right" in done.stdout, done.stderr
+
+
+def test_hint_level_must_be_1_or_2(tmp_path, capsys):
+    code, _, err = run(capsys, "check", "gelu", "--hint", "gelu.py")
+    assert code == 2 and "--hint takes 1 or 2, got 'gelu.py' (put the file before --hint)" in err

@@ -48,6 +48,12 @@ def _check(args) -> int:
     return exercises.check_main(args.name, args.file, show_solution=args.show_solution, hint=args.hint, timeout=args.timeout)
 
 
+def _level(text: str) -> int:
+    if text not in ("0", "1", "2"):
+        raise argparse.ArgumentTypeError(f"--hint takes 1 or 2, got {text!r} (put the file before --hint)")
+    return int(text)
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -72,7 +78,7 @@ def add_commands(sub) -> None:
     c = commands.add_parser("check", help="compare the backward in FILE with tinygpt's and with finite differences")
     c.add_argument("name")
     c.add_argument("file")
-    c.add_argument("--hint", nargs="?", type=int, const=1, default=0, choices=(0, 1, 2),
+    c.add_argument("--hint", nargs="?", type=_level, const=1, default=0,
                    help="--hint: where the wrong elements are; --hint 2: the mistake, named")
     c.add_argument("--timeout", type=_seconds, default=20.0, help="seconds your file may run (default 20)")
     c.add_argument("--show-solution", action="store_true", help="then print the solution (the last resort)")
