@@ -232,3 +232,21 @@ def test_printing_in_a_loop_is_stopped_before_it_fills_the_disk(tmp_path, capsys
     code, out = check(capsys, tmp_path, GELU_WRONG + "\n\ndef backward(dy, cache):\n    while True:\n        print('x' * 4096)\n")
     assert_not_fooled(code, out)
     assert "printed or wrote more than the check allows" in out and len(out) < 200_000
+
+
+def test_a_forged_result_in_the_checks_folder_is_one_line_and_fails(tmp_path, capsys):
+    source = GELU_WRONG + """
+import json, os, sys
+
+
+def backward(dy, cache):
+    job = sys.argv[1]
+    with open(os.path.join(job, "result.npz"), "wb") as f:
+        f.write(b"not an npz")
+    with open(os.path.join(job, "result.json"), "w") as f:
+        json.dump({"error": None, "kinds": [1, 2]}, f)
+    os._exit(0)
+"""
+    code, out = check(capsys, tmp_path, source)
+    assert_not_fooled(code, out)
+    assert "the gradients your file sent back could not be read" in out

@@ -269,7 +269,9 @@ def describe(value) -> str | None:
     if value is _ABSENT:
         return MISSING
     if isinstance(value, np.ndarray):
-        return None if value.dtype.kind in "biufc" else f"an array of Python objects (dtype {value.dtype})"
+        if value.dtype.kind in "biufc":
+            return None
+        return "an array of Python objects (dtype object)" if value.dtype.kind == "O" else f"an array of dtype {value.dtype}, not numbers"
     if isinstance(value, np.generic):
         return None
     if isinstance(value, types.GeneratorType):

@@ -52,6 +52,8 @@ def dtype_problem(name: str, dtype) -> tuple:
     if dtype.kind in "biu":
         return (f"{name} has dtype {dtype}: integers cannot hold a gradient (np.zeros_like of an integer array?). "
                 "Make it float64, the dtype of dy"), None
+    if dtype.kind != "f":
+        return f"{name} has dtype {dtype}: not floating-point numbers. Make it float64, the dtype of dy", None
     if dtype.kind == "f" and dtype.itemsize < 4:
         return (f"{name} is {dtype}: half precision keeps about 3 digits, too few for a gradient to be checked "
                 "(or trusted). Compute it in float64, the dtype of dy"), None

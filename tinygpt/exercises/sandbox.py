@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -53,13 +54,21 @@ def run_in_child(exercise, path, inputs: dict, dout, timeout: float = DEFAULT_TI
         answer = _read_answer(job, code)
         if answer.get("error"):
             raise ChildFailed(shown + neutral(str(answer["error"])))
-        with np.load(job / "result.npz", allow_pickle=False) as arrays:
-            grads = {k.removeprefix("grad."): arrays[k] for k in arrays.files if k.startswith("grad.")}
-            out = arrays["out"] if "out" in arrays.files else None
+        try:
+            return {**_read_result(job, answer), "printed": shown}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, zipfile.BadZipFile) as e:
+            raise ChildFailed(f"{shown}the gradients your file sent back could not be read ({type(e).__name__}: "
+                              f"{neutral(str(e))}): did your file write into the check's folder?") from None
+
+
+def _read_result(job: Path, answer: dict) -> dict:
+    """Arrays without pickle, words as strings: nothing read here can run code."""
+    with np.load(job / "result.npz", allow_pickle=False) as arrays:
+        grads = {k.removeprefix("grad."): np.asarray(arrays[k]) for k in arrays.files if k.startswith("grad.")}
+        out = np.asarray(arrays["out"]) if "out" in arrays.files else None
     return {"out": out, "out_kind": _text(answer.get("out_kind")), "grads": grads,
             "kinds": {str(k): neutral(str(v)) for k, v in dict(answer.get("kinds") or {}).items()},
-            "changed": [neutral(str(c)) for c in answer.get("changed") or []], "fp": _text(answer.get("fp")),
-            "printed": shown}
+            "changed": [neutral(str(c)) for c in list(answer.get("changed") or [])], "fp": _text(answer.get("fp"))}
 
 
 def _write_job(job: Path, exercise, path: Path, inputs: dict, dout) -> None:
