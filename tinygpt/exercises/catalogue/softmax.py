@@ -21,8 +21,9 @@ def context(inputs, dout) -> Context:
 
 
 @mistake("no-sum-term", "the term - y_j sum_i dy_i y_i is missing (yours is y * dy)",
-         """y * dy is only the diagonal of the Jacobian, dy_j/dx_j ~ y_j. But every y_i of the row has x_j in its
-         denominator sum_k exp(x_k), so moving x_j moves all of them: dy_i/dx_j = y_i (delta_ij - y_j). The
+         """y * dy keeps only the delta_ij y_i part of the Jacobian dy_i/dx_j = y_i (delta_ij - y_j): the part from
+         x_j in the numerator of y_j. But every y_i of the row has x_j in its denominator sum_k exp(x_k), so
+         moving x_j moves all of them. The
          - y_i y_j part, summed against dy_i, gives - y_j sum_i dy_i y_i. The full line: dx = y * (dy - (dy * y).sum(-1, keepdims=True))""")
 def _(c):
     return {"dx": c.y * c.dy}
