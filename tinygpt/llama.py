@@ -13,7 +13,12 @@ att.W_key, att.W_value, att.out_proj, att.q_norm, att.k_norm, ff.fc1 (gate), ff.
 ff.fc3 (down), norm1, norm2, final_norm, out_head, tok_emb. tinygpt/hf_llama.py maps them to
 Hugging Face's names.
 
-Initialisation is PyTorch's default for each layer, as in model.py (norm weights 1).
+Initialisation is PyTorch's default for each layer, as in model.py (norm weights 1), except
+that tied embeddings take out_head's initialisation, uniform in +-1/sqrt(emb_dim): the final
+RMSNorm hands out_head vectors of length sqrt(emb_dim), so N(0, 1) rows, tok_emb's default,
+would give the untrained logits a standard deviation of sqrt(emb_dim) (24 at SmolLM2's width:
+a first loss of 438 instead of ln(49152) = 10.8), where out_head's gives 1/sqrt(3) = 0.58, as
+for the GPT. The embeddings' own scale matters less: each block sees them through RMSNorm.
 """
 from __future__ import annotations
 
@@ -184,8 +189,8 @@ class LlamaModel(nn.Module):
         self.trf_blocks = nn.ModuleList([LlamaBlock(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = RMSNorm(cfg["emb_dim"], cfg["rms_norm_eps"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
-        if cfg["tie_weights"]:
-            self.out_head.weight = self.tok_emb.weight  # one Parameter, two uses
+        if cfg["tie_weights"]:  # one Parameter, two uses, initialised as out_head's (see the module's docstring)
+            self.tok_emb.weight = self.out_head.weight
 
     def forward(self, idx, cache: nn.KVCache | None = None) -> Tensor:
         """Logits [B, T, vocab_size] for token ids idx [B, T]. With a KV cache (see new_cache),
