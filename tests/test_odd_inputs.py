@@ -36,6 +36,21 @@ def test_odd_arrays_are_refused_with_one_line(data, words):
         tg.tensor(data)
 
 
+@pytest.mark.parametrize("make, error, words", [
+    (lambda: tg.tensor([[1, 2], [3]]), ValueError, "ragged"),
+    (lambda: tg.tensor([1.0], dtype=np.complex64), TypeError, "dtype must be a number or boolean type, got complex64"),
+    (lambda: tg.tensor([1.0], dtype=str), TypeError, "dtype must be a number or boolean type"),
+    (lambda: GPTModel(None), TypeError, "GPTModel needs a config dict"),
+    (lambda: nn.Linear("a", 2), ValueError, "Linear: in_features must be an integer >= 1, got 'a'"),
+    (lambda: nn.Embedding(-1, 2), ValueError, "Embedding: num_embeddings must be an integer >= 1, got -1"),
+    (lambda: nn.Dropout(2), ValueError, "dropout probability must be in [0, 1], got 2"),
+])
+def test_a_careless_constructor_call_is_one_line(make, error, words):
+    with pytest.raises(error) as info:
+        make()
+    assert words in str(info.value)
+
+
 def test_other_ndarray_subclasses_become_plain_arrays(tmp_path):
     mapped = np.memmap(tmp_path / "m.bin", dtype=np.float32, mode="w+", shape=(3,))
     mapped[:] = [1, 2, 3]
@@ -228,7 +243,7 @@ EMPTY = [
     ("cross_entropy, no rows", lambda: F.cross_entropy(t(0, 5), np.zeros(0, np.int64)), "cross_entropy: no targets"),
     ("cross_entropy, no classes", lambda: F.cross_entropy(t(2, 0), np.zeros(2, np.int64)), "has no classes"),
     ("dropout", lambda: F.dropout(t(0, 3), 0.5), (0, 3)),
-    ("nn.Linear(0, 3)", lambda: nn.Linear(0, 3), "Linear: in_features and out_features must be >= 1, got 0 and 3"),
+    ("nn.Linear(0, 3)", lambda: nn.Linear(0, 3), "Linear: in_features must be an integer >= 1, got 0"),
     ("model, no rows", lambda: GPTModel(SMALL)(np.zeros((0, 4), np.int64)), (0, 4, 11)),
     ("generate, empty prompt", lambda: generate(GPTModel(SMALL), np.zeros((1, 0), np.int64), 3, 8), "non-empty"),
     ("generate, nothing new", lambda: generate(GPTModel(SMALL), np.zeros((1, 2), np.int64), 0, 8), (1, 2)),

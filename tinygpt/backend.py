@@ -330,11 +330,16 @@ def make_array(data, dtype=None, device: str | None = None):
     if device is None:  # device arrays stay where they are; host data goes to the default device
         device = device_of(data) if is_array(data) and not isinstance(data, np.ndarray) else default_device()
     if not is_array(data):
-        data = np.asarray(data)
+        try:
+            data = np.asarray(data)
+        except ValueError:  # NumPy's "inhomogeneous shape" message
+            raise ValueError("tensor data is ragged: nested lists of different lengths make no array") from None
     if data.dtype.kind not in "biuf":
         raise TypeError(f"tensor data must be numbers or booleans, got dtype {data.dtype} ({_kind_name(data.dtype)})")
     if dtype is None:
         dtype = _default_dtype if data.dtype.kind == "f" else data.dtype
+    elif np.dtype(dtype).kind not in "biuf":
+        raise TypeError(f"dtype must be a number or boolean type, got {np.dtype(dtype)} ({_kind_name(np.dtype(dtype))})")
     if device_of(data) == device:
         return data.astype(dtype)  # astype copies
     return get_backend(device).from_host(to_host(data).astype(dtype, copy=False))

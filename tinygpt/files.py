@@ -178,12 +178,12 @@ def check_replaceable(folder: str | os.PathLike, own_files: set[str]) -> None:
     if not folder.exists():
         return
     if not folder.is_dir():
-        raise FileExistsError(errno.EEXIST, f"{folder} is a file, not a folder; save into a new or empty folder")
+        raise FileExistsError(f"{folder} is a file, not a folder; save into a new or empty folder")
     others = sorted(p.name for p in folder.iterdir() if p.name not in own_files)
     if others:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-        raise FileExistsError(errno.EEXIST, f"{folder} already holds other files ({shown}); replacing it would delete "
-                                            f"them: save into a new or empty folder")
+        raise FileExistsError(f"{folder} already holds other files ({shown}); replacing it would delete them: "
+                              f"save into a new or empty folder")
 
 
 def replace_folder(done: Path, folder: str | os.PathLike, own_files: set[str]) -> None:

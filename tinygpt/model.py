@@ -14,6 +14,7 @@ steps, against the book's 2.85 after 45.)
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
 
 from tinygpt import backend, nn
 from tinygpt.tensor import Tensor
@@ -53,6 +54,8 @@ def _check_sizes(cfg: dict) -> None:
 
 class GPTModel(nn.Module):
     def __init__(self, cfg: dict):
+        if not isinstance(cfg, Mapping):
+            raise TypeError(f"GPTModel needs a config dict such as GPT_CONFIG_124M, got {type(cfg).__name__}")
         missing = [k for k in _REQUIRED if k not in cfg]
         if missing:
             raise KeyError(f"GPT config lacks {', '.join(missing)}")

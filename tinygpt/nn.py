@@ -7,10 +7,11 @@ keys the book uses ("trf_blocks.0.att.W_query.weight", ...).
 from __future__ import annotations
 
 import math
+import numbers
 from types import MappingProxyType
 from typing import Iterator
 
-from tinygpt import backend, hooks
+from tinygpt import backend, hooks, op_checks
 from tinygpt import functional as F
 from tinygpt.graph_state import state
 from tinygpt.tensor import Tensor, ones, zeros
@@ -186,6 +187,14 @@ class ModuleList(Sequential):
         raise TypeError("ModuleList has no forward; iterate over it")
 
 
+def _check_sizes(layer: str, **sizes) -> None:
+    """A layer's sizes are integers >= 1: a mistake is one line naming it, not an error from
+    inside the initialisation (a division by zero, NumPy's "negative dimensions")."""
+    for name, n in sizes.items():
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"{layer}: {name} must be an integer >= 1, got {n!r}")
+
+
 class Linear(Module):
     """y = x W^T + b with W of shape (out_features, in_features).
 
@@ -193,8 +202,7 @@ class Linear(Module):
     keeps the output variance near the input's."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
-        if min(in_features, out_features) < 1:
-            raise ValueError(f"Linear: in_features and out_features must be >= 1, got {in_features} and {out_features}")
+        _check_sizes("Linear", in_features=in_features, out_features=out_features)
         self.in_features, self.out_features = in_features, out_features
         bound = 1.0 / math.sqrt(in_features)
         self.weight = uniform_parameter((out_features, in_features), bound)
@@ -211,6 +219,7 @@ class Embedding(Module):
     """A lookup table of `num_embeddings` vectors of size `embedding_dim` (N(0, 1) init, as PyTorch)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
+        _check_sizes("Embedding", num_embeddings=num_embeddings, embedding_dim=embedding_dim)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.weight = _normal((num_embeddings, embedding_dim), 1.0)
 
@@ -243,6 +252,7 @@ class GELU(Module):
 
 class Dropout(Module):
     def __init__(self, p: float):
+        op_checks.dropout_p(p)  # at construction, not at the first training step
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:
