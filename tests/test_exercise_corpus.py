@@ -70,6 +70,8 @@ def test_every_wrong_answer_fails_and_no_report_says_anything_false(index):
     assert not false_claims(entry, result), (false_claims(entry, result), result.report())
     if entry.mistake == "generic":
         assert any(g.hint and g.hint.startswith(GENERIC) for g in result.wrong)
+    if entry.mistake == "recogniser":
+        assert all(g.hint and not g.hint.startswith(GENERIC) for g in result.wrong), result.report()
 
 
 def test_the_catalogue_names_the_mistake_in_at_least_95_percent():

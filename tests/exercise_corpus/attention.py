@@ -118,3 +118,17 @@ def _(dout, cache):
 def _(dout, cache):
     q, k, v, P, D, dP, _ = parts(dout, cache)
     return dP @ k / np.sqrt(D), dP.swapaxes(-1, -2) @ q / np.sqrt(D), P.swapaxes(-1, -2) @ dout
+
+
+@wrong("attention", "generic", must_not=("transposed:",))
+def _(dout, cache):
+    q, k, v, P = cache
+    B, H, T, D = q.shape
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for h in range(H - 1):  # off by one: the last head is never visited
+        dv[:, h] = P[:, h].swapaxes(-1, -2) @ dout[:, h]
+        dP = dout[:, h] @ v[:, h].swapaxes(-1, -2)
+        dS = P[:, h] * (dP - (dP * P[:, h]).sum(-1, keepdims=True))
+        dq[:, h] = dS @ k[:, h] / np.sqrt(D)
+        dk[:, h] = dS.swapaxes(-1, -2) @ q[:, h] / np.sqrt(D)
+    return dq, dk, dv

@@ -15,11 +15,16 @@ class Entry:
 
 
 ENTRIES: list = []
+# Claims no report of a catalogued mistake may make: the fallback (the mistake is known), the old
+# fallback's unverified "not transposed", "may only inherit" by list order, "does not average".
+NEVER = ("no simple pattern", "not transposed,", "may only inherit", "does not average")
 
 
 def wrong(exercise, mistake, must_not=(), forward=None):
+    """must_not: words this answer's report must not contain, on top of NEVER."""
+    never = NEVER if mistake not in ("recogniser", "generic") else NEVER[1:]
     def add(backward):
-        ENTRIES.append(Entry(exercise, mistake, tuple(must_not), backward, forward))
+        ENTRIES.append(Entry(exercise, mistake, tuple(dict.fromkeys((*must_not, *never))), backward, forward))
         return backward
     return add
 

@@ -210,3 +210,9 @@ def _(dy, cache):
     (x,) = cache
     t = np.tanh(x)
     return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t**2) * C * (1 + 3 * 0.044715 * x**2))
+
+
+@wrong("softmax", "recogniser")
+def _(dy, cache):
+    (y,) = cache
+    return y * ((dy * y).sum(axis=-1, keepdims=True) - dy)  # the subtraction the wrong way round
