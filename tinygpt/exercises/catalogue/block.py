@@ -199,6 +199,14 @@ def _(c):
     return {g: [v for s in (1.0, 1 / c.D, np.sqrt(c.D)) for v in [qk(c, c.d["scores"], s)[g]]] for g in ("q", "k")}
 
 
+@mistake("scale-of-C", "scaled by 1/sqrt(C), the model width, where the forward divides by sqrt(D), the head size",
+         """Each head computes its own scores from q and k of size D = C / H, and the forward divides them by
+         sqrt(D): dq and dk carry that 1/sqrt(D), not 1/sqrt(C)""")
+def _(c):
+    width = c.D * c.H
+    return {g: [qk(c, c.d["scores"], s)[g] for s in (1 / np.sqrt(width), np.sqrt(c.D) / width)] for g in ("q", "k")}
+
+
 @mistake("k-not-transposed", "dk = dscores @ q: dscores is not transposed",
          """scores[i, j] = q_i . k_j / sqrt(D): key j is in column j, so dk_j = sum_i dscores[i, j] q_i / sqrt(D):
          dk = dscores^T @ q / sqrt(D)""")
