@@ -90,7 +90,8 @@ def _(c):
          """The softmax normalises each row of S over the keys (axis -1): its backward's sum_i dP_i P_i runs
          over the same axis, keepdims=True""")
 def _(c):
-    return qk(c, c.P * (c.dP - (c.dP * c.P).sum(axis=-2, keepdims=True)))
+    variants = [qk(c, c.P * (c.dP - (c.dP * c.P).sum(axis=axis, keepdims=True))) for axis in (-2, 1, (-2, -1))]
+    return {g: [v[g] for v in variants] for g in ("dq", "dk")}
 
 
 @mistake("softmax-diagonal-only", "only the diagonal of the softmax Jacobian: dS = P (1 - P) dP",

@@ -182,7 +182,7 @@ def _(c):
 @mistake("softmax-wrong-axis", "the softmax backward's sum over the query axis (-2), not over the keys (-1)",
          """The softmax normalises each row over the keys, axis -1: its backward sums over that axis""")
 def _(c):
-    return {"scores": c.att * (c.d["att"] - (c.d["att"] * c.att).sum(axis=-2, keepdims=True))}
+    return {"scores": [c.att * (c.d["att"] - (c.d["att"] * c.att).sum(axis=axis, keepdims=True)) for axis in (-2, 1, (-2, -1))]}
 
 
 @mistake("masked-gets-gradient", "gradient at the masked positions of scores (a key after its query)",
