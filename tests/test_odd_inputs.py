@@ -1,5 +1,7 @@
 """Odd arrays, hooks that return the wrong thing, empty and zero-size inputs, malformed files:
 each works or is refused with one line naming what was wrong (issue 19, items 7, 10, 11)."""
+import re
+
 import numpy as np
 import pytest
 
@@ -283,3 +285,13 @@ def test_a_tokenizer_file_that_is_not_json_names_the_file(tmp_path):
     for load in (load_tokenizer, CharTokenizer.load):
         with pytest.raises(ValueError, match=f"{path} is not valid JSON"):
             load(path)
+
+
+@pytest.mark.parametrize("run, words", [
+    (lambda: tg.cat([]), "cat needs at least one tensor"),
+    (lambda: t(2, 1).var(axis=1, ddof=1), "var with ddof=1 of 1 value(s)"),
+    (lambda: t(4, 3).split(0), "split: a piece size must be >= 1, got 0"),
+])
+def test_tensor_methods_with_nothing_to_work_on_are_one_line(run, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        run()

@@ -90,6 +90,20 @@ def axis(op: str, x, axis: int) -> None:
              lambda: f"{op}: axis {axis} of the input (shape {x.shape}) has length 0; there is nothing to normalize over")
 
 
+def variance(shape: tuple[int, ...], axis, count: int, ddof: int) -> None:
+    """A variance divides by count - ddof: it needs more than ddof values."""
+    _require(count - ddof > 0, lambda: f"var with ddof={ddof} of {count} value(s) (shape {shape}, axis {axis}): it needs "
+                                       f"more than ddof values")
+
+
+def not_none_given(op: str, tensors) -> None:
+    _require(len(tensors) > 0, lambda: f"{op} needs at least one tensor, got none")
+
+
+def piece_size(op: str, size: int) -> None:
+    _require(size >= 1, lambda: f"{op}: a piece size must be >= 1, got {size}")
+
+
 def reduction(op: str, shape: tuple[int, ...], axis) -> None:
     """A mean or max over `axis` (None: all) covers at least one element: over none it is undefined."""
     axes = range(len(shape)) if axis is None else (axis,) if isinstance(axis, int) else axis

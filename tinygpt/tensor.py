@@ -310,6 +310,7 @@ class Tensor:
         """Pieces along `axis`: `sizes` is a piece size (the last may be shorter) or a list of sizes."""
         n = self.shape[axis]
         if isinstance(sizes, int):
+            op_checks.piece_size("split", sizes)
             sizes = [min(sizes, n - start) for start in range(0, n, sizes)]
         if sum(sizes) != n:
             raise ValueError(f"split sizes {list(sizes)} add up to {sum(sizes)}, but axis {axis} has size {n}")
@@ -329,6 +330,7 @@ class Tensor:
 
     def var(self, axis=None, keepdims: bool = False, ddof: int = 0) -> "Tensor":
         """Variance, biased (ddof=0) by default as in NumPy and layer norm."""
+        op_checks.variance(self.shape, axis, _count(self.shape, axis), ddof)
         centered = self - self.mean(axis, keepdims=True)
         return (centered * centered).sum(axis, keepdims) * (1.0 / (_count(self.shape, axis) - ddof))
 
@@ -396,6 +398,7 @@ zeros, ones, randn = _creation("zeros"), _creation("ones"), _creation("randn")
 
 def cat(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
     """Join tensors along an existing axis."""
+    op_checks.not_none_given("cat", tensors)
     return Concatenate.apply(*tensors, axis=axis)
 
 
