@@ -132,3 +132,12 @@ def _(dout, cache):
         dq[:, h] = dS @ k[:, h] / np.sqrt(D)
         dk[:, h] = dS.swapaxes(-1, -2) @ q[:, h] / np.sqrt(D)
     return dq, dk, dv
+
+
+@wrong("attention", "recogniser", must_not=("no simple pattern",))
+def _(dout, cache):
+    q, k, v, P, D, dP, dS = parts(dout, cache)
+    T = P.shape[-1]
+    dS = dS.copy()
+    dS[..., np.triu(np.ones((T, T), dtype=bool), 1)] = 0.5  # junk where the mask is
+    return dS @ k / np.sqrt(D), dS.swapaxes(-1, -2) @ q / np.sqrt(D), P.swapaxes(-1, -2) @ dout

@@ -227,3 +227,40 @@ def layer_norm_paths(theirs, expected, case: Case):
     if same(theirs, direct):
         return "mean and rstd treated as constants: both depend on x, and each adds a term to dx"
     return None
+
+
+def attention_scores(theirs, expected, case: Case):
+    """attention: dq = dS k / sqrt(D) and dk = dS^T q / sqrt(D). With T <= D, the learner's dS can be
+    recovered from their dq (or dk) exactly; say where it differs from the right dS."""
+    q, k, v = (case.inputs[n] for n in ("q", "k", "v"))
+    D, T = q.shape[-1], q.shape[-2]
+    if case.grad not in ("dq", "dk") or T > D:
+        return None
+    other = k if case.grad == "dq" else q
+    dS = theirs @ np.linalg.pinv(other) * np.sqrt(D)  # [.., T, D] @ [.., D, T]
+    if case.grad == "dk":
+        dS = dS.swapaxes(-1, -2)
+    if not same(_scores_to(dS, other, case.grad, D), theirs):
+        return None
+    right = _attention_dS(q, k, v, np.asarray(case.dout))
+    bad = ~np.isclose(dS, right, rtol=1e-5, atol=1e-6 * float(np.abs(right).max()))
+    future = np.broadcast_to(np.triu(np.ones((T, T), dtype=bool), k=1), bad.shape)
+    if bad.any() and not bad[~future].any():
+        return (f"your dS (recovered from your {case.grad}) is right except at masked positions (a key after its query), "
+                f"where it is not 0: those scores were replaced by -inf, so nothing flows through them")
+    if not bad.any():
+        return f"your dS (recovered from your {case.grad}) is right: the mistake is in the last step, from dS to {case.grad}"
+    return None
+
+
+def _scores_to(dS, other, grad, D):
+    return (dS if grad == "dq" else dS.swapaxes(-1, -2)) @ other / np.sqrt(D)
+
+
+def _attention_dS(q, k, v, dout):
+    T, D = q.shape[-2], q.shape[-1]
+    S = np.where(np.triu(np.ones((T, T), dtype=bool), k=1), -np.inf, q @ k.swapaxes(-1, -2) / np.sqrt(D))
+    P = np.exp(S - S.max(axis=-1, keepdims=True))
+    P /= P.sum(axis=-1, keepdims=True)
+    dP = dout @ v.swapaxes(-1, -2)
+    return P * (dP - (dP * P).sum(axis=-1, keepdims=True))

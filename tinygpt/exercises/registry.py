@@ -128,7 +128,7 @@ OPS = [
     _op("attention", "hard", "causal scaled dot-product attention: matmuls, a masked softmax, 1/sqrt(D)",
         {"B": 2, "H": 3, "T": 5, "D": 7},
         lambda rng: ({n: rng.normal(0.0, 1.0, (2, 3, 5, 7)) for n in ("q", "k", "v")}, _signed(rng, 2, 3, 5, 7)),
-        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True)),
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True), hints=(hints.attention_scores,)),
     _op("cross_entropy", "medium", "mean of -log softmax(logits)[target]: softmax minus one-hot, over N",
         {"N": 6, "V": 5},
         lambda rng: ({"logits": rng.normal(0.0, 1.5, (6, 5)), "targets": rng.integers(0, 5, 6)}, 0.8),

@@ -73,9 +73,13 @@ def _(c):
          xhat. Use the cache's xhat and rstd, which are the forward's""")
 def _(c):
     C = c.x.shape[-1]
-    rstd = 1 / np.sqrt(c.var * C / (C - 1) + EPS)
-    xhat = (c.x - c.mean) * rstd
-    return {"dx": dx_from(rstd, c.dxhat, xhat), "dscale": (c.dy * xhat).sum(axis=c.rows)}
+    out = {"dx": [], "dscale": []}
+    for eps in (EPS, 0.0):  # x.std(ddof=1) has no eps
+        rstd = 1 / np.sqrt(c.var * C / (C - 1) + eps)
+        xhat = (c.x - c.mean) * rstd
+        out["dx"].append(dx_from(rstd, c.dxhat, xhat))
+        out["dscale"].append((c.dy * xhat).sum(axis=c.rows))
+    return out
 
 
 @mistake("rstd-on-first-term-only", "rstd multiplies only the first term of dx",
