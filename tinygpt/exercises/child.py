@@ -113,7 +113,10 @@ def explain(error: BaseException, path: Path, what: str) -> str:
     if isinstance(error, ValueError) and "read-only" in str(error) and frames:
         return f"{where}`{frames[-1].line}` writes into an array backward was handed ({error}). {READ_ONLY_WHY}"
     if isinstance(error, OSError) and error.errno == errno.EFBIG:
-        return f"{where}your file printed or wrote more than the check allows (a print in a loop?), so it was stopped"
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] // 2**20
+        return f"{where}your file printed or wrote more than the check allows ({limit} MB; a print in a loop?), so it was stopped"
     if isinstance(error, SystemExit):
         return (f"{where}{what} called sys.exit({error.code!r}): that ends the program, so it returned no gradients. "
                 "Return them instead")
