@@ -5,7 +5,7 @@
 #     bash benchmarks/gpu_check.sh OUT_DIR
 #
 # Steps, each with its own time limit (seconds, override with the variable named), in about
-# 7 minutes at most altogether:
+# 9.5 minutes at most altogether:
 #   1. CuPy sees a GPU and tinygpt's "cuda" backend works; otherwise say why and stop (exit 3).
 #   2. the machine: nvidia-smi -q, cupy.show_config(), versions of cupy/torch/numpy.
 #   3. the kernel tests: every tests/test_*kernel*.py, whole (fast kernels against the plain
@@ -17,6 +17,11 @@
 #   6. the same on a small GPT without dropout: the two engines' losses must agree
 #                                                                       GPU_CHECK_T_LOSSES=45
 #   7. generation, 124M shape, with and without the KV cache          GPU_CHECK_T_GENERATE=45
+#   8. causal attention at T = 1024 and 4096: the tiled kernel against the untiled op and
+#      PyTorch, time and memory (tests/test_flash_attention.py runs in step 3)
+#                                                                       GPU_CHECK_T_ATTENTION=60
+#   9. cached decoding at batch 1 against the gemv roofline and transformers
+#                                                                       GPU_CHECK_T_DECODE=60
 #
 # Every figure lands in OUT_DIR: *.log (each step's output), pytest-*.xml (JUnit), *.json
 # (benchmarks), nvidia-smi.txt, versions.txt, steps.tsv (step, exit code, seconds) and
@@ -139,7 +144,7 @@ fi
 # ---------------------------------------------------------------- 3-4. tests
 pytest_args=(-q -rfE --durations=15 -p no:cacheprovider -o junit_family=xunit2)
 shopt -s nullglob
-kernel_tests=(tests/test_*kernel*.py)  # tests/test_cuda_kernels.py, or its successor tests/test_kernels.py
+kernel_tests=(tests/test_*kernel*.py tests/test_flash_attention.py)  # tests/test_kernels.py and the tiled attention's
 shopt -u nullglob
 if [ "${#kernel_tests[@]}" -gt 0 ]; then
     run_step pytest-kernels "${GPU_CHECK_T_KERNELS:-90}" \
@@ -149,15 +154,20 @@ else
     failed=1
 fi
 run_step pytest-cuda "${GPU_CHECK_T_CUDA_TESTS:-180}" \
-    "$py" -m pytest "${pytest_args[@]}" --junitxml="$out/pytest-cuda.xml" -k cuda --ignore-glob='tests/test_*kernel*.py' tests
+    "$py" -m pytest "${pytest_args[@]}" --junitxml="$out/pytest-cuda.xml" --ignore=tests/test_flash_attention.py \
+    -k cuda --ignore-glob='tests/test_*kernel*.py' tests
 
-# ---------------------------------------------------------------- 5-7. benchmarks
+# ---------------------------------------------------------------- 5-9. benchmarks
 run_step train-step "${GPU_CHECK_T_TRAIN:-90}" "$py" benchmarks/train_step.py --device cuda --batch 8 --tokens 1024 \
     --warmup 2 --repeats 5 --json "$out/train_step.json"
 run_step train-step-losses "${GPU_CHECK_T_LOSSES:-45}" "$py" benchmarks/train_step.py --device cuda --n-layers 2 \
     --batch 4 --tokens 256 --drop-rate 0 --warmup 1 --repeats 2 --json "$out/train_step_losses.json"
 run_step generate "${GPU_CHECK_T_GENERATE:-45}" "$py" benchmarks/generate.py --device cuda --new-tokens 100 \
     --repeats 3 --json "$out/generate.json"
+run_step attention "${GPU_CHECK_T_ATTENTION:-60}" "$py" benchmarks/attention.py --device cuda --tokens 1024,4096 \
+    --repeats 3 --json "$out/attention.json"
+run_step decode "${GPU_CHECK_T_DECODE:-60}" "$py" benchmarks/decode.py --device cuda --new-tokens 100 --rounds 3 \
+    --json "$out/decode.json"
 
 # ---------------------------------------------------------------- summary
 echo

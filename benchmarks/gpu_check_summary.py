@@ -2,7 +2,8 @@
 
     python benchmarks/gpu_check_summary.py OUT_DIR SECONDS
 
-Reads OUT_DIR's steps.tsv, pytest-*.xml (JUnit), train_step*.json and generate.json, prints
+Reads OUT_DIR's steps.tsv, pytest-*.xml (JUnit), train_step*.json, generate.json, attention.json and
+decode.json, prints
 what they say, and exits 1 when no CUDA test ran (every cuda variant skips itself on a machine
 where tinygpt's cuda backend does not load, and such a run must not pass for a check) or when
 the dropout-free step's first losses of tinygpt and PyTorch on the GPU differ by more than
@@ -79,6 +80,15 @@ def summarize(out: Path, seconds: int) -> tuple[list[str], bool]:
     if path.exists():
         rates = json.loads(path.read_text())["tokens_per_s"]
         lines.append("  generate: " + ", ".join(f"{k} {'-' if v is None else f'{v:.1f}'} tokens/s" for k, v in rates.items()))
+    path = out / "attention.json"
+    if path.exists():
+        for r in json.loads(path.read_text())["results"]:
+            memory = "-" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 2**20:.0f} MiB"
+            lines.append(f"  attention T={r['tokens']} {r['engine']}: {r['median_s'] * 1000:.1f} ms, {memory}")
+    path = out / "decode.json"
+    if path.exists():
+        rates = json.loads(path.read_text())["median_tokens_per_s"]
+        lines.append("  decode: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()) + " tokens/s")
     if not cuda_ran:
         lines.append("  NO CUDA TEST RAN: the cuda variants were all skipped, or their step did not finish")
     return lines, ok

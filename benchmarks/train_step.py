@@ -218,6 +218,9 @@ def worker(engine: str, cfg: dict, settings: dict, conn) -> None:
     """A worker process: build the engine, then answer the parent's messages:
     "step" -> (seconds, loss); "finish" -> peak memory, and exit."""
     try:
+        if settings.get("memory_limit_gb"):  # an allocation past it fails in this worker instead of the machine's OOM killer
+            limit = int(settings["memory_limit_gb"] * GB)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         if engine == "baseline":  # tinygpt from another checkout: forget the one this script imported
             for name in [m for m in sys.modules if m == "tinygpt" or m.startswith("tinygpt.")]:
                 del sys.modules[name]
@@ -324,6 +327,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the tokens")
     parser.add_argument("--baseline", metavar="DIR",
                         help="also step the tinygpt package of this checkout (e.g. a worktree of an older commit)")
+    parser.add_argument("--memory-limit-gb", type=float,
+                        help="address-space limit per worker (RLIMIT_AS): an engine that needs more fails alone")
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
     args = parser.parse_args()
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -420,7 +425,7 @@ def print_results(cfg: dict, args: argparse.Namespace, results: dict, ratios: di
 def main() -> None:
     args = parse_args()
     cfg = model_config(args)
-    settings = {k: getattr(args, k) for k in ("batch", "tokens", "seed", "device", "dtype", "baseline")}
+    settings = {k: getattr(args, k) for k in ("batch", "tokens", "seed", "device", "dtype", "baseline", "memory_limit_gb")}
     notes = []
     if "torch" in args.engines and importlib.util.find_spec("torch") is None:
         args.engines.remove("torch")

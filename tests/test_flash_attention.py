@@ -18,7 +18,7 @@ import pytest
 
 import tinygpt as tg
 import tinygpt.functional as F
-from tinygpt import kernels
+from tinygpt import backend, kernels
 from tinygpt.functional.flash_attention import flash_attention
 from tinygpt.kernels import cpu
 from tinygpt.kernels import cuda as ck
@@ -207,3 +207,49 @@ def test_cuda_kernel_keeps_each_rows_log_sum_exp(monkeypatch):
     m = s.max(axis=-1)
     np.testing.assert_allclose(lse, m + np.log(np.exp(s - m[..., None]).sum(axis=-1)), rtol=1e-12)
     assert stand_in.calls == ["attention_softmax_"] * 2
+
+
+# ============================================================================ on a GPU
+
+_cuda_ok, _cuda_reason = backend.cuda_available()
+needs_cuda = pytest.mark.skipif(not _cuda_ok, reason=f"CUDA kernels need CuPy and a GPU: {_cuda_reason}")
+
+
+def _run_on(fn, inputs, dtype, device):
+    tg.manual_seed(3)
+    tensors = [tg.tensor(a, requires_grad=True, dtype=dtype, device=device) for a in inputs]
+    out = fn(*tensors)
+    r = np.random.default_rng(7).standard_normal(out.shape)
+    (out * tg.tensor(r, dtype=dtype, device=device)).sum().backward()
+    return [backend.to_host(out.data)] + [backend.to_host(t.grad.data) for t in tensors]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", ["T=7, 3 heads", "fewer queries than keys", "not causal, more queries than keys", "2-D"])
+def test_cuda_tiled_kernel_in_several_blocks_equals_the_plain_op_on_the_gpu(mode, monkeypatch, shape, dtype):
+    lead, tq, tk, d, dv, causal = SHAPES[shape]
+    monkeypatch.setattr(ck, "ATTENTION_BLOCK_ELEMENTS", max(1, math.prod(lead)) * tk * 2)  # blocks of 2 queries
+    inputs, fn = _inputs(lead, tq, tk, d, dv), _untiled(causal)
+    mode("plain")
+    reference = _run_on(fn, inputs, dtype, "cuda")
+    mode("fast")
+    _assert_same(_run_on(fn, inputs, dtype, "cuda"), reference, dtype)
+    np.testing.assert_allclose(_run_on(lambda q, k, v: flash_attention(q, k, v, causal=causal, block_size=3), inputs,
+                                       np.float64, "cuda")[0], reference[0], rtol=1e-5, atol=1e-6)
+
+
+@needs_cuda
+def test_cuda_tiled_attention_at_t_4096_holds_a_block_not_the_t_by_t_scores(mode, monkeypatch):
+    """12 heads at T = 4096: P would be 805 MB; with blocks of 64M scores the step's pool
+    stays far below it."""
+    import cupy
+
+    pool = cupy.get_default_memory_pool()
+    q, k, v = (tg.tensor(a, requires_grad=True, device="cuda") for a in _inputs((1, 12), 4096, 4096, 64, 64))
+    mode("fast")
+    pool.free_all_blocks()
+    before = pool.total_bytes()
+    _untiled(True)(q, k, v).sum().backward()
+    cupy.cuda.Device().synchronize()
+    assert pool.total_bytes() - before < 12 * 4096 * 4096 * 4 / 2

@@ -63,10 +63,13 @@ if args[:2] == ["-m", "pytest"]:
         f.write(f'<testsuites><testsuite name="pytest" tests="5" failures="{{failures}}" errors="0" skipped="1">'
                 '</testsuite></testsuites>')
     sys.exit(failures)
-if args and args[0].endswith(("train_step.py", "generate.py")):
+if args and args[0].endswith(("train_step.py", "generate.py", "attention.py", "decode.py")):
     if os.environ.get("FAKE_HANG") == os.path.basename(args[0]):
         time.sleep(60)
     report = ({{"tokens_per_s": {{"tinygpt, KV cache": 123.4, "transformers": None}}}} if args[0].endswith("generate.py") else
+              {{"results": [{{"tokens": 4096, "engine": "tinygpt tiled", "median_s": 0.5, "peak_extra_bytes": 2**20}}]}}
+              if args[0].endswith("attention.py") else
+              {{"median_tokens_per_s": {{"tinygpt": 50.0, "roofline": 55.0}}}} if args[0].endswith("decode.py") else
               {{"engines": {{"tinygpt": {{"median_s": 0.25, "peak_bytes": 2 * 2**30, "first_loss": 10.0}},
                           "torch": {{"median_s": 0.125, "peak_bytes": 2**30, "first_loss": 10.0 - LOSS_GAP}}}},
                "tinygpt_over_torch": {{"step_time": 2.0, "peak_memory": 2.0, "first_loss_difference": LOSS_GAP}}}})
@@ -137,12 +140,14 @@ def test_with_a_gpu_every_step_runs_and_all_passing_exits_0_with_the_figures_in_
     assert any(c[:3] == ["benchmarks/generate.py", "--device", "cuda"] for c in made)
     steps = (out / "steps.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in steps] == \
-        ["step", "pytest-kernels", "pytest-cuda", "train-step", "train-step-losses", "generate"]
+        ["step", "pytest-kernels", "pytest-cuda", "train-step", "train-step-losses", "generate", "attention", "decode"]
     assert all(line.split("\t")[1:2] == ["0"] for line in steps[1:])
     summary = (out / "summary.txt").read_text()
     assert "pytest cuda: 5 tests, 4 passed, 0 failed, 0 errors, 1 skipped" in summary
     assert "tinygpt 250.0 ms/step, 2.00 GB, torch 125.0 ms/step, 1.00 GB; tinygpt/torch time 2.00" in summary
     assert "generate: tinygpt, KV cache 123.4 tokens/s, transformers - tokens/s" in summary
+    assert "attention T=4096 tinygpt tiled: 500.0 ms, 1 MiB" in summary
+    assert "decode: tinygpt 50.0, roofline 55.0 tokens/s" in summary
     for name in ("versions.txt", "nvidia-smi.txt", "cupy-config.txt", "pytest-cuda.log", "train_step.json"):
         assert (out / name).exists(), name
 
@@ -154,7 +159,8 @@ def test_a_failing_test_step_and_a_hanging_benchmark_do_not_stop_the_run_and_exi
     assert result.returncode == 1, result.stdout + result.stderr
     status = {line.split("\t")[0]: line.split("\t")[3] for line in (out / "steps.tsv").read_text().splitlines()[1:]}
     assert status == {"pytest-kernels": "failed", "pytest-cuda": "passed", "train-step": "passed",
-                      "train-step-losses": "passed", "generate": "timed out after 1 s"}
+                      "train-step-losses": "passed", "generate": "timed out after 1 s", "attention": "passed",
+                      "decode": "passed"}
     summary = (out / "summary.txt").read_text()
     assert "pytest kernels: 5 tests, 3 passed, 1 failed" in summary and "train_step: tinygpt 250.0 ms/step" in summary
     assert "gpu_check: FAILED" in result.stdout

@@ -263,7 +263,7 @@ def dropout(x, p: float, seed: int):
     return x * keep * drop_scale(p)
 
 
-ATTENTION_BLOCK_ELEMENTS = 1 << 26  # scores per block of queries (256 MB in float32): bounds attention's memory
+ATTENTION_BLOCK_ELEMENTS = 1 << 24  # scores per block of queries (64 MB in float32): bounds attention's memory
 
 
 def _query_blocks(q_shape, tk: int, dropout_p: float) -> list[tuple[int, int]]:
