@@ -295,3 +295,13 @@ def test_a_tokenizer_file_that_is_not_json_names_the_file(tmp_path):
 def test_tensor_methods_with_nothing_to_work_on_are_one_line(run, words):
     with pytest.raises(ValueError, match=re.escape(words)):
         run()
+
+
+@pytest.mark.parametrize("args, error, words", [
+    ((5, [t(2)]), TypeError, "gradcheck: fn must be a function"),
+    ((lambda a: a.sum(), [np.ones(2)]), TypeError, "gradcheck: inputs must be Tensors, got ndarray"),
+    ((lambda a: a.sum(), [t(2)], 0.0), ValueError, "eps must be > 0"),
+])
+def test_gradcheck_with_careless_arguments_is_one_line(args, error, words):
+    with pytest.raises(error, match=words):
+        tg.gradcheck(*args)

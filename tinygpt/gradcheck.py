@@ -60,6 +60,7 @@ def gradcheck_report(fn: Callable[..., Tensor], inputs: Sequence[Tensor], eps: f
     generators are reseeded before every evaluation, so dropout draws the same mask each
     time, and their state is restored at the end."""
     inputs = list(inputs)
+    _check_arguments(fn, inputs, eps, atol, rtol)
     saved = [(t.data, t.grad) for t in inputs]
     dtype, rng_state = backend.default_dtype(), backend.get_rng_state()
     backend.set_default_dtype(np.float64)
@@ -76,6 +77,16 @@ def gradcheck_report(fn: Callable[..., Tensor], inputs: Sequence[Tensor], eps: f
             t.data, t.grad = data, grad
         backend.set_default_dtype(dtype)
         backend.set_rng_state(rng_state)
+
+
+def _check_arguments(fn, inputs: list, eps: float, atol: float, rtol: float) -> None:
+    if not callable(fn):
+        raise TypeError(f"gradcheck: fn must be a function of the inputs, got {type(fn).__name__}")
+    bad = [type(t).__name__ for t in inputs if not isinstance(t, Tensor)]
+    if bad:
+        raise TypeError(f"gradcheck: inputs must be Tensors, got {', '.join(bad)}")
+    if not (eps > 0 and atol >= 0 and rtol >= 0):  # NaN fails too
+        raise ValueError(f"gradcheck: eps must be > 0 and atol, rtol >= 0, got eps={eps}, atol={atol}, rtol={rtol}")
 
 
 def central_differences(objective: Callable[[], float], array, eps: float = 1e-6) -> np.ndarray:
