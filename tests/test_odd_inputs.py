@@ -305,3 +305,15 @@ def test_tensor_methods_with_nothing_to_work_on_are_one_line(run, words):
 def test_gradcheck_with_careless_arguments_is_one_line(args, error, words):
     with pytest.raises(error, match=words):
         tg.gradcheck(*args)
+
+
+@pytest.mark.parametrize("run, error, words", [
+    (lambda x: x + None, TypeError, "cannot combine a Tensor with NoneType None"),  # was a silent NaN
+    (lambda x: x * "a", TypeError, "cannot combine a Tensor with str 'a'"),
+    (lambda x: x.to("gpu"), TypeError, "'gpu' is not a dtype (nor a device: cpu, cuda, strict)"),
+    (lambda x: x.register_hook(5), TypeError, "register_hook needs a function of the gradient, got int"),
+    (lambda x: tg.tensor([1.0], dtype="floatx"), TypeError, "'floatx' is not a dtype"),
+])
+def test_careless_tensor_calls_are_one_line(run, error, words):
+    with pytest.raises(error, match=re.escape(words)):
+        run(t(2))

@@ -320,7 +320,10 @@ def index_add(target, index, values) -> None:
 
 def as_dtype(dtype) -> np.dtype:
     """Normalise "float32", np.float32, ... to a numpy dtype object (CuPy uses the same)."""
-    return np.dtype(dtype)
+    try:
+        return np.dtype(dtype)
+    except TypeError:  # NumPy's "data type 'gpu' not understood": x.to("gpu") comes here
+        raise TypeError(f"{dtype!r} is not a dtype (nor a device: {', '.join(DEVICES)})") from None
 
 
 def make_array(data, dtype=None, device: str | None = None):
@@ -338,8 +341,8 @@ def make_array(data, dtype=None, device: str | None = None):
         raise TypeError(f"tensor data must be numbers or booleans, got dtype {data.dtype} ({_kind_name(data.dtype)})")
     if dtype is None:
         dtype = _default_dtype if data.dtype.kind == "f" else data.dtype
-    elif np.dtype(dtype).kind not in "biuf":
-        raise TypeError(f"dtype must be a number or boolean type, got {np.dtype(dtype)} ({_kind_name(np.dtype(dtype))})")
+    elif as_dtype(dtype).kind not in "biuf":
+        raise TypeError(f"dtype must be a number or boolean type, got {as_dtype(dtype)} ({_kind_name(as_dtype(dtype))})")
     if device_of(data) == device:
         return data.astype(dtype)  # astype copies
     return get_backend(device).from_host(to_host(data).astype(dtype, copy=False))

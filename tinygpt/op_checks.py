@@ -104,6 +104,13 @@ def piece_size(op: str, size: int) -> None:
     _require(size >= 1, lambda: f"{op}: a piece size must be >= 1, got {size}")
 
 
+def operand(other) -> None:
+    """The other side of x + other, x * other, ...: NumPy would turn None into NaN and a text into an error
+    about floats."""
+    if other is None or isinstance(other, (str, bytes)):
+        raise TypeError(f"cannot combine a Tensor with {type(other).__name__} {other!r}; expected a number, array or Tensor")
+
+
 def reduction(op: str, shape: tuple[int, ...], axis) -> None:
     """A mean or max over `axis` (None: all) covers at least one element: over none it is undefined."""
     axes = range(len(shape)) if axis is None else (axis,) if isinstance(axis, int) else axis
