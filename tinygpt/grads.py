@@ -1,8 +1,8 @@
 """Summing gradients in backward: undoing broadcasting, and adding without copying.
 
 The bookkeeping that Tensor.backward leaves to this module, so that its loop reads as the
-chain rule and nothing else: summing gradients, calling a node's backward (checking what it
-returns, and telling the observers), and the handles of tensor hooks.
+chain rule and nothing else: the order of the nodes, summing gradients, calling a node's
+backward (checking what it returns, and telling the observers), and the handles of tensor hooks.
 """
 from __future__ import annotations
 
@@ -25,6 +25,29 @@ def unbroadcast(grad, shape: tuple[int, ...]):
     extra = grad.ndim - len(shape)
     axes = tuple(range(extra)) + tuple(i + extra for i, n in enumerate(shape) if n == 1 and grad.shape[i + extra] != 1)
     return grad.sum(axis=axes).reshape(shape)
+
+
+def reverse_topological_order(output) -> list:
+    """The nodes of output's graph, from output back to the leaves, each after all its consumers
+    (so its gradient is complete when backward reaches it).
+
+    An iterative depth-first search, so graphs deeper than Python's recursion limit work."""
+    order, visited = [], set()
+    stack = [(output, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if children_done:
+            order.append(node)
+            continue
+        if id(node) in visited:
+            continue
+        if node._graph_freed and node is not output:
+            raise RuntimeError("backward through a part of the graph that an earlier backward freed; use retain_graph=True in that earlier call")
+        visited.add(id(node))
+        stack.append((node, True))
+        if node._ctx is not None:
+            stack.extend((t, False) for t in node._ctx.inputs if t is not None and t.requires_grad and id(t) not in visited)
+    return order[::-1]
 
 
 class GradientSums:

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from tinygpt import backend, dispatch, op_checks
 from tinygpt.backend import backend_of, device_of, is_array
-from tinygpt.grads import GradientSums, HookHandle, call_backward
+from tinygpt.grads import GradientSums, HookHandle, call_backward, reverse_topological_order
 from tinygpt.graph_state import is_grad_enabled, no_grad, state  # noqa: F401 (part of tensor's API)
 
 
@@ -191,7 +191,7 @@ class Tensor:
                 raise ValueError(f"backward(): gradient shape {tuple(seed.shape)} does not match tensor shape {self.shape}")
 
         grads = GradientSums(self, seed, retain_graph)  # dL/d(node), summed; dL/d(self) = seed
-        for node in self._reverse_topological_order():  # 1. each node after all its consumers
+        for node in reverse_topological_order(self):  # 1. each node after all its consumers
             if node not in grads:
                 continue  # no gradient reaches it
             g = node._run_hooks(grads.pop(node))  # 2. dL/d(node), complete: hooks may replace it
@@ -234,27 +234,6 @@ class Tensor:
             self.grad = Tensor(g)
         else:
             self.grad.data += g
-
-    def _reverse_topological_order(self) -> list["Tensor"]:
-        """Nodes from this output back to the leaves, each after all its consumers.
-
-        Iterative depth-first search, so graphs deeper than Python's recursion limit work."""
-        order, visited = [], set()
-        stack = [(self, False)]
-        while stack:
-            node, children_done = stack.pop()
-            if children_done:
-                order.append(node)
-                continue
-            if id(node) in visited:
-                continue
-            if node._graph_freed and node is not self:
-                raise RuntimeError("backward through a part of the graph that an earlier backward freed; use retain_graph=True in that earlier call")
-            visited.add(id(node))
-            stack.append((node, True))
-            if node._ctx is not None:
-                stack.extend((t, False) for t in node._ctx.inputs if t is not None and t.requires_grad and id(t) not in visited)
-        return order[::-1]
 
     # ------------------------------------------------------------------ operators
     def _lift(self, other) -> "Tensor":
