@@ -207,7 +207,9 @@ class Tensor:
     def register_hook(self, fn) -> HookHandle:
         """Call fn(grad) when the gradient of this tensor has been summed, before it is used
         (passed on through the graph, or added to `.grad` of a leaf). fn may return a Tensor
-        (or array) to use instead. Returns a handle whose remove() takes the hook off."""
+        (or array) to use instead. fn gets a copy of its own: editing it in place (g.data *= 10)
+        changes this tensor's gradient from here on, as returning it would, and never another
+        tensor's. Returns a handle whose remove() takes the hook off."""
         if not self.requires_grad:
             raise RuntimeError("register_hook on a tensor that does not require grad")
         if not callable(fn):
