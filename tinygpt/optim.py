@@ -26,8 +26,10 @@ class AdamW:
 
     def __init__(self, params: Iterable, lr: float = 4e-4, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.1):
-        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+        if not (lr >= 0 and eps >= 0 and weight_decay >= 0 and 0 <= betas[0] < 1 and 0 <= betas[1] < 1):  # NaN fails too
             raise ValueError(f"AdamW: invalid hyperparameters lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
+        if hasattr(params, "parameters"):
+            raise TypeError(f"AdamW takes the parameters, not the {type(params).__name__}: AdamW(model.parameters())")
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         params = list(params)
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
@@ -100,6 +102,8 @@ def adamw_step_(w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step_size, r
 def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> float:
     """Scale all gradients together so that their global L2 norm is at most max_norm
     (as torch.nn.utils.clip_grad_norm_). Returns the norm before clipping."""
+    if not max_norm > 0:  # NaN fails too
+        raise ValueError(f"clip_grad_norm: max_norm must be > 0, got {max_norm}")
     grads = [p.grad.data for p in params if p.grad is not None]
     if not grads:
         return 0.0
