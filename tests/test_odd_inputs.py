@@ -11,6 +11,7 @@ from tinygpt import backend, nn
 from tinygpt.finetune.instruct import load_instruction_data
 from tinygpt.generate import generate
 from tinygpt.model import GPTModel
+from tinygpt.optim import AdamW, clip_grad_norm
 
 pytestmark = pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
 
@@ -317,3 +318,13 @@ def test_gradcheck_with_careless_arguments_is_one_line(args, error, words):
 def test_careless_tensor_calls_are_one_line(run, error, words):
     with pytest.raises(error, match=re.escape(words)):
         run(t(2))
+
+
+@pytest.mark.parametrize("run, error, words", [
+    (lambda m: AdamW(m.parameters(), lr=float("nan")), ValueError, "lr=nan"),  # was accepted: every step NaN
+    (lambda m: AdamW(m), TypeError, "AdamW takes the parameters, not the Linear"),
+    (lambda m: clip_grad_norm(m.parameters(), -1), ValueError, "clip_grad_norm: max_norm must be > 0, got -1"),
+])
+def test_careless_optimizer_calls_are_one_line(run, error, words):
+    with pytest.raises(error, match=re.escape(words)):
+        run(nn.Linear(2, 2))
