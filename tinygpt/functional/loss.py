@@ -8,6 +8,14 @@ from tinygpt.tensor import Function, Tensor
 IGNORE_INDEX = -100  # a target equal to this is not scored (PyTorch's default, the book's prompt masking)
 
 
+def rows_and_targets(xp, logits, targets, ignore_index: int):
+    """The logits as rows z [N, V], the targets t [N] (ignored ones pointed at class 0, which
+    they then count 0 times), which rows count, and how many."""
+    z, t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)  # [..., V] -> [N, V], [...] -> [N]
+    counted = t != ignore_index
+    return z, xp.where(counted, t, 0), counted, int(counted.sum())
+
+
 class CrossEntropy(Function):
     """loss = mean over rows r with t_r != ignore_index of  -log softmax(z_r)[t_r]
             = mean_r (logsumexp(z_r) - z_r[t_r]),
@@ -25,10 +33,7 @@ class CrossEntropy(Function):
     @staticmethod
     def forward(ctx, logits, targets, ignore_index):
         xp = backend_of(logits)
-        z, t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)  # [..., V] -> [N, V], [...] -> [N]
-        counted = t != ignore_index
-        n = int(counted.sum())
-        t = xp.where(counted, t, 0)  # ignored rows look at class 0, then count 0 times
+        z, t, counted, n = rows_and_targets(xp, logits, targets, ignore_index)
         m = z.max(axis=1, keepdims=True)  # [N, 1]
         lse = (m + xp.log(xp.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]  # [N]
         loss = ((lse - z[xp.arange(z.shape[0]), t]) * counted).sum() / n

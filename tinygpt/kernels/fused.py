@@ -11,6 +11,7 @@ from __future__ import annotations
 from tinygpt import functional as F
 from tinygpt import dispatch, graph_state, kernels
 from tinygpt.backend import backend_of, device_of
+from tinygpt.functional.loss import rows_and_targets
 
 
 def _on(x):
@@ -124,10 +125,7 @@ class CrossEntropy(F.CrossEntropy):
     @staticmethod
     def forward(ctx, logits, targets, ignore_index):
         xp = backend_of(logits)
-        z, t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-        counted = t != ignore_index
-        n = int(counted.sum())
-        t = xp.where(counted, t, 0)
+        z, t, counted, n = rows_and_targets(xp, logits, targets, ignore_index)
         lse = _on(z).logsumexp_rows(z)
         loss = ((lse - z[xp.arange(z.shape[0]), t]) * counted).sum() / n
         ctx.save_for_backward(z, lse, t, counted)
