@@ -228,6 +228,10 @@ def _finetune(task: str, body):
                 raise UsageError("--reset-optimizer applies only with --resume DIR")
             args.init, args.out = args.init or args.init_default, args.out or args.out_default
             args.eval_freq = args.eval_freq or args.eval_freq_default
+            if task == "instruct":  # a malformed data file is refused before the model is downloaded
+                from tinygpt.finetune.instruct import load_instruction_data
+
+                load_instruction_data(args.data)
         start = start_run(args, task)
         with RunLock(start.run_dir):
             if start.checkpoint is None and (checkpoints(start.run_dir) or (start.run_dir / "latest").exists()):
