@@ -328,3 +328,16 @@ def test_careless_tensor_calls_are_one_line(run, error, words):
 def test_careless_optimizer_calls_are_one_line(run, error, words):
     with pytest.raises(error, match=re.escape(words)):
         run(nn.Linear(2, 2))
+
+
+def test_finetune_instruct_refuses_malformed_data_before_downloading_the_model(tmp_path, monkeypatch, capsys):
+    from tinygpt.cli import main
+
+    def download(*args, **kwargs):
+        raise AssertionError("the model was fetched before the data was read")
+    monkeypatch.setattr("tinygpt.pretrained.load_model_and_tokenizer", download)
+    data = tmp_path / "data.json"
+    data.write_text('[{"instruction": "a" "output": "b"}]')
+    assert main(["finetune-instruct", "--data", str(data), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"tinygpt: error: {data} is not valid JSON: Expecting ',' delimiter at line 1 column 22\n"
