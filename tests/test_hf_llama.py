@@ -251,6 +251,7 @@ REFUSED = [
     ({"mlp_bias": True}, "mlp_bias=True is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
     ({"model_type": "qwen2"}, "model_type='qwen2' is not supported"),
+    ({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}, "quantization_config={"),
     ({"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 8}, "sliding_window=8 with use_sliding_window"),
     ({"num_key_value_heads": 3}, "n_kv_heads=3 does not divide n_heads=4"),
     ({"head_dim": 5}, "head_dim=5 must be even"),
@@ -318,3 +319,11 @@ def test_an_unexpected_tensor_is_named(tmp_path):
         _rewrite_index(folder, lambda m: m.update({"model.layers.0.self_attn.q_proj.bias": m["model.norm.weight"]}))
     message = _broken(tmp_path, tie)
     assert "tensor model.layers.0.self_attn.q_proj.bias is not part of this config's model" in message
+
+
+def test_load_model_and_tokenizer_refuses_another_model_type_by_name(tmp_path):
+    from tinygpt.pretrained import load_model_and_tokenizer
+
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "model_type": "qwen2"}))
+    with pytest.raises(HFConfigError, match=r"model_type='qwen2' is not supported \(tinygpt loads llama, qwen3, mistral\)"):
+        load_model_and_tokenizer(tmp_path)

@@ -30,6 +30,8 @@ from tinygpt.llama import LlamaModel, full_config
 from tinygpt.safetensor_files import SafetensorsFile, save_safetensors
 
 MODEL_TYPES = ("llama", "qwen3", "mistral")
+# transformers' defaults for fields a config.json may leave out (LlamaConfig, Qwen3Config, MistralConfig)
+MAX_POSITIONS = {"llama": 2048, "qwen3": 32768, "mistral": 4096 * 32}
 ACTIVATIONS = ("silu", "swish")  # transformers' names for x * sigmoid(x)
 ROPE_TYPES = ("default", "llama3")
 
@@ -117,7 +119,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> dict:
     sizes = {"vocab_size": hf.get("vocab_size"), "hidden_size": hf.get("hidden_size"),
              "intermediate_size": hf.get("intermediate_size"), "num_hidden_layers": hf.get("num_hidden_layers"),
              "num_attention_heads": hf.get("num_attention_heads"),
-             "max_position_embeddings": hf.get("max_position_embeddings", 2048)}
+             "max_position_embeddings": hf.get("max_position_embeddings", MAX_POSITIONS[kind])}
     problems = [f"{k}={v!r} must be a positive integer" for k, v in sizes.items()
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1]
     if problems:
@@ -129,7 +131,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> dict:
     rules = [("hidden_act", hf.get("hidden_act", "silu") in ACTIVATIONS, "tinygpt's feed-forward gate is silu"),
              ("attention_bias", not hf.get("attention_bias", False), "tinygpt's attention projections have no bias"),
              ("mlp_bias", not hf.get("mlp_bias", False), "tinygpt's feed-forward has no bias"),
-             ("is_encoder_decoder", not hf.get("is_encoder_decoder", False), "these models are decoders only")]
+             ("is_encoder_decoder", not hf.get("is_encoder_decoder", False), "these models are decoders only"),
+             ("quantization_config", not hf.get("quantization_config"), "tinygpt reads float weights only")]
     problems += window_problems + [f"{name}={hf.get(name)!r} is not supported ({why})" for name, ok, why in rules if not ok]
     if problems:
         raise HFConfigError(f"{source}: " + "; ".join(problems))
@@ -241,9 +244,10 @@ def save_llama(model: LlamaModel, out_dir: str | os.PathLike) -> Path:
 
 
 def is_llama_folder(folder: str | os.PathLike) -> bool:
-    """Whether folder holds a config.json of a model_type that load_llama reads."""
+    """Whether folder holds a config.json naming a model_type other than gpt2: load_llama reads
+    it, or refuses it naming the model_type."""
     config = Path(folder) / "config.json"
     try:
-        return json.loads(config.read_text()).get("model_type") in MODEL_TYPES
+        return json.loads(config.read_text()).get("model_type") not in (None, "gpt2")
     except (OSError, ValueError, AttributeError):
         return False
