@@ -327,3 +327,28 @@ def test_load_model_and_tokenizer_refuses_another_model_type_by_name(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**BASE, "model_type": "qwen2"}))
     with pytest.raises(HFConfigError, match=r"model_type='qwen2' is not supported \(tinygpt loads llama, qwen3, mistral\)"):
         load_model_and_tokenizer(tmp_path)
+
+
+def test_a_lora_finetuned_model_saves_with_its_adapters_merged(tmp_path):
+    from tinygpt.finetune import replace_linear_with_lora
+
+    hf_model("llama-untied-gqa2").save_pretrained(tmp_path / "base")
+    model = replace_linear_with_lora(load_llama(tmp_path / "base"), rank=2, alpha=4)
+    for p in model.parameters():
+        if p.requires_grad:  # the adapters, as after some training
+            p.data = p.data + 0.05 * tg.randn(*p.shape).data
+    ids, _ = ids_and_targets(61)
+    save_llama(model, tmp_path / "merged")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(theirs(torch.from_numpy(ids)).logits.numpy(), model(ids).numpy(), rtol=0, atol=1e-4)
+    assert np.abs(load_llama(tmp_path / "merged")(ids).numpy() - load_llama(tmp_path / "base")(ids).numpy()).max() > 1e-2
+
+
+def test_a_classifier_is_not_saved_as_a_causal_lm(tmp_path):
+    from tinygpt.finetune.classify import make_classifier
+
+    hf_model("llama-tied-mha").save_pretrained(tmp_path / "base")
+    model = make_classifier(load_llama(tmp_path / "base"), num_classes=2)
+    with pytest.raises(ValueError, match="classifier \\(num_classes=2\\)"):
+        save_llama(model, tmp_path / "out")

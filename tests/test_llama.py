@@ -139,6 +139,7 @@ def test_bad_arguments_of_the_new_ops_get_one_line(call, message):
 # --- the model ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cfg", [TINY, {**TINY, "qk_norm": False, "tie_weights": True, "n_kv_heads": 1},
+                                 {**TINY, "num_classes": 3},
                                  {**LLAMA_PRESETS["llama-small"], "vocab_size": 50}])
 def test_count_from_the_config_equals_the_built_models_parameters(cfg):
     model = LlamaModel(cfg)
@@ -245,3 +246,23 @@ def test_anomaly_mode_names_the_llama_module_where_a_nan_appears():
     with pytest.raises(RuntimeError, match=r"trf_blocks\.1\.ff\.fc2"):
         with tg.detect_anomaly():
             model(np.zeros((1, 3), dtype=int))
+
+
+def test_a_llama_classifier_trains_its_head_and_reloads_from_a_checkpoint(tmp_path):
+    from tinygpt.checkpoint import load_checkpoint, save_checkpoint
+    from tinygpt.data import CharTokenizer
+    from tinygpt.finetune.classify import make_classifier
+
+    model = make_classifier(LlamaModel({**TINY, "vocab_size": 5}), num_classes=2)
+    ids = np.array([[0, 1, 2, 3], [3, 2, 1, 0]])
+    opt = optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    for _ in range(20):
+        loss = F.cross_entropy(model(ids)[:, -1], np.array([0, 1]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+    save_checkpoint(tmp_path, 20, model, CharTokenizer.from_text("abcde"))
+    again = load_checkpoint(tmp_path).model
+    assert again.cfg["num_classes"] == 2 and again.out_head.bias is not None
+    np.testing.assert_array_equal(again(ids).numpy(), model(ids).numpy())

@@ -225,9 +225,12 @@ def save_llama(model: LlamaModel, out_dir: str | os.PathLike) -> Path:
     """Write `model` as a Hugging Face folder (config.json + model.safetensors) that
     load_llama and transformers' LlamaForCausalLM / Qwen3ForCausalLM read. The folder is
     written under a temporary name and renamed into place."""
-    cfg = {**model.cfg, "tie_weights": model.out_head.weight is model.tok_emb.weight}
-    params = dict(model.named_parameters())
-    tensors = {hf: np.ascontiguousarray(params[ours].numpy()) for ours, hf in weight_map(cfg)}
+    if model.cfg.get("num_classes"):
+        raise ValueError(f"this model is a classifier (num_classes={model.cfg['num_classes']}); a Hugging Face "
+                         "causal-LM folder holds only a next-token head over the vocabulary")
+    modules = dict(model.named_modules())
+    cfg = {**model.cfg, "tie_weights": _weight(modules, "out_head.weight") is _weight(modules, "tok_emb.weight")}
+    tensors = {hf: np.ascontiguousarray(_merged(_weight(modules, ours))) for ours, hf in weight_map(cfg)}
     hf_config = config_to_hf(cfg) | {"torch_dtype": str(np.dtype(model.tok_emb.weight.dtype))}
     out = Path(out_dir)
     files.check_replaceable(out, HF_FILES)
@@ -241,6 +244,22 @@ def save_llama(model: LlamaModel, out_dir: str | os.PathLike) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _weight(modules: dict, name: str):
+    """The module holding parameter `name` ("trf_blocks.0.att.W_query.weight"): a Linear or
+    Embedding, or a LoRA-wrapped Linear (finetune/lora.py), returned whole."""
+    module = modules[name.rsplit(".", 1)[0]]
+    return module if hasattr(module, "lora") else module.weight
+
+
+def _merged(weight) -> np.ndarray:
+    """A weight as a host array; a LoRA-wrapped Linear's is merged, W + (alpha / rank) (A B)^T,
+    so that the saved model computes what the finetuned one does without the adapters."""
+    if not hasattr(weight, "lora"):
+        return weight.numpy()
+    lora = weight.lora
+    return weight.linear.weight.numpy() + (lora.alpha / lora.rank) * (lora.A.numpy() @ lora.B.numpy()).T
 
 
 def is_llama_folder(folder: str | os.PathLike) -> bool:

@@ -78,12 +78,11 @@ def full_config(cfg: dict) -> dict:
         raise ValueError(f"Llama config: n_kv_heads={cfg['n_kv_heads']} does not divide n_heads={cfg['n_heads']}")
     if cfg["head_dim"] % 2:
         raise ValueError(f"Llama config: head_dim={cfg['head_dim']} must be even (RoPE turns pairs of values)")
-    unsupported = {"drop_rate": cfg["drop_rate"] != 0.0, "qkv_bias": bool(cfg.get("qkv_bias")),
-                   "num_classes": bool(cfg.get("num_classes"))}
-    wrong = [f"{k}={cfg.get(k)!r}" for k, bad in unsupported.items() if bad]
+    wrong = [f"{k}={cfg.get(k)!r}" for k, bad in (("drop_rate", cfg["drop_rate"] != 0.0),
+                                                   ("qkv_bias", bool(cfg.get("qkv_bias")))) if bad]
     if wrong:
-        raise ValueError(f"Llama config: {', '.join(wrong)} is not supported (LlamaModel trains without dropout, "
-                         "has no biases and no classifier head)")
+        raise ValueError(f"Llama config: {', '.join(wrong)} is not supported (LlamaModel trains without dropout "
+                         "and its attention has no biases)")
     return cfg
 
 
@@ -188,12 +187,15 @@ class LlamaModel(nn.Module):
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
         self.trf_blocks = nn.ModuleList([LlamaBlock(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = RMSNorm(cfg["emb_dim"], cfg["rms_norm_eps"])
+        if cfg.get("num_classes"):  # a classifier (finetune/classify.py): class logits, as GPTModel's
+            self.out_head = nn.Linear(cfg["emb_dim"], cfg["num_classes"])
+            return
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
         if cfg["tie_weights"]:  # one Parameter, two uses, initialised as out_head's (see the module's docstring)
             self.tok_emb.weight = self.out_head.weight
 
     def forward(self, idx, cache: nn.KVCache | None = None) -> Tensor:
-        """Logits [B, T, vocab_size] for token ids idx [B, T]. With a KV cache (see new_cache),
+        """Logits [B, T, vocab_size] (or [B, T, num_classes]) for token ids idx [B, T]. With a KV cache (see new_cache),
         idx holds only the tokens after the cached ones, at the positions that follow."""
         ids = idx.data if isinstance(idx, Tensor) else idx
         if ids.ndim != 2:
@@ -235,7 +237,8 @@ def parameter_table(cfg: dict) -> list[tuple[str, int]]:
     for i in range(cfg["n_layers"]):
         rows += [(f"trf_blocks.{i}.att", attention), (f"trf_blocks.{i}.ff", 3 * c * hidden),
                  (f"trf_blocks.{i}.norm1", c), (f"trf_blocks.{i}.norm2", c)]
-    return rows + [("final_norm", c), ("out_head", 0 if cfg["tie_weights"] else v * c)]
+    head = cfg["num_classes"] * (c + 1) if cfg.get("num_classes") else 0 if cfg["tie_weights"] else v * c
+    return rows + [("final_norm", c), ("out_head", head)]
 
 
 def count_parameters(cfg: dict) -> int:
