@@ -104,6 +104,12 @@ def piece_size(op: str, size: int) -> None:
     _require(size >= 1, lambda: f"{op}: a piece size must be >= 1, got {size}")
 
 
+def shape(op: str, shape: tuple) -> None:
+    """A new tensor's shape: integers >= 0 (NumPy's messages name neither the op nor the shape)."""
+    _require(all(isinstance(n, int) or hasattr(n, "__index__") for n in shape) and all(n >= 0 for n in shape),
+             lambda: f"{op}: a shape is integers >= 0, got {shape}")
+
+
 def operand(other) -> None:
     """The other side of x + other, x * other, ...: NumPy would turn None into NaN and a text into an error
     about floats."""
