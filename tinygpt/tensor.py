@@ -367,6 +367,7 @@ def tensor(data, requires_grad: bool = False, dtype=None, device: str | None = N
 def _creation(fill: str):
     def create(*shape, dtype=None, device: str | None = None, requires_grad: bool = False) -> Tensor:
         shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        op_checks.shape(fill, shape)
         b = backend.get_backend(device or backend.default_device())
         dtype = backend.as_dtype(dtype or backend.default_dtype())
         data = b.randn(shape, dtype) if fill == "randn" else getattr(b.xp, fill)(shape, dtype=dtype)
