@@ -18,6 +18,7 @@ and device. Fast versions of the big ops live apart, in tinygpt/kernels/.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 from typing import Any
 
@@ -257,6 +258,8 @@ def set_default_dtype(dtype) -> None:
 def manual_seed(seed: int) -> None:
     """Seed every random generator the library uses, on every backend."""
     global _seed
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:  # NumPy takes no negative seeds
+        raise ValueError(f"manual_seed: the seed must be an integer >= 0, got {seed!r}")
     _seed = int(seed)
     for backend in _backends.values():
         backend.seed(_seed)
