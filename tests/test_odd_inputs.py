@@ -341,3 +341,15 @@ def test_finetune_instruct_refuses_malformed_data_before_downloading_the_model(t
     assert main(["finetune-instruct", "--data", str(data), "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
     assert err == f"tinygpt: error: {data} is not valid JSON: Expecting ',' delimiter at line 1 column 22\n"
+
+
+@pytest.mark.parametrize("run, words", [
+    (lambda: tg.zeros(-1), "zeros: a shape is integers >= 0, got (-1,)"),
+    (lambda: tg.ones(2.5), "ones: a shape is integers >= 0, got (2.5,)"),
+    (lambda: tg.randn("a"), "randn: a shape is integers >= 0, got ('a',)"),
+    (lambda: tg.manual_seed(-1), "manual_seed: the seed must be an integer >= 0, got -1"),
+    (lambda: tg.manual_seed("a"), "manual_seed: the seed must be an integer >= 0, got 'a'"),
+])
+def test_careless_creation_and_seeding_are_one_line(run, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        run()
