@@ -110,6 +110,13 @@ def shape(op: str, shape: tuple) -> None:
              lambda: f"{op}: a shape is integers >= 0, got {shape}")
 
 
+def tensors(op: str, inputs, tensor_type) -> None:
+    """An op's inputs are Tensors (or None): a NumPy array must be wrapped first."""
+    others = [type(t).__name__ for t in inputs if t is not None and not isinstance(t, tensor_type)]
+    if others:
+        raise TypeError(f"{op}: expected Tensors, got {', '.join(others)}; wrap arrays with tg.tensor(...)")
+
+
 def operand(other) -> None:
     """The other side of x + other, x * other, ...: NumPy would turn None into NaN and a text into an error
     about floats."""
