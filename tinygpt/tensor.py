@@ -64,8 +64,12 @@ class Function:
         if len(devices) > 1:
             raise RuntimeError(f"{cls.__name__}: expected all tensors on one device, got {' and '.join(sorted(devices))}")
         first = next(t for t in inputs if t is not None).data
-        op = dispatch.implementation(cls, first)  # cls itself, or its fast version (kernels/fused.py)
-        ctx = op(inputs)
+        try:
+            op = dispatch.implementation(cls, first)  # cls itself, or its fast version (kernels/fused.py)
+            ctx = op(inputs)
+        except (TypeError, AttributeError):  # an input that is no Tensor (an ndarray): say so, not why it broke
+            op_checks.tensors(cls.__name__, inputs, Tensor)
+            raise
         data = op.forward(ctx, *(None if t is None else t.data for t in inputs), **options)
         if not is_array(data):  # NumPy reductions return scalars; keep a 0-d array of the same dtype
             data = backend_of(first).asarray(data)
