@@ -353,3 +353,13 @@ def test_finetune_instruct_refuses_malformed_data_before_downloading_the_model(t
 def test_careless_creation_and_seeding_are_one_line(run, words):
     with pytest.raises(ValueError, match=re.escape(words)):
         run()
+
+
+@pytest.mark.parametrize("run, op", [
+    (lambda: F.gelu(np.ones(3)), "GELU"),  # was "expected a numpy, cupy or strict array, got memoryview"
+    (lambda: F.layer_norm(np.ones((2, 3)), tg.ones(3), tg.ones(3)), "LayerNorm"),
+    (lambda: F.linear(tg.ones(2, 3), np.ones((4, 3))), "Linear"),  # was "'numpy.ndarray' object has no attribute"
+])
+def test_an_op_given_a_numpy_array_says_to_wrap_it(run, op):
+    with pytest.raises(TypeError, match=re.escape(f"{op}: expected Tensors, got ndarray; wrap arrays with tg.tensor(...)")):
+        run()
