@@ -1,6 +1,8 @@
 """Turning a model's next-token distributions into text (book chapters 4-5)."""
 from __future__ import annotations
 
+import numbers
+
 from tinygpt import backend
 from tinygpt.data import encode_text
 from tinygpt.tensor import Tensor, no_grad
@@ -90,6 +92,8 @@ def generate(model, idx, max_new_tokens: int, context_size: int, temperature: fl
     if context_size < 1:
         raise ValueError(f"context_size must be >= 1, got {context_size}")
     _check_sampling(temperature, top_k, top_p, model.cfg["vocab_size"])
+    if eos_id is not None and not (isinstance(eos_id, numbers.Integral) and 0 <= eos_id < model.cfg["vocab_size"]):
+        raise ValueError(f"eos_id must be a token id in 0..{model.cfg['vocab_size'] - 1}, got {eos_id!r}")
     idx = backend.to_device(idx.data if isinstance(idx, Tensor) else idx, model.tok_emb.weight.device)
     if idx.ndim != 2 or idx.shape[1] == 0:
         raise ValueError(f"the prompt must be a non-empty (batch, tokens) array of ids, got shape {tuple(idx.shape)}")
