@@ -363,3 +363,9 @@ def test_careless_creation_and_seeding_are_one_line(run, words):
 def test_an_op_given_a_numpy_array_says_to_wrap_it(run, op):
     with pytest.raises(TypeError, match=re.escape(f"{op}: expected Tensors, got ndarray; wrap arrays with tg.tensor(...)")):
         run()
+
+
+@pytest.mark.parametrize("eos_id", ["x", 11, -1, 2.5])
+def test_generate_refuses_an_eos_id_that_is_no_token(eos_id):
+    with pytest.raises(ValueError, match=re.escape(f"eos_id must be a token id in 0..10, got {eos_id!r}")):
+        generate(GPTModel(SMALL), np.array([[1, 2]]), 2, 8, eos_id=eos_id)
