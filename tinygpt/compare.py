@@ -105,13 +105,18 @@ def hf_name(path: str, family: str) -> str | None:
     return None
 
 
-def _align(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray | None:
-    """theirs in our layout: the same shape, heads and tokens swapped ([B,T,H,D] against our
-    [B,H,T,D], as QK-norm sees them), or the same values with size-1 axes added; else None."""
+# modules whose input transformers holds as [B, T, H, D] and tinygpt as [B, H, T, D]
+HEADS_SECOND = re.compile(r"\.att\.[qk]_norm$")
+
+
+def _align(path: str, ours: np.ndarray, theirs: np.ndarray) -> np.ndarray | None:
+    """theirs in our layout: heads and tokens swapped for QK-norm ([B,T,H,D] against our
+    [B,H,T,D]; by name, since T may equal H), size-1 axes added (GPT-2's position embedding
+    of [1, T, C] against our [T, C]); None when the shapes cannot be matched."""
+    if HEADS_SECOND.search(path) and theirs.ndim == 4:
+        theirs = theirs.transpose(0, 2, 1, 3)
     if theirs.shape == ours.shape:
         return theirs
-    if theirs.ndim == 4 and theirs.transpose(0, 2, 1, 3).shape == ours.shape:
-        return theirs.transpose(0, 2, 1, 3)
     if theirs.size == ours.size and tuple(d for d in theirs.shape if d > 1) == tuple(d for d in ours.shape if d > 1):
         return theirs.reshape(ours.shape)
     return None
@@ -179,7 +184,7 @@ def _rows(phase, ours, theirs, family, tolerance, order) -> list[Row]:
         name = hf_name(path, family)
         if path not in ours or name not in theirs:
             continue
-        aligned = _align(ours[path], theirs[name])
+        aligned = _align(path, ours[path], theirs[name])
         diff = float("inf") if aligned is None else float(np.abs(ours[path] - aligned).max(initial=0.0))
         scale = 1.0 if aligned is None else max(1.0, float(np.abs(aligned).max(initial=0.0)))
         rows.append(Row(phase, path, name, tuple(ours[path].shape), diff, tolerance * scale))
