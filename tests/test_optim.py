@@ -108,3 +108,10 @@ def test_warmup_cosine_schedule_endpoints():
     assert warmup_cosine_lr(100, **kwargs) == pytest.approx(1e-6)
     lrs = [warmup_cosine_lr(s, **kwargs) for s in range(10, 101)]
     assert all(x >= y for x, y in zip(lrs, lrs[1:]))  # decays monotonically after warmup
+
+
+def test_adamw_with_no_parameters_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="AdamW got an empty parameter list"):
+        AdamW([])
+    with pytest.raises(ValueError, match="empty parameter list"):
+        AdamW([{"params": [], "weight_decay": 0.0}])

@@ -34,6 +34,8 @@ class AdamW:
         params = list(params)
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
         self.param_groups = [{**defaults, **group, "params": list(group["params"])} for group in groups]
+        if not self.parameters():
+            raise ValueError("AdamW got an empty parameter list: there is nothing to update (are all parameters frozen?)")
         self.state: dict[int, dict] = {}  # id(param) -> {"step", "m", "v"}
 
     def parameters(self) -> list[Tensor]:
