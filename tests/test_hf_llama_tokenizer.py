@@ -104,3 +104,38 @@ def test_load_model_and_tokenizer_reads_a_llama_folder_and_generates(folder):
     assert isinstance(model, LlamaModel) and model.cfg["n_kv_heads"] == 2
     out = generate(model, np.array([tokenizer.encode("hello world")]), 5, 64)
     assert out.shape == (1, len(tokenizer.encode("hello world")) + 5) and isinstance(tokenizer.decode(out[0]), str)
+
+
+@pytest.fixture
+def llama_folder(folder):
+    """folder's tokenizer beside a tiny random Llama of its vocabulary."""
+    import torch
+
+    config = transformers.LlamaConfig(vocab_size=400, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      eos_token_id=1, bos_token_id=0)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_chat_on_a_folder_prompts_with_its_template_as_transformers_tokenizes_it(llama_folder, monkeypatch, capsys):
+    import tinygpt.generate
+    from tinygpt.cli import main
+
+    prompts, generate = [], tinygpt.generate.generate
+    monkeypatch.setattr(tinygpt.generate, "generate", lambda model, ids, *a, **k: prompts.append(ids) or generate(model, ids, *a, **k))
+    assert main(["chat", "--checkpoint", str(llama_folder), "Name a color.", "--input", "one word",
+                 "--max-new-tokens", "4"]) == 0
+    theirs = transformers.AutoTokenizer.from_pretrained(llama_folder)
+    expected = theirs.apply_chat_template([{"role": "user", "content": "Name a color.\n\none word"}],
+                                          add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert prompts[0].tolist() == [list(expected)]
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_generate_reads_a_llama_folder(llama_folder, capsys):
+    from tinygpt.cli import main
+
+    assert main(["generate", "--model", str(llama_folder), "--prompt", "hello world", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("hello world")

@@ -77,9 +77,13 @@ def _generate(args) -> int:
         model, tokenizer = checkpoint.model, checkpoint.tokenizer
     else:
         from tinygpt.data import gpt2_tokenizer
-        from tinygpt.pretrained import load_gpt2
+        from tinygpt.hf_llama import is_llama_folder
+        from tinygpt.pretrained import load_gpt2, load_model_and_tokenizer
 
-        model, tokenizer = load_gpt2(args.model, device=args.device), gpt2_tokenizer(args.bpe_file)
+        if is_llama_folder(args.model):  # a Hugging Face Llama/Qwen3/Mistral folder and its tokenizer.json
+            model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+        else:
+            model, tokenizer = load_gpt2(args.model, device=args.device), gpt2_tokenizer(args.bpe_file)
     validation.check_top_k(args.top_k, model.cfg["vocab_size"])
     tg.manual_seed(args.seed)
     prompt = text_to_token_ids(args.prompt, tokenizer)
@@ -129,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="continue a prompt with GPT-2 or a model trained with `tinygpt train`")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded once) or a Hugging Face GPT-2 folder")
+    source.add_argument("--model", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl (downloaded once) or a Hugging Face "
+                        "GPT-2, Llama, Qwen3 or Mistral folder")
     source.add_argument("--checkpoint", metavar="DIR", type=validation.existing_path, help="a run or checkpoint folder written by `tinygpt train`")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=validation.count, default=50)

@@ -8,6 +8,8 @@ needs no other option, and `classify` and `chat` need only the checkpoint.
 """
 from __future__ import annotations
 
+import os
+
 import sys
 
 from tinygpt import distributed
@@ -151,8 +153,17 @@ def _chat(args) -> int:
     from tinygpt.finetune.lora import merge_lora
     from tinygpt.generate import StreamPrinter
 
-    checkpoint = load_language_model(args.checkpoint, args.device, args.bpe_file, "chat")
-    model, tokenizer = merge_lora(checkpoint.model), checkpoint.tokenizer
+    from tinygpt.hf_llama import is_llama_folder
+
+    respond = generate_response
+    if is_llama_folder(args.checkpoint):  # a Hugging Face Llama/Qwen3 folder: its own chat template
+        from tinygpt.hf_tokenizer import template_response
+        from tinygpt.pretrained import load_model_and_tokenizer
+
+        (model, tokenizer), respond = load_model_and_tokenizer(args.checkpoint, args.device), template_response
+    else:
+        checkpoint = load_language_model(args.checkpoint, args.device, args.bpe_file, "chat")
+        model, tokenizer = merge_lora(checkpoint.model), checkpoint.tokenizer
     v.check_top_k(args.top_k, model.cfg["vocab_size"])
     tg.manual_seed(args.seed)
     interactive = args.instruction is None
@@ -165,14 +176,16 @@ def _chat(args) -> int:
         if not instruction:
             continue
         stream = StreamPrinter(tokenizer, stop_id=getattr(tokenizer, "eot_token", None))
-        generate_response(model, tokenizer, {"instruction": instruction, "input": args.input or ""}, args.max_new_tokens,
-                          temperature=args.temperature, top_k=args.top_k, on_token=stream)
+        respond(model, tokenizer, {"instruction": instruction, "input": args.input or ""}, args.max_new_tokens,
+                temperature=args.temperature, top_k=args.top_k, on_token=stream)
         stream.finish()
         sys.stdout.write("\n")
     return 0
 
 
 def _download(args) -> int:
+    if args.dir and os.path.exists(args.dir) and not os.path.isdir(args.dir):  # refused before the download
+        raise UsageError(f"--dir {args.dir} is a file, not a folder")
     if args.name == "sms-spam":
         from tinygpt.finetune.sms_spam import download_sms_spam
 
@@ -232,6 +245,10 @@ def _finetune(task: str, body):
                 from tinygpt.finetune.instruct import load_instruction_data
 
                 load_instruction_data(args.data)
+            else:
+                from tinygpt.finetune.classify import read_labelled_file
+
+                read_labelled_file(args.data, args.text_column or "Text", args.label_column or "Label")
         start = start_run(args, task)
         with RunLock(start.run_dir):
             if start.checkpoint is None and (checkpoints(start.run_dir) or (start.run_dir / "latest").exists()):
@@ -272,7 +289,8 @@ def add_commands(sub) -> None:
     p.set_defaults(run=_finetune("instruct", _finetune_instruct))
 
     p = sub.add_parser("chat", help="answer instructions with a model from `tinygpt finetune-instruct`")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", type=v.existing_path)
+    p.add_argument("--checkpoint", required=True, metavar="DIR", type=v.existing_path,
+                   help="a finetune-instruct run, or a Hugging Face Llama/Qwen3 instruct folder (its chat template)")
     p.add_argument("instruction", nargs="?", help="one instruction (default: read one per line from stdin)")
     p.add_argument("--input", help="the optional input field of the prompt")
     p.add_argument("--max-new-tokens", type=v.count, default=256)
