@@ -446,3 +446,21 @@ def test_finetune_instruct_with_prompts_longer_than_the_context_still_trains_and
                            "--bpe-file", GPT2_FILE, "--max-steps", "2", "--responses", "0", *INSTRUCT_FAST)
     assert code == 0, err
     assert load_checkpoint(run, bpe_file=GPT2_FILE).trainer_state["step"] == 2
+
+
+def test_finetune_classify_refuses_a_data_file_without_the_columns_before_any_download(tmp_path, capsys, monkeypatch):
+    """The data is read before the model is fetched: a wrong column is one line, and no download starts."""
+    import tinygpt.pretrained as pretrained
+
+    monkeypatch.setattr(pretrained, "download_gpt2", lambda *a, **k: pytest.fail("downloaded before reading the data"))
+    data = tmp_path / "bad.csv"
+    data.write_text("a,b\n1,2\n")
+    assert main(["finetune-classify", "--data", str(data), "--out", str(tmp_path / "run")]) == 1
+    assert "has no column 'Text'" in capsys.readouterr().err
+
+
+def test_download_into_a_file_is_refused_before_downloading(tmp_path, capsys):
+    target = tmp_path / "afile"
+    target.write_text("keep me")
+    assert main(["download", "gpt2", "--dir", str(target)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and target.read_text() == "keep me"

@@ -9,7 +9,6 @@ needs no other option, and `classify` and `chat` need only the checkpoint.
 from __future__ import annotations
 
 import os
-
 import sys
 
 from tinygpt import distributed
