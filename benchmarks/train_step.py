@@ -51,7 +51,7 @@ import numpy as np
 from tinygpt.model import GPT_PRESETS
 from tinygpt.files import atomic_write_text
 
-ENGINES = ("tinygpt", "torch")
+ENGINES = ("tinygpt", "torch", "torch-sdpa")  # torch-sdpa: the book's model with torch's fused attention
 ADAMW = {"lr": 4e-4, "weight_decay": 0.1, "betas": (0.9, 0.999), "eps": 1e-8}
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 GB = 1024**3
@@ -170,7 +170,7 @@ class TorchEngine:
         dtype = {"float32": torch.float32, "float64": torch.float64}[settings["dtype"]]
         weights = {name: p.numpy() for name, p in
                    initial_tinygpt_model(cfg, settings["seed"], settings["dtype"], "cpu").state_dict().items()}
-        self.model = torch_gpt.TorchGPTModel(cfg).to(dtype)
+        self.model = torch_gpt.TorchGPTModel({**cfg, "torch_sdpa": settings.get("sdpa", False)}).to(dtype)
         torch_gpt.load_tinygpt_weights(self.model, weights)
         del weights
         self.model.to(self.device)
@@ -225,7 +225,7 @@ def worker(engine: str, cfg: dict, settings: dict, conn) -> None:
             for name in [m for m in sys.modules if m == "tinygpt" or m.startswith("tinygpt.")]:
                 del sys.modules[name]
             sys.path.insert(0, settings["baseline"])
-        runner = (TorchEngine if engine == "torch" else TinygptEngine)(cfg, settings)
+        runner = (TorchEngine if engine.startswith("torch") else TinygptEngine)(cfg, {**settings, "sdpa": engine == "torch-sdpa"})
         conn.send(("ready", runner.about()))
         while conn.recv() == "step":
             conn.send(("step", runner.timed_step()))
@@ -323,7 +323,7 @@ def parse_args() -> argparse.Namespace:
                              "moment after their last call, do not take cores from the next (default 0.2)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated, from tinygpt,torch")
+    parser.add_argument("--engines", default="tinygpt,torch", help=f"comma-separated, from {','.join(ENGINES)}")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the tokens")
     parser.add_argument("--baseline", metavar="DIR",
                         help="also step the tinygpt package of this checkout (e.g. a worktree of an older commit)")
