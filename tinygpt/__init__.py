@@ -3,7 +3,8 @@ from tinygpt.backend import (default_device, default_dtype, get_rng_state, manua
                              set_default_dtype, set_rng_state)
 from tinygpt.gradcheck import gradcheck, gradcheck_report
 from tinygpt.dispatch import kernels_mode, set_kernels
-from tinygpt.tensor import Function, Tensor, cat, is_grad_enabled, no_grad, ones, randn, tensor, where, zeros
+from tinygpt.tensor import Function, Tensor, cat, is_grad_enabled, no_grad, where
+from tinygpt.creation import ones, randn, tensor, zeros
 from tinygpt import functional  # noqa: E402  (import order: functional builds on tensor)
 from tinygpt.kernels import fused  # noqa: E402, F401  (registers the fast versions of the ops with dispatch)
 from tinygpt.trace import detect_anomaly, trace  # noqa: E402

@@ -26,7 +26,8 @@ import math
 
 from tinygpt import backend, nn
 from tinygpt import functional as F
-from tinygpt.tensor import Tensor, ones
+from tinygpt.creation import ones
+from tinygpt.tensor import Tensor
 
 
 

@@ -14,7 +14,8 @@ from typing import Iterator
 from tinygpt import backend, hooks, op_checks
 from tinygpt import functional as F
 from tinygpt.graph_state import state
-from tinygpt.tensor import Tensor, ones, zeros
+from tinygpt.creation import ones, zeros
+from tinygpt.tensor import Tensor
 
 _NO_HOOKS = MappingProxyType({})  # read-only: register_*_hook gives a module its own dict
 

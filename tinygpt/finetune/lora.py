@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 
 from tinygpt import backend, nn
-from tinygpt.tensor import Tensor, zeros
+from tinygpt.creation import zeros
+from tinygpt.tensor import Tensor
 
 
 class LoRALayer(nn.Module):
