@@ -4,7 +4,7 @@
     python benchmarks/forward.py --tokens 128 --repeats 3 --profile
     python benchmarks/forward.py --baseline /tmp/old      # + tinygpt of another checkout
 
-GPT-2 124M (qkv bias, tied head: transformers' GPT2Config()), float32, random weights (each
+GPT-2 124M (qkv bias, tied head: transformers' GPT2Config(), use_cache=False), float32, random weights (each
 engine its own; the work does not depend on the values), the same random token ids, logits
 for every position. Each engine runs in its own process, started once per shape; the parent
 asks them for one forward at a time, in turn, so that anything else the machine does falls on
@@ -84,7 +84,7 @@ class Transformers:
 
     def forward(self):
         with self.torch.no_grad():
-            return self.model(self.ids).logits
+            return self.model(self.ids, use_cache=False).logits  # as tinygpt's forward: no KV cache built
 
     def profile(self) -> list[tuple[str, float, int]]:
         from torch.profiler import ProfilerActivity, profile
