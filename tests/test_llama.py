@@ -236,7 +236,7 @@ def test_trace_names_the_llama_modules_of_each_backward_node():
         F.cross_entropy(model(ids).reshape(-1, 37), ids.reshape(-1)).backward()
     ops = {(n.op, n.module) for n in t.nodes}
     assert ("Rope", "trf_blocks.1.att") in ops and ("RepeatHeads", "trf_blocks.0.att") in ops
-    assert ("RMSNorm", "trf_blocks.0.att.k_norm") in ops and ("SiLU", "trf_blocks.1.ff") in ops
+    assert ("RMSNorm", "trf_blocks.0.att.k_norm") in ops and ("SwiGLU", "trf_blocks.1.ff") in ops
     assert t.grad_of("trf_blocks.0.att.q_norm").shape == (1, 4, 5, 4)  # [B, H, T, D]: before RoPE
 
 
@@ -266,3 +266,23 @@ def test_a_llama_classifier_trains_its_head_and_reloads_from_a_checkpoint(tmp_pa
     again = load_checkpoint(tmp_path).model
     assert again.cfg["num_classes"] == 2 and again.out_head.bias is not None
     np.testing.assert_array_equal(again(ids).numpy(), model(ids).numpy())
+
+
+def test_plain_kernels_give_the_fast_paths_logits_and_gradients():
+    """TINYGPT_KERNELS=plain: every op runs its reference math (Linear and attention have fast
+    versions; the Llama ops are plain math only)."""
+    model = LlamaModel(TINY)
+    ids = np.random.default_rng(7).integers(0, 37, size=(2, 9))
+    results = {}
+    for mode in ("fast", "plain"):
+        tg.set_kernels(mode)
+        try:
+            model.zero_grad()
+            logits = model(ids)
+            F.cross_entropy(logits.reshape(-1, 37), ids.reshape(-1)).backward()
+            results[mode] = logits.numpy(), {n: p.grad.numpy() for n, p in model.named_parameters()}
+        finally:
+            tg.set_kernels("fast")
+    np.testing.assert_allclose(results["plain"][0], results["fast"][0], rtol=1e-4, atol=1e-5)
+    for name, grad in results["fast"][1].items():
+        np.testing.assert_allclose(results["plain"][1][name], grad, rtol=1e-3, atol=1e-5, err_msg=name)

@@ -5,6 +5,7 @@ the parts those models changed:
     RMSNorm instead of LayerNorm     rescale each vector by its root mean square, no mean, no shift
     RoPE instead of pos_emb          positions enter by rotating queries and keys (functional/rope.py)
     SwiGLU feed-forward              fc3(silu(fc1(x)) * fc2(x)): a gate, an up and a down projection
+                                     (silu(gate) * up as one op, F.swiglu)
     grouped-query attention          n_kv_heads key/value heads, each shared by n_heads / n_kv_heads
                                      query heads: the KV cache shrinks by that factor
     QK-norm (Qwen3, optional)        RMSNorm over each head's query and key, before RoPE
@@ -165,7 +166,7 @@ class SwiGLU(nn.Module):
         self.fc3 = nn.Linear(cfg["hidden_dim"], cfg["emb_dim"], bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc3(F.silu(self.fc1(x)) * self.fc2(x))
+        return self.fc3(F.swiglu(self.fc1(x), self.fc2(x)))  # silu(gate) * up, one op: keeps 2 hidden arrays, not 4
 
 
 class LlamaBlock(nn.Module):

@@ -92,16 +92,24 @@ def grouped_query_attention(pick):
             lambda torch, q, k, v: _torch_attention(torch, q, k, v, causal))
 
 
-@case("swiglu", max_examples=50, examples=[{"lead": (2, 3), "channels": 3, "hidden": 4}])
+@case("swiglu", max_examples=60, examples=[{"shape": (2, 5)}])
 def swiglu(pick):
-    """The Llama feed-forward, down(silu(gate(x)) * up(x)), composed from linear and silu."""
+    shape = pick.shape(name="shape")
+    gate, up = pick.leaves(shape, shape)
+    gate.data *= 4  # the sigmoid's tails too
+    return F.swiglu, [gate, up], lambda torch, gate, up: torch.nn.functional.silu(gate) * up
+
+
+@case("feed_forward", max_examples=50, examples=[{"lead": (2, 3), "channels": 3, "hidden": 4}])
+def feed_forward(pick):
+    """The Llama feed-forward, down(swiglu(gate(x), up(x))), composed from linear and swiglu."""
     lead, channels, hidden = pick.shape(1, 2, name="lead"), pick.dim("channels"), pick.dim("hidden")
     inputs = pick.leaves(lead + (channels,), (hidden, channels), (hidden, channels), (channels, hidden))
 
     def torch_ref(torch, x, w_gate, w_up, w_down):
         lin = torch.nn.functional.linear
         return lin(torch.nn.functional.silu(lin(x, w_gate)) * lin(x, w_up), w_down)
-    return (lambda x, w_gate, w_up, w_down: F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)), \
+    return (lambda x, w_gate, w_up, w_down: F.linear(F.swiglu(F.linear(x, w_gate), F.linear(x, w_up)), w_down)), \
         inputs, torch_ref
 
 

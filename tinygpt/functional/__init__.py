@@ -14,7 +14,7 @@ the math below.
 
     linear.py        linear, embedding
     norms.py         layer_norm, rms_norm
-    activations.py   gelu, softmax, log_softmax, silu
+    activations.py   gelu, softmax, log_softmax, silu, swiglu
     dropout.py       dropout
     attention.py     scaled_dot_product_attention (grouped-query too, through gqa.py's repeat_heads)
     rope.py          rope (rotary position embeddings)
@@ -26,7 +26,7 @@ from tinygpt.functional.dropout import Dropout, dropout
 from tinygpt.functional.linear import Embedding, Linear, embedding, linear
 from tinygpt.functional.loss import CrossEntropy, cross_entropy
 from tinygpt.functional.norms import LayerNorm, layer_norm
-from tinygpt.functional.activations import SiLU, silu
+from tinygpt.functional.activations import SiLU, SwiGLU, silu, swiglu
 from tinygpt.functional.gqa import RepeatHeads, repeat_heads
 from tinygpt.functional.norms import RMSNorm, rms_norm
 from tinygpt.functional.rope import Rope, rope
@@ -35,4 +35,4 @@ __all__ = ["Linear", "linear", "Embedding", "embedding", "LayerNorm", "layer_nor
            "Softmax", "softmax", "LogSoftmax", "log_softmax", "Dropout", "dropout",
            "ScaledDotProductAttention", "scaled_dot_product_attention", "future_mask",
            "CrossEntropy", "cross_entropy",
-           "RMSNorm", "rms_norm", "Rope", "rope", "SiLU", "silu", "RepeatHeads", "repeat_heads"]
+           "RMSNorm", "rms_norm", "Rope", "rope", "SiLU", "silu", "SwiGLU", "swiglu", "RepeatHeads", "repeat_heads"]

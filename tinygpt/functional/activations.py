@@ -142,3 +142,36 @@ def sigmoid(x):
 
 def silu(x: Tensor) -> Tensor:
     return SiLU.apply(x)
+
+
+class SwiGLU(Function):
+    """y = silu(a) * b = a s b,  s = sigmoid(a)   (a = x W_gate^T, b = x W_up^T: the gated middle
+    of Llama's feed-forward, fc3(swiglu(fc1(x), fc2(x)))).
+
+    With silu'(a) = s (1 + a (1 - s)) (see SiLU):
+        dL/da = g * b * s (1 + a (1 - s)),   dL/db = g * silu(a).
+    One op instead of silu then a product: only a and b are saved, where the pair would also
+    keep silu(a) (a hidden_dim-wide array per token), and s is recomputed in backward.
+
+    Tested by: test_ops_gradcheck.py::test_op_grad_matches_finite_differences[DEVICE-swiglu]
+    test_torch_parity_ops.py::test_every_op_case_matches_torch[DEVICE-swiglu-*] (case in tinygpt/opsuite_llama.py)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * sigmoid(a) * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved
+        s = sigmoid(a)
+        silu_a = a * s
+        grad_a = grad * b * (s + silu_a * (1.0 - s)) if ctx.needs_input_grad[0] else None
+        return grad_a, grad * silu_a
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up, elementwise; gate and up have one shape."""
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate shape {gate.shape} and up shape {up.shape} differ")
+    return SwiGLU.apply(gate, up)
