@@ -138,4 +138,7 @@ def test_generate_reads_a_llama_folder(llama_folder, capsys):
     from tinygpt.cli import main
 
     assert main(["generate", "--model", str(llama_folder), "--prompt", "hello world", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.startswith("hello world")
+    out, err = capsys.readouterr()
+    assert out.startswith("hello world")
+    # 2 (k, v) x 1 layer x 2 kv heads x 4 head size x 64 tokens x 4 bytes = 4096 bytes
+    assert "KV cache 4.0 KB: 64 tokens x 1 layers x 2 of 4 heads" in err

@@ -98,7 +98,13 @@ def _generate(args) -> int:
     stream.finish()
     sys.stdout.write("\n")
     n = len(stream.ids)
-    print(f"[{n} tokens in {seconds:.1f} s, {n / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    c = model.cfg  # the cache holds keys and values of the kv heads (all heads for GPT-2) for context_length tokens
+    kv_heads, head_dim = c.get("n_kv_heads", c["n_heads"]), c.get("head_dim", c["emb_dim"] // c["n_heads"])
+    cache = 2 * c["n_layers"] * kv_heads * head_dim * c["context_length"] * model.tok_emb.weight.dtype.itemsize
+    size = f"{cache / 1024**2:.1f} MB" if cache >= 1024**2 else f"{cache / 1024:.1f} KB"
+    cached = "" if args.no_cache else (f"; KV cache {size}: {c['context_length']} tokens x {c['n_layers']} layers x "
+                                       f"{kv_heads} of {c['n_heads']} heads")
+    print(f"[{n} tokens in {seconds:.1f} s, {n / max(seconds, 1e-9):.1f} tokens/s{cached}]", file=sys.stderr)
     return 0
 
 
