@@ -22,6 +22,7 @@ import numpy as np
 
 from tinygpt import backend
 from tinygpt import functional as F
+from tinygpt.tensor import Tensor
 
 INSTALL = 'pip install -e ".[reference]" (or: pip install torch transformers)'
 # max |ours - theirs| allowed, relative to max(1, max |theirs|) of the compared output
@@ -200,7 +201,8 @@ def compare(model, hf_model, ids, backward: bool = False) -> CompareReport:
         import torch  # noqa: F401
     except ImportError:
         raise ImportError(f"compare needs PyTorch and transformers: {INSTALL}") from None
-    ids = np.asarray(backend.to_host(ids.data if hasattr(ids, "data") and not isinstance(ids, np.ndarray) else ids))
+    ids = ids.data if isinstance(ids, Tensor) else ids
+    ids = backend.to_host(ids) if backend.is_array(ids) else np.asarray(ids)  # host ids: torch reads them from here
     family = _family(model)
     dtype = np.dtype(model.tok_emb.weight.dtype)
     tolerance = TOLERANCE.get(dtype, 1e-4)
