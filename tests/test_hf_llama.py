@@ -252,7 +252,9 @@ REFUSED = [
     ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
     ({"model_type": "qwen2"}, "model_type='qwen2' is not supported"),
     ({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}, "quantization_config={"),
-    ({"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 8}, "sliding_window=8 with use_sliding_window"),
+    ({"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+     "sliding_window=8 with use_sliding_window=true is not supported"),
+    ({"rms_norm_eps": -1e-6}, "rms_norm_eps=-1e-06 must be a number in (0, 1)"),
     ({"num_key_value_heads": 3}, "n_kv_heads=3 does not divide n_heads=4"),
     ({"head_dim": 5}, "head_dim=5 must be even"),
     ({"hidden_size": 0}, "hidden_size=0 must be a positive integer"),
@@ -269,6 +271,22 @@ def test_each_unsupported_config_field_is_refused_in_one_line_naming_it(tmp_path
     with pytest.raises(HFConfigError) as e:
         load_llama(tmp_path)
     assert message in str(e.value) and "\n" not in str(e.value) and str(tmp_path / "config.json") in str(e.value)
+
+
+@pytest.mark.parametrize("fields", [{"use_sliding_window": False, "sliding_window": 8},
+                                    {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2}])
+def test_a_qwen3_sliding_window_that_transformers_does_not_apply_is_accepted(tmp_path, fields):
+    """Without use_sliding_window, or with every layer below max_window_layers, transformers'
+    Qwen3 attends to the whole context: the same logits."""
+    hf = hf_model("qwen3-qk-norm")
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **fields}))
+    ids, _ = ids_and_targets(61, steps=12)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(load_llama(tmp_path)(ids).numpy(), theirs(torch.from_numpy(ids)).logits.numpy(),
+                                   rtol=0, atol=1e-4)
 
 
 def test_mistral_sliding_window_shorter_than_the_context_caps_the_context(tmp_path):

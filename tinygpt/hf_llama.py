@@ -89,19 +89,23 @@ def _rope(hf: dict) -> tuple[float, dict | None, list[str]]:
     return theta, {"rope_type": "llama3", **{k: params[k] for k in keys}}, problems
 
 
-def _sliding_window(hf: dict, kind: str, context: int) -> tuple[int, list[str]]:
+def _sliding_window(hf: dict, kind: str, context: int, layers: int) -> tuple[int, list[str]]:
     """The context length once sliding-window attention is honoured, and problems. A window at
     least as long as the context changes nothing. Mistral's applies to every layer: within
-    sliding_window tokens attention is exact, so the context is capped there. Qwen3's applies to
-    some layers only (layer_types), which LlamaModel does not do."""
+    sliding_window tokens attention is exact, so the context is capped there. Qwen3's applies,
+    as transformers reads it, only with use_sliding_window, to the layers from max_window_layers
+    on (or those layer_types names): LlamaModel's layers all attend to the whole context."""
     window = hf.get("sliding_window")
     if window is None or window >= context:
         return context, []
     if kind == "mistral":
         return window, []
-    layer_types = hf.get("layer_types") or (["sliding_attention"] if hf.get("use_sliding_window") else [])
+    if kind != "qwen3" or not hf.get("use_sliding_window"):
+        return context, []
+    first = hf.get("max_window_layers", 28)
+    layer_types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
     if "sliding_attention" in layer_types:
-        return context, [f"sliding_window={window!r} with use_sliding_window/layer_types is not supported "
+        return context, [f"sliding_window={window!r} with use_sliding_window=true is not supported "
                          "(tinygpt's layers attend to the whole context)"]
     return context, []
 
@@ -127,7 +131,10 @@ def config_from_hf(hf: dict, source: str = "config.json") -> dict:
     heads = sizes["num_attention_heads"]
     head_dim = hf.get("head_dim") or sizes["hidden_size"] // heads
     theta, scaling, problems = _rope(hf)
-    context, window_problems = _sliding_window(hf, kind, sizes["max_position_embeddings"])
+    context, window_problems = _sliding_window(hf, kind, sizes["max_position_embeddings"], sizes["num_hidden_layers"])
+    eps = hf.get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        problems.append(f"rms_norm_eps={eps!r} must be a number in (0, 1)")
     rules = [("hidden_act", hf.get("hidden_act", "silu") in ACTIVATIONS, "tinygpt's feed-forward gate is silu"),
              ("attention_bias", not hf.get("attention_bias", False), "tinygpt's attention projections have no bias"),
              ("mlp_bias", not hf.get("mlp_bias", False), "tinygpt's feed-forward has no bias"),
@@ -139,7 +146,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> dict:
     cfg = {"vocab_size": sizes["vocab_size"], "context_length": context, "emb_dim": sizes["hidden_size"],
            "n_heads": heads, "n_kv_heads": hf.get("num_key_value_heads") or heads, "n_layers": sizes["num_hidden_layers"],
            "hidden_dim": sizes["intermediate_size"], "head_dim": head_dim, "rope_theta": float(theta),
-           "rope_scaling": scaling, "rms_norm_eps": float(hf.get("rms_norm_eps", 1e-6)), "qk_norm": kind == "qwen3",
+           "rope_scaling": scaling, "rms_norm_eps": float(eps), "qk_norm": kind == "qwen3",
            "tie_weights": bool(hf.get("tie_word_embeddings", False))}
     try:
         return full_config(cfg)
