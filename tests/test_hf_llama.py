@@ -370,3 +370,23 @@ def test_a_classifier_is_not_saved_as_a_causal_lm(tmp_path):
     model = make_classifier(load_llama(tmp_path / "base"), num_classes=2)
     with pytest.raises(ValueError, match="classifier \\(num_classes=2\\)"):
         save_llama(model, tmp_path / "out")
+
+
+def test_loading_holds_the_model_and_one_tensor_at_a_time_not_the_file_twice(tmp_path):
+    """Weights are mapped from the file and converted one tensor at a time: the most memory
+    allocated while loading is the model plus a few of its largest tensor (the random
+    initialisation draws in float64), far from the model twice."""
+    import tracemalloc
+
+    config = transformers.LlamaConfig(**{**BASE, "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 256,
+                                         "num_hidden_layers": 8, "num_key_value_heads": 2, "tie_word_embeddings": False})
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tracemalloc.start()
+    try:
+        model = load_llama(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    size = sum(p.data.nbytes for p in model.parameters())
+    largest = max(p.data.nbytes for p in model.parameters())
+    assert size > 2_000_000 and size > 8 * largest and peak < size + 2.5 * largest, (peak, size, largest)
