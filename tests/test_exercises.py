@@ -88,6 +88,32 @@ PLANTED = [
     ("cross_entropy", "dlogits", "g = g / 5", "divided by V (the classes)"),
     ("cross_entropy", "dlogits", "g = g / dout", "upstream gradient"),
     ("cross_entropy", "dlogits", "g = 6 * g", "the 1/N of the mean is missing"),
+    ("rms_norm", "dx", "g = g.T", "transposed"),
+    ("rms_norm", "dweight", "g = 2 * g", "constant factor 2"),
+    ("rms_norm", "dx", "g = -g", "sign flipped"),
+    ("rms_norm", "dweight", "g = dout.sum(axis=(0, 1))", "dweight without its factor xhat"),
+    ("rms_norm", "dx", "x, w, xhat, rstd = cache\ng = rstd * dout * w", "rstd treated as a constant"),
+    ("rope", "dx", "g = -g", "sign flipped"),
+    ("rope", "dx", "g = g / 2", "constant factor 1/2"),
+    ("rope", "dx", "g = dout", "the rotation treated as if it changed nothing"),
+    ("rope", "dx", "positions, cos, sin = cache\ng = dout * cos", "the rotate_half(dy) * sin term is missing"),
+    ("rope", "dx", "positions, cos, sin = cache\ng = dout * cos + np.concatenate([-dout[..., 4:], dout[..., :4]], -1) * sin",
+     "R(a) dy, not R(a)^T dy"),
+    ("swiglu", "dW_down", "g = g.T", "a weight's gradient transposed"),
+    ("swiglu", "dW_up", "g = -g", "sign flipped"),
+    ("swiglu", "dx", "g = 2 * g", "constant factor 2"),
+    ("swiglu", "dW_gate", "g = g / 6", "off by a factor 1/6 (6 = B*T)"),
+    ("swiglu", "dx", "c = cache\ng = (dout @ c['W_down'] * c['act']) @ c['W_up']", "dx from one of the two paths only"),
+    ("gqa", "dk", "g = g / 2", "the mean of its group's gradients, not the sum"),
+    ("gqa", "dv", "g = -g", "sign flipped"),
+    ("gqa", "dq", "g = g * 7 ** 0.5", "in the attention step: the 1/sqrt(D) of S = Q K^T / sqrt(D) is missing"),
+    ("gqa", "dk", "g = g.swapaxes(-1, -2)", "transposed"),
+    ("gqa", "dv", "g = 2 * g", "constant factor 2"),
+    ("flash_backward", "dq", "g = -g", "sign flipped"),
+    ("flash_backward", "dv", "g = 2 * g", "constant factor 2"),
+    ("flash_backward", "dk", "g = g * 5 ** 0.5", "the 1/sqrt(D) missing in dq and dk"),
+    ("flash_backward", "dq", "g = g / 29", "off by a factor 1/29 (29 = Tq)"),
+    ("flash_backward", "dk", "g = g / 3", "off by a factor 1/3 (3 = H)"),
     ("block", "W_1", "g = g.T", "transposed"),
     ("block", "W_q", "g = g.T", "transposed"),
     ("block", "h", "g = 2 * g", "in the step act = gelu(h): the 0.5 of y = 0.5 x (1 + tanh(u)) is missing"),
@@ -111,7 +137,9 @@ def test_planted_mistake_fails_with_the_hint_that_names_it(name, grad, code, wor
 
 
 def test_every_fused_exercise_has_five_planted_mistakes():
-    assert all(sum(p[0] == name for p in PLANTED) >= 5 for name in NAMES if EXERCISES[name].difficulty != "warm-up")
+    # a forward exercise (online_softmax) has no backward to plant into: its corpus entries are its planted mistakes
+    assert all(sum(p[0] == name for p in PLANTED) >= 5 for name in NAMES
+               if EXERCISES[name].difficulty != "warm-up" and EXERCISES[name].kind == "backward")
 
 
 def test_wrong_gradient_names_its_worst_element_and_where_the_wrong_elements_are():
@@ -202,6 +230,15 @@ def test_hint_levels_add_where_then_the_mistake():
 def test_sheet_forward_is_the_engine_forward_and_its_backward_is_a_stub(tmp_path, name):
     exercise = EXERCISES[name]
     inputs, dout = exercise.draw(np.random.default_rng(0))
+    if exercise.driver:  # a forward exercise: the sheet's loop with the answer key's functions gives the engine's outputs
+        got, expected = getattr(exercise.sheet, exercise.driver)(exercise.answer, *inputs.values()), exercise.engine(inputs, dout)
+        for value, name_ in zip(got, exercise.grads):
+            np.testing.assert_allclose(value, expected[name_], rtol=1e-12, atol=1e-12)
+        for function in exercise.fill:
+            with pytest.raises(NotImplementedError):
+                getattr(exercise.sheet, function)(*[None] * getattr(exercise.sheet, function).__code__.co_argcount)
+        assert "raise NotImplementedError" in sheet_text(name) and start(name, tmp_path).read_text() == sheet_text(name)
+        return
     out, cache = exercise.sheet.forward(*inputs.values())
     if exercise.flow is None:  # the block and the MLP are checked intermediate by intermediate below
         got = exercise.engine(inputs, dout)
@@ -213,7 +250,8 @@ def test_sheet_forward_is_the_engine_forward_and_its_backward_is_a_stub(tmp_path
     assert "raise NotImplementedError" in text and "np.add.at" not in text and "swapaxes(-1, -2) @ dout" not in text
 
 
-@pytest.mark.parametrize("name", ["linear", "embedding", "layer_norm", "gelu", "softmax", "cross_entropy", "attention"])
+@pytest.mark.parametrize("name", ["linear", "embedding", "layer_norm", "gelu", "softmax", "cross_entropy", "attention",
+                                  "rms_norm", "rope", "swiglu", "gqa", "flash_backward"])
 def test_fused_sheet_forward_is_the_engine_forward(name):
     exercise = EXERCISES[name]
     inputs, _ = exercise.draw(np.random.default_rng(0))
@@ -221,7 +259,11 @@ def test_fused_sheet_forward_is_the_engine_forward(name):
     args = [tg.tensor(a, dtype=np.float64) if a.dtype.kind == "f" else a for a in map(np.asarray, inputs.values())]
     engine_op = {"linear": F.linear, "embedding": lambda W, ids: F.embedding(ids, W), "layer_norm": F.layer_norm,
                  "gelu": F.gelu, "softmax": F.softmax, "cross_entropy": F.cross_entropy,
-                 "attention": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True)}[name]
+                 "attention": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True),
+                 "rms_norm": lambda x, w: F.rms_norm(x, w, eps=1e-6), "rope": lambda x, p: F.rope(x, p, theta=100.0),
+                 "swiglu": lambda x, g, u, d: F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d),
+                 "gqa": lambda q, k, v: F.scaled_dot_product_attention(q, F.repeat_heads(k, 2), F.repeat_heads(v, 2)),
+                 "flash_backward": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=True)}[name]
     np.testing.assert_allclose(out, engine_op(*args).numpy(), rtol=1e-12, atol=1e-12)
 
 
@@ -274,7 +316,7 @@ def test_inputs_leave_mistakes_nowhere_to_hide(name):
     assert len(set(sizes)) == len(sizes), exercise.dims
     inputs, dout = exercise.draw(np.random.default_rng(0))
     arrays = [a for v in inputs.values() for a in (v.values() if isinstance(v, dict) else [v]) if np.asarray(a).dtype.kind == "f"]
-    for a in arrays + [np.asarray(dout)]:
+    for a in arrays + ([np.asarray(dout)] if exercise.kind == "backward" else []):  # a forward exercise has no dout
         assert np.all(np.abs(a) > 1e-3) and not np.any(np.isclose(a, 1.0, atol=1e-3)), "zeros or ones hide mistakes"
     for a in arrays:
         if a.ndim == 2 and name not in ("block", "mul", "div", "add", "matmul", "mlp"):

@@ -21,13 +21,15 @@ from pathlib import Path
 from tinygpt.exercises import checker, progress, sandbox
 from tinygpt.exercises.block_case import BLOCK
 from tinygpt.exercises.checker import CheckResult, GradResult
+from tinygpt.exercises.modern import MODERN
 from tinygpt.exercises.registry import OPS, Exercise
 from tinygpt.exercises.walkthrough import layer_norm_walkthrough
 from tinygpt.exercises.warmups import WARMUPS
 from tinygpt.files import atomic_write_text
 
-# the path, first to last: the small ops, the fused ops from the easiest, then the block
-PATH = (*WARMUPS, *sorted(OPS, key=lambda e: ("easy", "medium", "hard").index(e.difficulty)), BLOCK)
+# the path, first to last: the small ops, the fused ops from the easiest, the newer blocks
+# (RMSNorm, RoPE, SwiGLU, GQA) and FlashAttention's two halves, then the whole block
+PATH = (*WARMUPS, *sorted(OPS, key=lambda e: ("easy", "medium", "hard").index(e.difficulty)), *MODERN, BLOCK)
 EXERCISES: dict[str, Exercise] = {e.name: e for e in PATH}
 
 __all__ = ["EXERCISES", "CheckResult", "GradResult", "UnknownExercise", "check_function", "check_main", "get",

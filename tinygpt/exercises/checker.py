@@ -44,10 +44,13 @@ class CheckResult:
     summary: str = ""                   # the inputs the check ran on
     printed: str = ""                   # what the learner's file printed, quoted
     first_wrong: str | None = None      # in data-flow order, the first gradient wrong on its own
+    kind: str = "backward"              # "forward": outputs of the learner's functions are checked
+    memory: str | None = None           # a backward that held more at once than the exercise allows
 
     @property
     def passed(self) -> bool:
-        return self.error is None and bool(self.grads) and all(g.status != "wrong" for g in self.grads)
+        return (self.error is None and self.memory is None and bool(self.grads)
+                and all(g.status != "wrong" for g in self.grads))
 
     @property
     def wrong(self) -> list:
@@ -63,9 +66,9 @@ class CheckResult:
 
 def run_check(exercise: Exercise, path, seed: int = 0, timeout: float = sandbox.DEFAULT_TIMEOUT) -> CheckResult:
     """Check the file at `path`, run in a child process that may take `timeout` seconds."""
-    result = CheckResult(exercise.name, str(path))
+    result = CheckResult(exercise.name, str(path), kind=exercise.kind)
     inputs, dout = exercise.draw(np.random.default_rng(seed))
-    result.summary = _describe(inputs, dout)
+    result.summary = _describe(inputs, dout, exercise.kind)
     try:
         returned = sandbox.run_in_child(exercise, path, inputs, dout, timeout)
     except sandbox.ChildFailed as e:
@@ -78,14 +81,20 @@ def run_check(exercise: Exercise, path, seed: int = 0, timeout: float = sandbox.
 def check_function(exercise: Exercise, backward, forward=None, seed: int = 0) -> CheckResult:
     """Check `backward` (and `forward`, default the sheet's) in this process, under the same
     rules and with the same diagnosis. For code you trust (tests, the walk-through): it runs
-    here, so it could change the checker."""
+    here, so it could change the checker. For a forward exercise, `backward` is an object
+    holding the functions the sheet asks for (a module, a class, a namespace)."""
     path = Path(inspect.getsourcefile(backward) or "<backward>")
-    result = CheckResult(exercise.name, f"{path}:{backward.__name__}")
+    result = CheckResult(exercise.name, f"{path}:{backward.__name__}", kind=exercise.kind)
     inputs, dout = exercise.draw(np.random.default_rng(seed))
-    result.summary = _describe(inputs, dout)
+    result.summary = _describe(inputs, dout, exercise.kind)
     try:
-        reference, _ = exercise.sheet.forward(*copy(inputs).values())
-        run = child.run_backward(forward or exercise.sheet.forward, backward, copy(inputs), dout, path, reference)
+        if exercise.driver:
+            run = child.run_forward(getattr(exercise.sheet, exercise.driver), backward, copy(inputs), path,
+                                    what=f"your {' or '.join(exercise.fill)}")
+        else:
+            reference, _ = exercise.sheet.forward(*copy(inputs).values())
+            run = child.run_backward(forward or exercise.sheet.forward, backward, copy(inputs), dout, path, reference,
+                                     measure=exercise.memory is not None)
         returned = child.collect(run, exercise.grads)
     except child.LearnerStop as e:
         result.error = str(e)
@@ -94,11 +103,14 @@ def check_function(exercise: Exercise, backward, forward=None, seed: int = 0) ->
 
 
 def _judge(exercise: Exercise, result: CheckResult, inputs, dout, returned: dict, seed: int) -> CheckResult:
-    result.error = _forward_error(exercise, inputs, returned)
+    result.error = _forward_error(exercise, inputs, returned) if exercise.kind == "backward" else None
     if returned["changed"] and result.error is None:
-        result.error = f"your backward changed {', '.join(returned['changed'])} in place. {child.READ_ONLY_WHY}"
+        who = "backward" if exercise.kind == "backward" else "code"
+        result.error = f"your {who} changed {', '.join(returned['changed'])} in place. {child.READ_ONLY_WHY}"
     if result.error is not None:
         return result
+    if exercise.memory is not None:
+        result.memory = _memory_problem(exercise, inputs, returned.get("peak"))
     engine = exercise.engine(copy(inputs), dout)
     numeric = _numeric(exercise, seed)
     case = lambda name: hints.Case(name, exercise.dims, inputs, dout)  # noqa: E731
@@ -111,6 +123,15 @@ def _judge(exercise: Exercise, result: CheckResult, inputs, dout, returned: dict
         result.grads.append(grad)
     result.first_wrong = diagnose.diagnose(exercise, result.grads, theirs, engine, inputs, dout, returned.get("fp"))
     return result
+
+
+def _memory_problem(exercise: Exercise, inputs, peak) -> str | None:
+    limit, meaning = exercise.memory(inputs)
+    if peak is None:
+        return "the check could not measure what your backward held at once, so it cannot say it works tile by tile"
+    if peak <= limit:
+        return None
+    return f"your backward held {peak:,} bytes at once, more than the {limit:,} a tiled backward needs: {meaning}"
 
 
 def _forward_error(exercise: Exercise, inputs, returned: dict) -> str | None:
@@ -162,6 +183,7 @@ def _numeric(exercise: Exercise, seed: int) -> dict:
     return (exercise.numeric or functools.partial(sheet_numeric, exercise))(inputs, dout)
 
 
-def _describe(inputs: dict, dout) -> str:
+def _describe(inputs: dict, dout, kind: str = "backward") -> str:
     parts = [f"{n} {np.shape(a)}" if not isinstance(a, dict) else f"{len(a)} parameters" for n, a in inputs.items()]
-    return f"inputs {', '.join(parts)}; upstream gradient {np.shape(dout) or float(dout)}; float64"
+    upstream = f"; upstream gradient {np.shape(dout) or float(dout)}" if kind == "backward" else ""
+    return f"inputs {', '.join(parts)}{upstream}; float64"

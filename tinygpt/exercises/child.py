@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import traceback
+import tracemalloc
 import types
 from pathlib import Path
 
@@ -127,7 +128,7 @@ def explain(error: BaseException, path: Path, what: str) -> str:
     return f"{listing}{what} failed: {type(error).__name__}{kind}: {error}"
 
 
-def load(path: Path, name: str):
+def load(path: Path, name: str, fill=("forward", "backward")):
     path = Path(path)
     if not path.exists():
         raise LearnerStop(f"{path}: no such file; write one with: tinygpt exercise start {name}")
@@ -154,7 +155,7 @@ def load(path: Path, name: str):
         raise LearnerStop(f"{path}:{e.lineno}: cannot import your file: SyntaxError: {e.msg}") from None
     except BaseException as e:  # noqa: BLE001 - whatever their file raises is theirs to read
         raise LearnerStop(explain(e, path, f"importing {path}")) from None
-    for function in ("forward", "backward"):
+    for function in fill:
         if not callable(getattr(module, function, None)):
             raise LearnerStop(f"{path} defines no function {function}(); start from the sheet: tinygpt exercise start {name}")
     return module
@@ -224,11 +225,13 @@ class EngineWatch:
             raise LearnerStop(f"{path}: {ForbiddenImport(name, verb='runs the code of')}")
 
 
-def run_backward(forward, backward, inputs: dict, dout, path: Path, reference=None, watch_engine=False) -> dict:
+def run_backward(forward, backward, inputs: dict, dout, path: Path, reference=None, watch_engine=False,
+                 measure=False) -> dict:
     """{"out": forward's output, "grads": what backward returned, "changed": [labels],
-    "fp": first floating-point event}. The inputs passed to forward are the caller's; a
-    `reference` output, when given, is compared with forward's before backward runs. With
-    `watch_engine`, running any of tinygpt's own code (but the sheets) stops the check."""
+    "fp": first floating-point event, "peak": bytes backward held at once (with `measure`)}.
+    The inputs passed to forward are the caller's; a `reference` output, when given, is
+    compared with forward's before backward runs. With `watch_engine`, running any of
+    tinygpt's own code (but the sheets) stops the check."""
     engine = EngineWatch() if watch_engine else None
     try:
         with engine or contextlib.nullcontext():
@@ -245,19 +248,42 @@ def run_backward(forward, backward, inputs: dict, dout, path: Path, reference=No
     handed = {}
     read_only(dout, "dout (the upstream gradient)", handed)
     read_only(cache, "the cache", handed)
+    returned, fp, peak = _watched(lambda: backward(dout, cache), path, "your backward", engine, measure)
+    changed = [label for label, (a, before) in handed.items() if not np.array_equal(a, before, equal_nan=True)]
+    return {"out": out, "grads": returned, "changed": changed, "fp": fp, "peak": peak}
+
+
+def run_forward(driver, module, inputs: dict, path: Path, watch_engine=False, what="your functions") -> dict:
+    """A forward exercise: the sheet's `driver` runs the learner's functions (module.step,
+    ...) on the inputs, handed read-only; {"grads": the outputs it returned, ...} as
+    run_backward gives, so the same comparison follows."""
+    handed = {}
+    read_only(list(inputs.values()), "the inputs", handed)
+    engine = EngineWatch() if watch_engine else None
+    returned, fp, _ = _watched(lambda: driver(module, *inputs.values()), path, what, engine, False)
+    changed = [label for label, (a, before) in handed.items() if not np.array_equal(a, before, equal_nan=True)]
+    return {"out": None, "grads": returned, "changed": changed, "fp": fp, "peak": None}
+
+
+def _watched(call, path: Path, what: str, engine, measure: bool) -> tuple:
+    """(call's result, numpy's first floating-point event in their file, peak bytes or None)."""
     watch = FloatingPointWatch(path)
     old = np.seterrcall(watch)
+    if measure:
+        tracemalloc.start()
     try:
         with np.errstate(invalid="call", divide="call", over="call"), engine or contextlib.nullcontext():
-            returned = backward(dout, cache)
+            returned = call()
+        peak = tracemalloc.get_traced_memory()[1] if measure else None
     except BaseException as e:  # noqa: BLE001
-        raise LearnerStop(explain(e, path, "your backward")) from None
+        raise LearnerStop(explain(e, path, what)) from None
     finally:
         np.seterrcall(old)
+        if measure:
+            tracemalloc.stop()
     if engine is not None:
         engine.verdict(path)
-    changed = [label for label, (a, before) in handed.items() if not np.array_equal(a, before, equal_nan=True)]
-    return {"out": out, "grads": returned, "changed": changed, "fp": watch.first}
+    return returned, watch.first, peak
 
 
 # ------------------------------------------------------------------ only arrays go back
@@ -332,7 +358,8 @@ def collect(run: dict, names: tuple) -> dict:
         grads[name], kinds[name] = as_array(value, name)
     out, out_kind = as_array(run["out"], "out")
     return {"out": out, "out_kind": out_kind, "grads": {n: g for n, g in grads.items() if g is not None},
-            "kinds": {n: k for n, k in kinds.items() if k is not None}, "changed": run["changed"], "fp": run["fp"]}
+            "kinds": {n: k for n, k in kinds.items() if k is not None}, "changed": run["changed"], "fp": run["fp"],
+            "peak": run.get("peak")}
 
 
 def main(job_dir: str) -> None:
@@ -346,10 +373,15 @@ def main(job_dir: str) -> None:
     guard_imports()
     answer = {"error": None}
     try:
-        module = load(Path(job["path"]), job["exercise"])
-        stage.write_text("running forward and backward")
-        run = run_backward(module.forward, module.backward, inputs, arrays["__dout__"], Path(job["path"]),
-                           arrays["__reference__"], watch_engine=True)
+        module = load(Path(job["path"]), job["exercise"], job["fill"])
+        stage.write_text("running forward and backward" if not job["driver"] else f"running your {' and '.join(job['fill'])}")
+        if job["driver"]:
+            sheet = importlib.import_module(f"tinygpt.exercises.sheets.{job['exercise']}")
+            run = run_forward(getattr(sheet, job["driver"]), module, inputs, Path(job["path"]), watch_engine=True,
+                              what=f"your {' or '.join(job['fill'])}")
+        else:
+            run = run_backward(module.forward, module.backward, inputs, arrays["__dout__"], Path(job["path"]),
+                               arrays["__reference__"], watch_engine=True, measure=job["measure"])
         collected = collect(run, tuple(job["grads"]))
         stage.write_text("sending the gradients back")
         sendable = {f"grad.{n}": g for n, g in collected.pop("grads").items()}

@@ -101,7 +101,9 @@ class _Candidates:
         for m, wrong in self._cache:
             value = wrong.get(name)
             for v in value if isinstance(value, list) else [] if value is None else [value]:
-                out.append((m, np.asarray(v, dtype=np.float64)))
+                v = np.asarray(v, dtype=np.float64)
+                if np.isfinite(v).all():  # a mistake that makes NaN or inf cannot match a finite gradient
+                    out.append((m, v))
         return out
 
     def match(self, name: str, t, e, case=None) -> tuple:

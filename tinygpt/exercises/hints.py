@@ -27,8 +27,13 @@ class Case:
 def same(a, b) -> bool:
     """a equals b up to the rounding of a correct float64 (or careful float32) computation."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    scale = max(float(np.abs(b).max(initial=0.0)), 1e-12)
-    return a.shape == b.shape and bool(np.all(np.abs(a - b) <= 1e-6 * scale + 1e-5 * np.abs(b)))
+    if a.shape != b.shape:
+        return False
+    finite = np.isfinite(b)  # an inf in b must not make the tolerance infinite: non-finite values must be equal
+    scale = max(float(np.abs(b[finite]).max(initial=0.0)), 1e-12)
+    with np.errstate(invalid="ignore"):
+        close = np.abs(a - b) <= 1e-6 * scale + 1e-5 * np.abs(b)
+    return bool(np.all(np.where(finite, close, a == b)))
 
 
 def hint(theirs: np.ndarray, expected: np.ndarray, case: Case, extra=()) -> str | None:

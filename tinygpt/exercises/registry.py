@@ -34,6 +34,15 @@ class Exercise:
     hints: tuple = field(default=())    # extra recognisers: (theirs, expected, case) -> hint or None
     flow: dict | None = None            # several steps: {grad: (the grads it is computed from, (d, ctx) -> grad)}
     regions: Callable | None = None     # (grad, inputs) -> [(words, bool mask)]: named places for hints
+    fill: tuple = ("forward", "backward")  # the functions the learner's file must define
+    driver: str | None = None           # a forward exercise: the sheet's function (learner module, *inputs) -> outputs
+    memory: Callable | None = None      # inputs -> (bytes backward may hold at once, what a bigger peak means)
+
+    @property
+    def kind(self) -> str:
+        """"backward" (the learner's backward is checked) or "forward" (the learner's functions,
+        run by the sheet's driver, compute outputs that are checked)."""
+        return "forward" if self.driver else "backward"
 
     @property
     def sheet(self):
@@ -42,7 +51,8 @@ class Exercise:
 
     def solution(self) -> str:
         """The answer key, plain math in the sheet's own interface: what --show-solution prints."""
-        return f"# {self.name}: the answer key (tinygpt/exercises/answers.py)\n{inspect.getsource(self.answer)}"
+        where = self.answer.__module__.replace(".", "/") + ".py"
+        return f"# {self.name}: the answer key ({where})\n{inspect.getsource(self.answer)}"
 
 
 def copy(inputs: dict) -> dict:

@@ -68,12 +68,14 @@ def _read_result(job: Path, answer: dict) -> dict:
         out = np.asarray(arrays["out"]) if "out" in arrays.files else None
     return {"out": out, "out_kind": _text(answer.get("out_kind")), "grads": grads,
             "kinds": {str(k): neutral(str(v)) for k, v in dict(answer.get("kinds") or {}).items()},
-            "changed": [neutral(str(c)) for c in list(answer.get("changed") or [])], "fp": _text(answer.get("fp"))}
+            "changed": [neutral(str(c)) for c in list(answer.get("changed") or [])], "fp": _text(answer.get("fp")),
+            "peak": _bytes(answer.get("peak"))}
 
 
 def _write_job(job: Path, exercise, path: Path, inputs: dict, dout) -> None:
-    reference, _ = exercise.sheet.forward(*copy(inputs).values())
-    arrays, dicts = {"__dout__": np.asarray(dout, dtype=np.float64), "__reference__": np.asarray(reference, dtype=np.float64)}, {}
+    arrays, dicts = {"__dout__": np.asarray(dout, dtype=np.float64)}, {}
+    if exercise.kind == "backward":  # a forward exercise's sheet forward is the learner's to fill in
+        arrays["__reference__"] = np.asarray(exercise.sheet.forward(*copy(inputs).values())[0], dtype=np.float64)
     for name, value in inputs.items():
         if isinstance(value, dict):
             dicts[name] = list(value)
@@ -82,7 +84,8 @@ def _write_job(job: Path, exercise, path: Path, inputs: dict, dout) -> None:
             arrays[name] = np.asarray(value)
     np.savez(job / "inputs.npz", **arrays)
     (job / "job.json").write_text(json.dumps({"path": str(path), "exercise": exercise.name, "inputs": list(inputs),
-                                              "dicts": dicts, "grads": list(exercise.grads)}))
+                                              "dicts": dicts, "grads": list(exercise.grads), "fill": list(exercise.fill),
+                                              "driver": exercise.driver, "measure": exercise.memory is not None}))
 
 
 def _limit_file_size() -> None:
@@ -126,6 +129,10 @@ def _read_answer(job: Path, code: int) -> dict:
         raise ChildFailed(f"your file ended the check's process while {_stage(job)} ({how}), so no gradients came "
                           "back: no sys.exit / os._exit / atexit tricks in the file; backward must return its gradients")
     return answer
+
+
+def _bytes(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _text(value):
