@@ -3,7 +3,7 @@ clear message (never a traceback of ours) for every way a file can be wrong."""
 import pytest
 
 from tinygpt.cli import main
-from tinygpt.exercises import EXERCISES
+from tinygpt.exercises import EXERCISES, sheet_text
 
 
 def run(capsys, *argv):
@@ -179,3 +179,53 @@ def test_running_the_sheet_with_python_checks_it(tmp_path, capsys):
 def test_hint_level_must_be_1_or_2(tmp_path, capsys):
     code, _, err = run(capsys, "check", "gelu", "--hint", "gelu.py")
     assert code == 2 and "--hint takes 1 or 2, got 'gelu.py' (put the file before --hint)" in err
+
+
+NEW = ["rms_norm", "rope", "swiglu", "gqa", "online_softmax", "flash_backward"]
+
+
+def with_answer_key(tmp_path, name, body=None):
+    """The sheet `start` writes, with the answer key's source (or `body`) bound to the names it asks for."""
+    import inspect
+
+    exercise = EXERCISES[name]
+    head, tail = sheet_text(name).split('\nif __name__ == "__main__":')
+    source = body or inspect.getsource(exercise.answer)
+    bind = "\n".join(f"{f} = {name}.{f}" for f in exercise.fill) if exercise.driver else f"backward = {name}"
+    path = tmp_path / f"{name}.py"
+    path.write_text(f'{head}\n{source}\n\n{bind}\n\n\nif __name__ == "__main__":{tail}')
+    return path
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_new_answer_keys_pass_through_the_child_process(tmp_path, capsys, name):
+    code, out, _ = run(capsys, "check", name, with_answer_key(tmp_path, name))
+    assert code == 0 and ("PASS: all" in out or "PASS: the" in out), out
+    assert_no_traceback_of_ours(out)
+
+
+def test_flash_backward_holding_the_whole_score_matrix_fails_through_the_child_process(tmp_path, capsys):
+    untiled = '''def flash_backward(dout, cache):
+    q, k, v, out, L = cache
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    S = np.where(future(slice(0, Tq), slice(0, Tk), Tq, Tk), -np.inf, q @ k.swapaxes(-1, -2) / np.sqrt(q.shape[-1]))
+    P = np.exp(S - L[..., None])
+    dP = dout @ v.swapaxes(-1, -2)
+    dS = P * (dP - (dout * out).sum(-1)[..., None]) / np.sqrt(q.shape[-1])
+    return dS @ k, dS.swapaxes(-1, -2) @ q, P.swapaxes(-1, -2) @ dout
+'''
+    code, out, _ = run(capsys, "check", "flash_backward", with_answer_key(tmp_path, "flash_backward", untiled))
+    assert code == 1 and out.count(" exact ") == 3 and "more than the" in out and "tile at a time" in out
+    assert "FAIL: every gradient is right, but not computed tile by tile" in out
+
+
+def test_online_softmax_checks_the_learners_step_and_finish_in_the_sheets_own_loop(tmp_path, capsys):
+    path = with_answer_key(tmp_path, "online_softmax")
+    # a file that replaces the given loop with the plain softmax is still checked block by block
+    path.write_text(path.read_text() + "\n\ndef run(functions, s, v):\n    raise AssertionError('not used by the check')\n")
+    code, out, _ = run(capsys, "check", "online_softmax", path)
+    assert code == 0 and "PASS: all 2 outputs right" in out and "each output is compared" in out
+    stub = tmp_path / "stub"
+    assert run(capsys, "start", "online_softmax", "--dir", stub)[0] == 0
+    code, out, _ = run(capsys, "check", "online_softmax", stub / "online_softmax.py")
+    assert code == 1 and "your step or finish still raises NotImplementedError" in out

@@ -104,6 +104,12 @@ def _(dout, cache):
     return dq, np.repeat(dk.sum(1, keepdims=True), H_kv, 1), np.repeat(dv.sum(1, keepdims=True), H_kv, 1)
 
 
+@wrong("gqa", "no-group-sum")
+def _(dout, cache):
+    q, k_rep, v_rep, P, n = cache
+    return attention_back(dout, q, k_rep, v_rep, P)
+
+
 @right("gqa")
 def _(dout, cache):
     q, k_rep, v_rep, P, n = cache

@@ -30,6 +30,14 @@ def grouped(a, n, reduce=np.sum):
     return reduce(a.reshape(B, H // n, n, T, D), axis=2)
 
 
+@mistake("no-group-sum", "dk and dv returned for the repeated heads, [B, H, T, D]: the group sum is missing",
+         """The attention backward gives the gradients of k_rep and v_rep, one per query head. But k and v have
+         H_kv heads: the forward repeated head j n times (np.repeat(k, n, axis=1)), and the backward of a repeat
+         is a sum, dk[:, j] = sum_{r < n} dk_rep[:, j n + r], which gives dk the shape of k""")
+def _(c):
+    return {"dk": c.dk_rep, "dv": c.dv_rep}
+
+
 @mistake("group-mean", "each shared head gets the mean of its group's gradients, not the sum",
          """k_rep repeats head j of k n times: the same numbers are used by n query heads, and each use adds its
          own contribution to the loss. The chain rule adds them: dk_j = sum over the group of dk_rep, not the mean""")
