@@ -110,6 +110,17 @@ def _(dout, cache):
     return attention_back(dout, q, k_rep, v_rep, P)
 
 
+@wrong("gqa", "attention-softmax-no-P")
+def _(dout, cache):
+    q, k_rep, v_rep, P, n = cache
+    s = 1 / np.sqrt(q.shape[-1])
+    dP = dout @ v_rep.swapaxes(-1, -2)
+    dS = np.where(P == 0, 0.0, dP - (dP * P).sum(-1, keepdims=True))  # "zero the masked ones"
+    B, H, T, D = q.shape
+    group = lambda a: a.reshape(B, H // n, n, T, D).sum(2)  # noqa: E731
+    return dS @ k_rep * s, group(dS.swapaxes(-1, -2) @ q * s), group(P.swapaxes(-1, -2) @ dout)
+
+
 @right("gqa")
 def _(dout, cache):
     q, k_rep, v_rep, P, n = cache

@@ -97,6 +97,13 @@ def _(dy, cache):
     return rstd * (g - xhat * (g * xhat).mean(-1, keepdims=True)), (dy * xhat).sum(axis=(0, 1))
 
 
+@wrong("rms_norm", "no-rstd-factor")
+def _(dy, cache):
+    x, weight, xhat, rstd = cache
+    g = dy * weight
+    return g - xhat * (g * xhat).mean(-1, keepdims=True), (dy * xhat).sum(axis=(0, 1))
+
+
 @right("rms_norm")
 def _(dy, cache):
     x, weight, xhat, rstd = cache
@@ -330,6 +337,28 @@ def _(dy, c):
     dup = dh * c["act"]
     dx = dgate @ c["W_gate"] + dup @ c["W_up"]
     return dx, dgate[0].T @ c["x"][0], dup[0].T @ c["x"][0], dy[0].T @ c["h"][0]
+
+
+@wrong("swiglu", "silu-skipped")
+def _(dy, c):
+    dh = dy @ c["W_down"]
+    dact, dup = dh * c["up"], dh * c["act"]
+    return (*tail(c, dact, dup), dW_down(dy, c))  # forgot the activation's derivative
+
+
+@wrong("swiglu", "silu-slope-form")
+def _(dy, c):
+    dh = dy @ c["W_down"]
+    s = sig(c["gate"])
+    return (*tail(c, dh * c["up"] * s * (1 + c["act"] * (1 - s)), dh * c["act"]), dW_down(dy, c))
+
+
+@right("swiglu")
+def _(dy, c):
+    dh = dy @ c["W_down"]
+    s = sig(c["gate"])
+    dgate = dh * c["up"] * (s + c["act"] * (1 - s))  # silu' = s + g s (1 - s), and g s is act
+    return (*tail(c, dgate, dh * c["act"]), dW_down(dy, c))
 
 
 @right("swiglu")

@@ -76,7 +76,9 @@ def _(c):
          """dS_j = P_j (dP_j - sum_i dP_i P_i): both terms of the softmax Jacobian P_i (delta_ij - P_j) carry P_j.
          Without the factor P, masked positions get gradient too and every entry is off""")
 def _(c):
-    return qk(c, c.dP - (c.dP * c.P).sum(axis=-1, keepdims=True))
+    unweighted = c.dP - (c.dP * c.P).sum(axis=-1, keepdims=True)
+    variants = [qk(c, unweighted), qk(c, np.where(c.future, 0.0, unweighted))]  # masked afterwards, or not
+    return {g: [v[g] for v in variants] for g in ("dq", "dk")}
 
 
 @mistake("softmax-no-sum-term", "the softmax backward without - P * sum(dP * P): dS = P * dP",

@@ -82,6 +82,14 @@ def _(c):
     return {"dx": [dx_from(c, term=2.0), dx_from(c, term=0.5)]}
 
 
+@mistake("no-rstd-factor", "dx without its outer factor rstd: dxhat - xhat * mean(dxhat * xhat)",
+         """xhat = x * rstd, so every path from x_j to xhat brings a factor rstd: the direct one, d xhat_j/dx_j = rstd,
+         and the one through rstd, rstd^3 x_j / C = rstd * rstd * xhat_j / C. Both terms of
+         dx = rstd * (dxhat - xhat * mean(dxhat * xhat)) carry it""")
+def _(c):
+    return {"dx": c.dxhat - c.xhat * (c.dxhat * c.xhat).mean(axis=-1, keepdims=True)}
+
+
 @mistake("sum-not-mean", "sum(dxhat * xhat) over the row where the math has its mean (the 1/C is missing)",
          """ms = (1/C) sum_i x_i^2 brings the 1/C into d rstd/dx_j = -rstd^3 x_j / C, so the row's term is the
          mean of dxhat * xhat, not its sum""")

@@ -61,13 +61,13 @@ def _(c):
     return from_dgate(c, c.dact * c.s * (1 - c.s))
 
 
-@mistake("silu-slope-form", "silu's derivative written as s + g (1 - s), s (1 + g s) or s + g s^2: a factor lost",
-         """d(g s)/dg = s + g * ds/dg with ds/dg = s (1 - s): so s + g s (1 - s) = s (1 + g (1 - s)). Each
-         form here drops or changes one factor of that""")
+@mistake("silu-slope-form", "silu's derivative written as s + g (1 - s), s (1 + g s), s + g s^2 or with act for g",
+         """d(g s)/dg = s + g * ds/dg with ds/dg = s (1 - s): so s + g s (1 - s) = s (1 + g (1 - s)), with g the
+         gate itself (not act = g s). Each form here drops or changes one factor of that""")
 def _(c):
     g, s = c.gate, c.s
-    return {k: [from_dgate(c, c.dact * slope)[k] for slope in (s + g * (1 - s), s * (1 + g * s), s + g * s * s)]
-            for k in ("dx", "dW_gate")}
+    slopes = (s + g * (1 - s), s * (1 + g * s), s + g * s * s, s * (1 + c.act * (1 - s)))  # s + act (1 - s) is right
+    return {k: [from_dgate(c, c.dact * slope)[k] for slope in slopes] for k in ("dx", "dW_gate")}
 
 
 @mistake("silu-slope-wrong-point", "silu's derivative evaluated at act, up or x @ W_up.T instead of at gate",
@@ -75,6 +75,14 @@ def _(c):
          cache's other arrays are not its input""")
 def _(c):
     return {k: [from_dgate(c, c.dact * silu_slope(z))[k] for z in (c.act, c.up)] for k in ("dx", "dW_gate")}
+
+
+@mistake("silu-skipped", "silu's backward skipped: dgate = dact (in dx, in dW_gate, or both)",
+         """act = silu(gate) is a step of its own between gate and h: dgate = dact * silu'(gate), with
+         silu'(g) = s (1 + g (1 - s)). dW_gate = dgate^T x and the gate path of dx start from dgate, not dact""")
+def _(c):
+    skipped = from_dgate(c, c.dact)
+    return {"dx": skipped["dx"], "dW_gate": skipped["dW_gate"]}
 
 
 @mistake("dup-no-act", "dup = dh: the factor act = silu(gate) of h = act * up is missing",
