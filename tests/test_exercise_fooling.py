@@ -250,3 +250,44 @@ def backward(dy, cache):
     code, out = check(capsys, tmp_path, source)
     assert_not_fooled(code, out)
     assert "the gradients your file sent back could not be read" in out
+
+
+ONLINE_RIGHT = """\
+import numpy as np
+
+
+def step(m, l, a, s, v):
+    assert s.shape[-1] <= 4, "a block of more than BLOCK keys"
+    m_new = np.maximum(m, s.max(-1, keepdims=True))
+    r, p = np.exp(m - m_new), np.exp(s - m_new)
+    return m_new, l * r + p.sum(-1, keepdims=True), a * r + p @ v
+
+
+def finish(m, l, a):
+    return a / l, (m + np.log(l))[..., 0]
+"""
+
+
+@pytest.mark.parametrize("patch", ["sheet.BLOCK = 1000", "sheet.run = lambda f, s, v: f.finish(*f.step(\n"
+                                   "    np.full(s.shape[:2] + (1,), -np.inf), np.zeros(s.shape[:2] + (1,)),\n"
+                                   "    np.zeros(s.shape[:2] + v.shape[-1:]), s, v))"])
+def test_a_forward_exercise_runs_the_learners_step_in_the_sheets_own_loop(tmp_path, capsys, patch):
+    """Patching the importable sheet (its BLOCK, its loop) changes nothing: the check's loop is a
+    private copy, so step still sees one block at a time."""
+    source = "import tinygpt.exercises.sheets.online_softmax as sheet\n" + ONLINE_RIGHT + "\n" + patch + "\n"
+    code, out = check(capsys, tmp_path, source, "online_softmax")
+    assert code == 0 and "PASS: all 2 outputs right" in out, out
+    code, out = check(capsys, tmp_path, source.replace("(m + np.log(l))", "np.log(l)"), "online_softmax")
+    assert_not_fooled(code, out)
+    assert "lse = log(l): the maximum m is missing" not in out  # level 0 names no mistake
+    code, out = check(capsys, tmp_path, "from tinygpt.exercises.answers_modern import online_softmax\n"
+                      "step, finish = online_softmax.step, online_softmax.finish\n", "online_softmax")
+    assert_not_fooled(code, out)
+    assert "imports tinygpt.exercises.answers_modern (the answer key)" in out
+
+
+def test_a_finish_returning_one_array_is_one_line_naming_finish(tmp_path, capsys):
+    code, out = check(capsys, tmp_path, ONLINE_RIGHT.replace("return a / l, (m + np.log(l))[..., 0]", "return a / l"),
+                      "online_softmax")
+    assert_not_fooled(code, out)
+    assert "finish returned a ndarray; expected 2: (out, lse)" in out

@@ -95,7 +95,7 @@ def check_function(exercise: Exercise, backward, forward=None, seed: int = 0) ->
             reference, _ = exercise.sheet.forward(*copy(inputs).values())
             run = child.run_backward(forward or exercise.sheet.forward, backward, copy(inputs), dout, path, reference,
                                      measure=exercise.memory is not None)
-        returned = child.collect(run, exercise.grads)
+        returned = child.collect(run, exercise.grads, "finish" if exercise.driver else "backward")
     except child.LearnerStop as e:
         result.error = str(e)
         return result
