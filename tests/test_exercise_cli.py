@@ -223,8 +223,10 @@ def test_online_softmax_checks_the_learners_step_and_finish_in_the_sheets_own_lo
     path = with_answer_key(tmp_path, "online_softmax")
     # a file that replaces the given loop with the plain softmax is still checked block by block
     path.write_text(path.read_text() + "\n\ndef run(functions, s, v):\n    raise AssertionError('not used by the check')\n")
-    code, out, _ = run(capsys, "check", "online_softmax", path)
+    code, out, _ = run(capsys, "check", "online_softmax", path, "--show-solution")
     assert code == 0 and "PASS: all 2 outputs right" in out and "each output is compared" in out
+    solution = out.split("the solution for online_softmax")[1]
+    assert "def step(m, l, a, s, v):" in solution and "def finish(m, l, a):" in solution and "staticmethod" not in solution
     stub = tmp_path / "stub"
     assert run(capsys, "start", "online_softmax", "--dir", stub)[0] == 0
     code, out, _ = run(capsys, "check", "online_softmax", stub / "online_softmax.py")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import textwrap
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -52,7 +53,12 @@ class Exercise:
     def solution(self) -> str:
         """The answer key, plain math in the sheet's own interface: what --show-solution prints."""
         where = self.answer.__module__.replace(".", "/") + ".py"
-        return f"# {self.name}: the answer key ({where})\n{inspect.getsource(self.answer)}"
+        if not self.driver:
+            return f"# {self.name}: the answer key ({where})\n{inspect.getsource(self.answer)}"
+        # a forward exercise's key holds the functions the sheet asks for: print them as the sheet has them
+        functions = [textwrap.dedent(inspect.getsource(getattr(self.answer, f))).removeprefix("@staticmethod\n")
+                     for f in self.fill]
+        return f"# {self.name}: the answer key ({where}): {inspect.getdoc(self.answer)}\n" + "\n\n".join(functions)
 
 
 def copy(inputs: dict) -> dict:
