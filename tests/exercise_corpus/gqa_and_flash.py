@@ -239,6 +239,15 @@ class _(Right):
         return a / l, np.log(l)[..., 0]
 
 
+@wrong("online_softmax", "sum-no-axis")
+class _(Right):
+    def step(m, l, a, s, v):
+        m_new = np.maximum(m, s.max(axis=-1, keepdims=True))
+        r = np.exp(m - m_new)
+        p = np.exp(s - m_new)
+        return m_new, l * r + np.sum(p), a * r + p @ v
+
+
 @right("online_softmax")
 class _:
     def step(m, l, a, s, v):

@@ -159,6 +159,15 @@ def _(dy, cache):
     return dy * np.cos(a) + np.concatenate([g2, -g1], -1) * np.sin(a)
 
 
+@wrong("rope", "positions-from-zero")
+def _(dy, cache):
+    positions, cos, sin = cache
+    from tinygpt.exercises.sheets.rope import cos_sin, rotate_half
+    cache_len = positions[0]
+    c, s = cos_sin(positions + cache_len, dy.shape[-1])  # "offset by the cache"
+    return dy * c - rotate_half(dy) * s
+
+
 @wrong("rope", "rotate-half-no-minus")
 def _(dy, cache):
     positions, cos, sin = cache

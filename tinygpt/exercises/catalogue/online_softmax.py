@@ -42,7 +42,8 @@ def run(c, step=right_step, finish=right_finish) -> dict:
     return {"out": out, "lse": lse}
 
 
-def stepper(rescale_l=True, rescale_a=True, keep_l=True, keep_a=True, inverted=False, block_max=False, a_old_max=False):
+def stepper(rescale_l=True, rescale_a=True, keep_l=True, keep_a=True, inverted=False, block_max=False, a_old_max=False,
+            sum_all=False):
     """A step with one of its parts wrong."""
     def step(m, l, a, s, v):
         m_new = s.max(axis=-1, keepdims=True) if block_max else np.maximum(m, s.max(axis=-1, keepdims=True))
@@ -50,7 +51,7 @@ def stepper(rescale_l=True, rescale_a=True, keep_l=True, keep_a=True, inverted=F
         r = np.where(np.isfinite(m), r, 0.0)  # on the first block l = a = 0: a learner who guards m = -inf
         p = np.exp(s - m_new)
         old = np.where(np.isfinite(m), m, m_new)
-        l_new = (l * (r if rescale_l else 1) if keep_l else 0) + p.sum(axis=-1, keepdims=True)
+        l_new = (l * (r if rescale_l else 1) if keep_l else 0) + (p.sum() if sum_all else p.sum(axis=-1, keepdims=True))
         a_new = (a * (r if rescale_a else 1) if keep_a else 0) + (np.exp(s - old) if a_old_max else p) @ v
         return m_new, l_new, a_new
     return step
@@ -149,3 +150,11 @@ def _(c):
          when a single key has all the weight""")
 def _(c):
     return {"lse": run(c, finish=lambda m, l, a: (a / l, m[..., 0]))["lse"]}
+
+
+@mistake("sum-no-axis", "l's new part summed over the whole block (p.sum() without axis=-1, keepdims=True)",
+         """l is one number per query row: each row adds the exps of its own scores in the block,
+         sum_j exp(s_j - m'), over the key axis (axis=-1, keepdims=True keeps the [B, Tq, 1] shape). p.sum() adds
+         every row of every batch element into one number""")
+def _(c):
+    return changed(c, sum_all=True)

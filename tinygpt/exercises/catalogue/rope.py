@@ -47,7 +47,8 @@ def _(c):
     return {"dx": c.dy}
 
 
-@mistake("positions-from-zero", "the angles rebuilt with positions 0, 1, ... (or off by one), not the cache's positions",
+@mistake("positions-from-zero", "the angles rebuilt with other positions than the cache's: from 0, off by one, or the "
+         "cache length added twice",
          """Behind a KV cache the T new tokens sit at positions START, ..., START + T - 1, and the forward turned
          each by its own position's angles. Rebuilding cos and sin from np.arange(T), or from positions + 1,
          turns the gradient back by other angles: use the positions (or the cos and sin) of the cache""")
@@ -55,7 +56,7 @@ def _(c):
     start = int(c.positions[0])
     out = []
     for positions in (np.arange(c.T), np.arange(1, c.T + 1), np.arange(start + 1, start + c.T + 1),
-                      np.arange(start - 1, start + c.T - 1)):
+                      np.arange(start - 1, start + c.T - 1), c.positions + start):  # the cache length added twice
         cos, sin = cos_sin(positions, c.D)
         out.append(back(c.dy, cos, sin))
     return {"dx": out}
