@@ -48,6 +48,10 @@ def diagnose(exercise, grads: list, theirs: dict, expected: dict, inputs, dout, 
                 g.inherits = tuple(fed)
                 g.where += f"; it is computed from your {_names(fed)}, which {'is' if len(fed) == 1 else 'are'} not finite either"
             g.hint = g.where + (f"; numpy first reported {fp}" if fp and not fed else "")
+            found = None if fed else candidates.not_finite_match(g.name, t)
+            if found is not None:
+                g.hint += f". A catalogued mistake gives these very numbers, non-finite ones included: {found.text()}"
+                g.mistake = found.key
             continue
         upstream = [u for u in flow.get(g.name, ((), None))[0] if u in wrong_names]
         if upstream and hints.same(t, e):
@@ -94,17 +98,29 @@ class _Candidates:
         self.mistakes = list(module.MISTAKES) if module else []
         self.ctx, self._cache = ctx, None
 
-    def of(self, name: str) -> list:
+    def of(self, name: str, finite: bool = True) -> list:
+        """(mistake, value) for `name`: the finite values, or (finite=False) those with a NaN or inf."""
         if self._cache is None:
-            self._cache = [(m, m.wrong(self.ctx)) for m in self.mistakes]
+            with np.errstate(all="ignore"):
+                self._cache = [(m, m.wrong(self.ctx)) for m in self.mistakes]
         out = []
         for m, wrong in self._cache:
             value = wrong.get(name)
             for v in value if isinstance(value, list) else [] if value is None else [value]:
                 v = np.asarray(v, dtype=np.float64)
-                if np.isfinite(v).all():  # a mistake that makes NaN or inf cannot match a finite gradient
+                if np.isfinite(v).all() == finite:  # a mistake that makes NaN or inf cannot match a finite gradient
                     out.append((m, v))
         return out
+
+    def not_finite_match(self, name: str, t):
+        """The mistake whose value has NaN and inf exactly where yours has them, and yours elsewhere."""
+        for m, v in self.of(name, finite=False):
+            if v.shape == t.shape and np.array_equal(np.isnan(v), np.isnan(t)):
+                finite = np.isfinite(v)
+                if np.array_equal(finite, np.isfinite(t)) and np.array_equal(v[np.isinf(v)], t[np.isinf(t)]) \
+                        and hints.same(t[finite], v[finite]):
+                    return m
+        return None
 
     def match(self, name: str, t, e, case=None) -> tuple:
         singles = self.of(name)

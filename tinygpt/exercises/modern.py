@@ -77,9 +77,24 @@ def _online_plain(inputs, dout) -> dict:
     return {"out": e / e.sum(axis=-1, keepdims=True) @ v, "lse": (m + np.log(e.sum(axis=-1, keepdims=True)))[..., 0]}
 
 
+def _online_regions(name, inputs) -> list:
+    """Rows that tell mistakes apart: those whose last block of keys is all in their future, and
+    those of very large or very negative scores."""
+    s = inputs["s"]
+    last = (s.shape[-1] - 1) % online_sheet.BLOCK + 1  # the size of the last block of keys
+    rows = {"the query rows whose last block of keys is wholly in their future (all -inf)":
+            np.isneginf(s[..., -last:]).all(axis=-1),
+            "the rows of scores near +700 or -800 (where exp overflows or underflows)": np.abs(s[..., 0]) > 100,
+            "the rows whose running maximum grows after the first block (the rest have theirs in block 0)":
+            s.max(axis=-1) > s[..., :online_sheet.BLOCK].max(axis=-1)}
+    shape = (*s.shape[:2], inputs["v"].shape[-1])
+    return [(words, np.broadcast_to(mask[..., None], shape) if name == "out" else mask) for words, mask in rows.items()]
+
+
 ONLINE = Exercise("online_softmax", "hard", "FlashAttention's forward: the running max and sum, one block of keys at a time",
                   {"B": 2, "Tq": 5, "Tk": 11, "Dv": 3}, _online_draw, _online_engine, answers_modern.online_softmax,
-                  grads=("out", "lse"), numeric=_online_plain, fill=("step", "finish"), driver="run")
+                  grads=("out", "lse"), numeric=_online_plain, fill=("step", "finish"), driver="run",
+                  regions=_online_regions)
 assert online_sheet.BLOCK not in ONLINE.dims.values()
 
 

@@ -95,7 +95,8 @@ def _(c):
 @mistake("block-max-only", "m' = max of the new block only, forgetting the running maximum m",
          """m is the largest score seen so far, over every block: m' = max(m, max_j s_j). The block's own
          maximum can be smaller than m, and then exp(m - m') > 1 and the next blocks are summed against a
-         maximum that is not the row's""")
+         maximum that is not the row's; and on a block wholly in a query's future it is -inf, so
+         exp(s - m') = exp(-inf + inf) is NaN""")
 def _(c):
     return changed(c, block_max=True)
 
@@ -103,7 +104,7 @@ def _(c):
 @mistake("no-accumulate", "l or a replaced by the new block's sum instead of added to",
          """l and a are running sums over all the keys seen so far: each block adds its part to the (rescaled)
          sums of the blocks before, l' = l r + sum_j exp(s_j - m'). Without the old part, only the last block's
-         keys are counted""")
+         keys are counted (none at all for a row whose last block is wholly in its future: then l = 0)""")
 def _(c):
     return {k: [changed(c, **parts).get(k) for parts in ({"keep_l": False, "keep_a": False}, {"keep_l": False},
                                                            {"keep_a": False})]
