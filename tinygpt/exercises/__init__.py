@@ -1,6 +1,8 @@
-"""Write the backward yourself: warm-ups for the small ops, one exercise per fused op and one
-for a whole transformer block, each checked against tinygpt's own backward and float64
-finite differences.
+"""Write the backward yourself: warm-ups for the small ops, one exercise per fused op (GPT-2's,
+then the newer blocks: RMSNorm, RoPE, SwiGLU, grouped-query attention), FlashAttention's two
+halves (online_softmax, where you write the forward's per-block step, and the tiled backward),
+and one for a whole transformer block, each checked against tinygpt's own ops and float64
+finite differences (a forward exercise: against the plain, untiled computation).
 
     tinygpt exercise list                        # the path, first to last, and what you passed
     tinygpt exercise start layer_norm            # writes layer_norm.py: the forward and a stub
