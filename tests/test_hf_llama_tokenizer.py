@@ -112,7 +112,7 @@ def llama_folder(folder):
     import torch
 
     config = transformers.LlamaConfig(vocab_size=400, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                       eos_token_id=1, bos_token_id=0)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
@@ -140,5 +140,24 @@ def test_generate_reads_a_llama_folder(llama_folder, capsys):
     assert main(["generate", "--model", str(llama_folder), "--prompt", "hello world", "--max-new-tokens", "5"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("hello world")
-    # 2 (k, v) x 1 layer x 2 kv heads x 4 head size x 64 tokens x 4 bytes = 4096 bytes
-    assert "KV cache 4.0 KB: 64 tokens x 1 layers x 2 of 4 heads" in err
+    # 2 (k, v) x 1 layer x 2 kv heads x 4 head size x 256 tokens x 4 bytes = 16384 bytes
+    assert "KV cache 16.0 KB: 256 tokens x 1 layers x 2 of 4 heads" in err
+
+
+def test_instruction_finetuning_a_llama_folder_with_lora_then_chatting_with_the_run(llama_folder, tmp_path, capsys):
+    """finetune-instruct --init FOLDER: the folder's model and tokenizer.json train, the run's
+    checkpoint keeps the tokenizer (ids as before), and chat answers from the run."""
+    from tinygpt.checkpoint import load_checkpoint
+    from tinygpt.cli import main
+
+    records = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ["hello", "world", "fox", "dog"] * 3]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    out = tmp_path / "run"
+    assert main(["finetune-instruct", "--init", str(llama_folder), "--data", str(tmp_path / "data.json"), "--out", str(out),
+                 "--max-steps", "2", "--batch-size", "2", "--lora-rank", "2", "--eval-freq", "1", "--eval-iter", "1",
+                 "--responses", "1", "--max-new-tokens", "3", "--no-progress"]) == 0
+    checkpoint = load_checkpoint(out, optimizer=False)
+    original = load_hf_tokenizer(llama_folder)
+    assert checkpoint.tokenizer.encode(TEXT[1]) == original.encode(TEXT[1])
+    assert checkpoint.tokenizer.chat_template == original.chat_template and checkpoint.model.cfg["arch"] == "llama"
+    assert main(["chat", "--checkpoint", str(out), "Say fox.", "--max-new-tokens", "3"]) == 0

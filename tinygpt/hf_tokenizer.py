@@ -28,6 +28,15 @@ class HFTokenizer:
         self.eot_token = tokenizer.token_to_id(self.eos_token) if self.eos_token else None
         self.n_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
 
+    def to_dict(self) -> dict:
+        """Everything needed to rebuild it (a checkpoint's tokenizer.json under "type": "hf")."""
+        return {"tokenizer": self.tokenizer.to_str(), "config": self.config, "chat_template": self.chat_template,
+                "name": self.name}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HFTokenizer":
+        return cls(_tokenizers().Tokenizer.from_str(d["tokenizer"]), d["config"], d["chat_template"], d["name"])
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Ids as transformers' tokenizer(text).input_ids gives them (its post-processor adds
         what the model expects, such as Llama 3's <|begin_of_text|>)."""
@@ -60,6 +69,14 @@ class HFTokenizer:
                                                           **specials)
 
 
+def _tokenizers(what="a Hugging Face tokenizer"):
+    try:
+        import tokenizers
+    except ImportError:
+        raise ImportError(f"reading {what} needs the tokenizers library: {INSTALL}") from None
+    return tokenizers
+
+
 def load_hf_tokenizer(folder: str | os.PathLike) -> HFTokenizer:
     """The tokenizer of a Hugging Face folder holding tokenizer.json."""
     folder = Path(folder)
@@ -68,11 +85,7 @@ def load_hf_tokenizer(folder: str | os.PathLike) -> HFTokenizer:
         raise FileNotFoundError(f"{folder} has no tokenizer.json (tinygpt reads Hugging Face fast tokenizers only; "
                                 "a folder with only tokenizer.model or vocab.json is not supported)")
     try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise ImportError(f"reading {path} needs the tokenizers library: {INSTALL}") from None
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
+        tokenizer = _tokenizers(path).Tokenizer.from_file(str(path))
     except Exception as e:  # the library raises a bare Exception for files it cannot parse
         raise ValueError(f"{path} is not a tokenizer this version of tokenizers reads ({str(e).splitlines()[0]})") from None
     config_path = folder / "tokenizer_config.json"

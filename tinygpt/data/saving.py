@@ -22,6 +22,10 @@ def tokenizer_to_dict(tok: Any) -> dict[str, Any]:
         return {"type": "bpe", **tok.to_dict()}
     if isinstance(tok, tiktoken.Encoding) and tok.name == "gpt2":
         return {"type": "gpt2"}
+    from tinygpt.hf_tokenizer import HFTokenizer  # a Hugging Face folder's tokenizer.json (Llama, Qwen3)
+
+    if isinstance(tok, HFTokenizer):
+        return {"type": "hf", **tok.to_dict()}
     raise TypeError(f"cannot save a tokenizer of type {type(tok).__name__}")
 
 
@@ -33,7 +37,11 @@ def tokenizer_from_dict(d: dict[str, Any], bpe_file: str | os.PathLike | None = 
         return BPETokenizer.from_dict(d)
     if kind == "gpt2":
         return gpt2_tokenizer(bpe_file)
-    raise ValueError(f"unknown tokenizer type {kind!r}; expected 'char', 'bpe' or 'gpt2'")
+    if kind == "hf":
+        from tinygpt.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer.from_dict(d)
+    raise ValueError(f"unknown tokenizer type {kind!r}; expected 'char', 'bpe', 'gpt2' or 'hf'")
 
 
 def save_tokenizer(tok: Any, path: str | os.PathLike) -> None:
