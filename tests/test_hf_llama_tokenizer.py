@@ -161,3 +161,18 @@ def test_instruction_finetuning_a_llama_folder_with_lora_then_chatting_with_the_
     assert checkpoint.tokenizer.encode(TEXT[1]) == original.encode(TEXT[1])
     assert checkpoint.tokenizer.chat_template == original.chat_template and checkpoint.model.cfg["arch"] == "llama"
     assert main(["chat", "--checkpoint", str(out), "Say fox.", "--max-new-tokens", "3"]) == 0
+
+
+def test_classification_finetuning_a_llama_folder_and_labelling_with_the_run(llama_folder, tmp_path, capsys):
+    from tinygpt.cli import main
+
+    rows = ["Text,Label"] + [f"quick brown fox {i},fox" for i in range(8)] + [f"lazy dog {i},dog" for i in range(8)]
+    (tmp_path / "data.csv").write_text("\n".join(rows))
+    out = str(tmp_path / "run")
+    assert main(["finetune-classify", "--init", str(llama_folder), "--data", str(tmp_path / "data.csv"), "--text-column",
+                 "Text", "--label-column", "Label", "--out", out, "--max-steps", "2", "--batch-size", "2",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["classify", "--checkpoint", out, "the lazy dog"]) == 0
+    label = capsys.readouterr().out.split("\t")[0]
+    assert label in ("fox", "dog")
