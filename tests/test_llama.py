@@ -107,7 +107,7 @@ def test_repeat_heads_shares_each_kv_head_with_its_group_and_sums_their_gradient
     assert x.grad.numpy().reshape(-1).tolist() == [6.0, 60.0]
 
 
-def test_grouped_query_attention_equals_attention_with_each_kv_head_copied(device):
+def test_gqa_attention_equals_attention_with_each_kv_head_copied(device):
     rng = np.random.default_rng(3)
     q, k, v = (tg.tensor(rng.standard_normal(s)) for s in ((2, 6, 5, 3), (2, 2, 5, 3), (2, 2, 5, 3)))
     copied = [tg.tensor(np.repeat(host(a), 3, axis=1)) for a in (k, v)]

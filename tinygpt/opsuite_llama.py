@@ -78,10 +78,10 @@ def _torch_attention(torch, q, k, v, causal):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
-@case("grouped_query_attention", max_examples=75, examples=[
+@case("gqa_attention", max_examples=75, examples=[
     {"batch": 2, "kv_heads": 1, "group": 3, "tk": 4, "tq": 4, "d": 3, "dv": 2, "causal": True},  # one kv head
     {"batch": 1, "kv_heads": 2, "group": 2, "tk": 4, "tq": 2, "d": 3, "dv": 3, "causal": True}])  # queries behind a cache
-def grouped_query_attention(pick):
+def gqa_attention(pick):
     """q (B, H, Tq, D) against k, v (B, H_kv, Tk, D) with H = group * H_kv; D odd is allowed here."""
     batch, kv_heads, group = pick.dim("batch", high=2), pick.dim("kv_heads", high=2), pick.dim("group", high=3)
     causal, tk = pick.booleans(name="causal"), pick.dim("tk", high=4)
@@ -113,8 +113,8 @@ def feed_forward(pick):
         inputs, torch_ref
 
 
-@case("qk_norm_rope_attention", max_examples=40, examples=[{"batch": 1, "kv_heads": 1, "group": 2, "t": 3, "half": 2}])
-def qk_norm_rope_attention(pick):
+@case("qk_norm_rope", max_examples=40, examples=[{"batch": 1, "kv_heads": 1, "group": 2, "t": 3, "half": 2}])
+def qk_norm_rope(pick):
     """Qwen3's attention core: RMSNorm over each head's q and k (one weight of size D shared by
     the heads), then RoPE at positions 3.., then grouped-query attention."""
     batch, kv_heads, group = pick.dim("batch", high=2), pick.dim("kv_heads", high=2), pick.dim("group", high=2)

@@ -19,8 +19,8 @@ class RepeatHeads(Function):
         dL/dx_j = sum_{r < n} g[j n + r],
     which is g reshaped to (..., H_kv, n, T, D) and summed over the group axis.
 
-    Tested by: test_ops_gradcheck.py::test_op_grad_matches_finite_differences[DEVICE-repeat_heads], [DEVICE-grouped_query_attention]
-    test_torch_parity_ops.py::test_every_op_case_matches_torch[DEVICE-grouped_query_attention-*] (cases in
+    Tested by: test_ops_gradcheck.py::test_op_grad_matches_finite_differences[DEVICE-repeat_heads], [DEVICE-gqa_attention]
+    test_torch_parity_ops.py::test_every_op_case_matches_torch[DEVICE-gqa_attention-*] (cases in
     tinygpt/opsuite_llama.py) test_llama.py::test_repeat_heads_shares_each_kv_head_with_its_group_and_sums_their_gradients."""
 
     @staticmethod

@@ -62,7 +62,7 @@ class RMSNorm(Function):
         d xhat_i / dx_j = rstd delta_ij - x_i rstd^2 xhat_j / C = rstd (delta_ij - xhat_i xhat_j / C)
     so  dL/dx_j = sum_i dxhat_i d xhat_i / dx_j = rstd * (dxhat_j - xhat_j * mean(dxhat * xhat)).
 
-    Tested by: test_ops_gradcheck.py::test_op_grad_matches_finite_differences[DEVICE-rms_norm], [DEVICE-qk_norm_rope_attention]
+    Tested by: test_ops_gradcheck.py::test_op_grad_matches_finite_differences[DEVICE-rms_norm], [DEVICE-qk_norm_rope]
     test_torch_parity_ops.py::test_every_op_case_matches_torch[DEVICE-rms_norm-*] (case in tinygpt/opsuite_llama.py)
     test_llama.py::test_rms_norm_divides_by_the_root_mean_square_then_weights (in tests/)."""
 

@@ -42,7 +42,7 @@ class Rope(Function):
         dx1 = g1 cos a + g2 sin a,   dx2 = g2 cos a - g1 sin a,
     i.e. dx = g cos(a) - rotate_half(g) sin(a). The angles take no gradient (positions are ids).
 
-    Tested by: test_ops_gradcheck.py::test_op_grad_matches_finite_differences[DEVICE-rope], [DEVICE-qk_norm_rope_attention]
+    Tested by: test_ops_gradcheck.py::test_op_grad_matches_finite_differences[DEVICE-rope], [DEVICE-qk_norm_rope]
     test_torch_parity_ops.py::test_every_op_case_matches_torch[DEVICE-rope-*] (case in tinygpt/opsuite_llama.py:
     torch's reference is a complex rotation) test_llama.py::test_rope_backward_is_the_inverse_rotation,
     test_llama.py::test_rope_turns_each_pair_by_position_times_frequency (in tests/)."""
