@@ -198,7 +198,7 @@ def test_a_model_learns_a_short_sequence(device):
 
 @pytest.mark.parametrize("change, message", [
     ({"n_kv_heads": 3}, "n_kv_heads=3 does not divide n_heads=4"), ({"head_dim": 5}, "head_dim=5 must be even"),
-    ({"n_layers": 0}, "n_layers=0"), ({"emb_dim": 2.5}, "emb_dim=2.5")])
+    ({"n_layers": 0}, "n_layers=0"), ({"emb_dim": 2.5}, "emb_dim=2.5"), ({"n_heads": 0}, "n_heads=0 must be positive")])
 def test_impossible_configs_are_refused_naming_the_values(change, message):
     with pytest.raises(ValueError, match=message):
         full_config({**TINY, **change})

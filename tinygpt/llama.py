@@ -71,11 +71,10 @@ def full_config(cfg: dict) -> dict:
     missing = [k for k in _REQUIRED if k not in cfg]
     if missing:
         raise KeyError(f"Llama config lacks {', '.join(missing)}")
-    cfg = {**_DEFAULTS, "head_dim": cfg["emb_dim"] // cfg["n_heads"], **cfg, "arch": "llama"}
-    bad = [f"{k}={cfg[k]!r}" for k in (*_REQUIRED, "head_dim")
-           if isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] < 1]
-    if bad:
-        raise ValueError(f"Llama config: {', '.join(bad)} must be positive integers")
+    cfg = {**_DEFAULTS, **cfg, "arch": "llama"}
+    _check_sizes(cfg, _REQUIRED)
+    cfg.setdefault("head_dim", cfg["emb_dim"] // cfg["n_heads"])  # once n_heads is known to be positive
+    _check_sizes(cfg, ("head_dim",))
     if cfg["n_heads"] % cfg["n_kv_heads"]:
         raise ValueError(f"Llama config: n_kv_heads={cfg['n_kv_heads']} does not divide n_heads={cfg['n_heads']}")
     if cfg["head_dim"] % 2:
@@ -86,6 +85,12 @@ def full_config(cfg: dict) -> dict:
         raise ValueError(f"Llama config: {', '.join(wrong)} is not supported (LlamaModel trains without dropout "
                          "and its attention has no biases)")
     return cfg
+
+
+def _check_sizes(cfg: dict, keys) -> None:
+    bad = [f"{k}={cfg[k]!r}" for k in keys if isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] < 1]
+    if bad:
+        raise ValueError(f"Llama config: {', '.join(bad)} must be positive integers")
 
 
 def cli_config(preset: str | None, changes: dict, vocab_size: int) -> dict:
