@@ -13,6 +13,7 @@ import math
 
 from tinygpt import op_checks
 from tinygpt.backend import backend_of
+from tinygpt.functional.gqa import repeat_heads
 from tinygpt.tensor import Function, Tensor
 
 
@@ -132,6 +133,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, block_
     block_size queries x block_size keys (see FlashAttention): the memory of forward and
     backward grows with T, not T^2."""
     op_checks.attention(q, k, v, causal, 0.0)
+    if q.ndim > 2 and k.shape[-3] != q.shape[-3]:  # grouped-query attention, as in scaled_dot_product_attention
+        k, v = repeat_heads(k, q.shape[-3] // k.shape[-3]), repeat_heads(v, q.shape[-3] // v.shape[-3])
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"flash_attention: block_size must be a positive integer, got {block_size!r}")
     return FlashAttention.apply(q, k, v, causal=causal, block_size=block_size)
