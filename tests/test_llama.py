@@ -115,6 +115,15 @@ def test_gqa_attention_equals_attention_with_each_kv_head_copied(device):
                                host(F.scaled_dot_product_attention(q, *copied)), rtol=1e-6)
 
 
+def test_the_tiled_attention_takes_grouped_kv_heads_too():
+    from tinygpt.functional.flash_attention import flash_attention
+
+    rng = np.random.default_rng(8)
+    q, k, v = (tg.tensor(rng.standard_normal(s), requires_grad=True) for s in ((1, 4, 5, 3), (1, 2, 5, 3), (1, 2, 5, 2)))
+    np.testing.assert_allclose(flash_attention(q, k, v, block_size=2).numpy(),
+                               F.scaled_dot_product_attention(q, k, v).numpy(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("q_shape, k_shape", [((1, 4, 3, 2), (1, 3, 3, 2)), ((1, 4, 3, 2), (2, 2, 3, 2))])
 def test_kv_heads_that_do_not_divide_the_query_heads_are_refused_in_one_line(q_shape, k_shape):
     q, k = tg.zeros(*q_shape), tg.zeros(*k_shape)
