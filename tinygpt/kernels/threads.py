@@ -74,26 +74,17 @@ def _in_worker(fn, s: slice) -> None:
         _worker.busy = False
 
 
-SPLIT_GEMV = 1 << 21  # weight elements (8 MB in float32) from which a few-row product is split across the threads
-
-
 def matmul(a, b):
     """a @ b for 2-D a [M, K] and b [K, N], split into one piece per thread: rows of a when
-    there are many, else columns of b (a single token's products, decoding).
-
-    A small product is one BLAS call on one thread. BLAS's own threads spin while they wait
-    for each other, and on a busy machine (more runnable threads than cores) one of them is
-    often descheduled: a 2 MB gemv then takes a scheduler time slice instead of 0.1 ms (seen
-    here: 13 ms per decoding product on two BLAS threads, 1 ms on one). A few-row product
-    with a big weight (the feed-forward's, the output head's) is memory-bound and gets the
-    threads' bandwidth from our pool, whose idle threads sleep instead of spinning."""
+    there are many, else columns of b. A small product (a decoding step's: one row) is one
+    BLAS call on BLAS's own threads: measured at batch 1 (benchmarks/decode.py), that beat both
+    one BLAS thread and a split over our pool (42 against 27 tokens/s) whenever the machine
+    had cores to spare; under heavy load from other processes BLAS's spinning threads lose
+    (11 against 2 tokens/s), but that is not the machine this is tuned for."""
     threads = num_threads()
-    m, k, n = a.shape[0], a.shape[1], b.shape[1]
-    if getattr(_worker, "busy", False):
+    m, n = a.shape[0], b.shape[1]
+    if threads == 1 or getattr(_worker, "busy", False) or m * n < (1 << 16):
         return a @ b
-    if threads == 1 or (m * n < (1 << 16) and k * n < SPLIT_GEMV):
-        with blas_threads(1):
-            return a @ b
     out = np.empty((m, n), dtype=np.result_type(a.dtype, b.dtype))
     if m >= 16 * threads:
         def piece(s):
