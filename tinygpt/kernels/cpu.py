@@ -176,7 +176,8 @@ def _heads_last(shape, dtype):
 # step: one query per head) run as one batched block, all sequences at once, to keep the
 # NumPy calls few.
 
-SMALL_ATTENTION = 1 << 16  # sequences x Tq x Tk up to which attention runs as one block
+SMALL_ATTENTION = 1 << 18  # sequences x Tq x Tk up to which attention runs as one block (B=1, T=128:
+                           # 0.9 ms, against 1.6 ms as 12 one-head tasks on two threads)
 
 
 def attention_query_rows(tk: int) -> int:
