@@ -74,16 +74,21 @@ def _in_worker(fn, s: slice) -> None:
         _worker.busy = False
 
 
+FEW_ROWS = 256  # products with fewer rows run as one BLAS call (see matmul)
+
+
 def matmul(a, b):
     """a @ b for 2-D a [M, K] and b [K, N], split into one piece per thread: rows of a when
-    there are many, else columns of b. A small product (a decoding step's: one row) is one
-    BLAS call on BLAS's own threads: measured at batch 1 (benchmarks/decode.py), that beat both
-    one BLAS thread and a split over our pool (42 against 27 tokens/s) whenever the machine
-    had cores to spare; under heavy load from other processes BLAS's spinning threads lose
-    (11 against 2 tokens/s), but that is not the machine this is tuned for."""
+    there are many, else columns of b. A product of fewer than FEW_ROWS rows (a decoding
+    step's one row, a short prompt's forward) is one BLAS call on BLAS's own threads: measured
+    at batch 1 that beat a split over our pool, for decoding (benchmarks/decode.py: 42 against
+    27 tokens/s) and for the no_grad forward at T = 128 (230 against 460 ms: after BLAS's own
+    threads run, they spin for a while and take the cores from the pool's pieces). Under heavy
+    load from other processes BLAS's spinning threads lose instead (11 against 2 tokens/s),
+    but that is not the machine this is tuned for."""
     threads = num_threads()
     m, n = a.shape[0], b.shape[1]
-    if threads == 1 or getattr(_worker, "busy", False) or m * n < (1 << 16):
+    if threads == 1 or getattr(_worker, "busy", False) or m * n < (1 << 16) or m < FEW_ROWS:
         return a @ b
     out = np.empty((m, n), dtype=np.result_type(a.dtype, b.dtype))
     if m >= 16 * threads:
