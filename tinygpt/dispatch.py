@@ -53,9 +53,7 @@ def register(fast):
 def implementation(op, x):
     """What runs op (an op class of functional, or optim.adamw_step_) on array x: its fast
     version for x's device, or op itself."""
-    if (_mode or kernels_mode()) == "plain":
-        return op
-    fast = _fast.get(op.__name__)
-    if fast is None or device_of(x) not in ("cpu", "cuda"):
+    fast = _fast.get(op.__name__)  # None for most ops (add, reshape, ...): no fast version
+    if fast is None or (_mode or kernels_mode()) == "plain" or device_of(x) not in ("cpu", "cuda"):
         return op
     return fast

@@ -39,7 +39,7 @@ class Function:
 
     def __init__(self, inputs: Sequence["Tensor | None"]):
         self.inputs = inputs
-        self.needs_input_grad = tuple(t is not None and t.requires_grad for t in inputs)
+        self.needs_input_grad = tuple([t is not None and t.requires_grad for t in inputs])
         self.requires_grad = state.grad_enabled and any(self.needs_input_grad)  # will backward run?
         self.saved: tuple = ()
 
@@ -60,17 +60,19 @@ class Function:
     @classmethod
     def apply(cls, *inputs: "Tensor | None", **options) -> "Tensor":
         """Run forward on the inputs' arrays; link the result into the graph if needed."""
-        devices = {t.device for t in inputs if t is not None}
-        if len(devices) > 1:
-            raise RuntimeError(f"{cls.__name__}: expected all tensors on one device, got {' and '.join(sorted(devices))}")
-        first = next(t for t in inputs if t is not None).data
         try:
-            op = dispatch.implementation(cls, first)  # cls itself, or its fast version (kernels/fused.py)
-            ctx = op(inputs)
-        except (TypeError, AttributeError):  # an input that is no Tensor (an ndarray): say so, not why it broke
+            arrays = [None if t is None else t._data for t in inputs]
+        except AttributeError:  # an input that is no Tensor (an ndarray): say so, not why it broke
             op_checks.tensors(cls.__name__, inputs, Tensor)
             raise
-        data = op.forward(ctx, *(None if t is None else t.data for t in inputs), **options)
+        first = next(a for a in arrays if a is not None)
+        if any(type(a) is not type(first) for a in arrays if a is not None):  # the array type tells the device
+            devices = {device_of(a) for a in arrays if a is not None}
+            if len(devices) > 1:
+                raise RuntimeError(f"{cls.__name__}: expected all tensors on one device, got {' and '.join(sorted(devices))}")
+        op = dispatch.implementation(cls, first)  # cls itself, or its fast version (kernels/fused.py)
+        ctx = op(inputs)
+        data = op.forward(ctx, *arrays, **options)
         if not is_array(data):  # NumPy reductions return scalars; keep a 0-d array of the same dtype
             data = backend_of(first).asarray(data)
         if ctx.requires_grad:  # the module the op sits in (hooks.py keeps the calls), for trace() and detect_anomaly()
