@@ -1,6 +1,4 @@
 """`python -m tinygpt ...`: the same as the `tinygpt` command."""
-import sys
+from tinygpt.cli import entry
 
-from tinygpt.cli import main
-
-sys.exit(main())
+entry()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -218,5 +219,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """The `tinygpt` command (and `python -m tinygpt`): main(), then exit with its status.
+    After a Ctrl-C (status 130) Python still has to shut down (atexit handlers, threads); a
+    second Ctrl-C in that moment would print a traceback from inside the shutdown, or kill
+    the process by the signal (status -2, not 130). The user has asked to stop and we are
+    stopping, so further Ctrl-Cs are ignored from here on."""
+    code = main()
+    if code == 130:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

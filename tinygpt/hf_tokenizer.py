@@ -95,25 +95,3 @@ def load_hf_tokenizer(folder: str | os.PathLike) -> HFTokenizer:
     if isinstance(template, list):  # several named templates: the default one, as transformers picks
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     return HFTokenizer(tokenizer, config, template, str(folder))
-
-
-def template_response(model, tokenizer: HFTokenizer, entry: dict[str, str], max_new_tokens: int = 256,
-                      temperature: float = 0.0, top_k: int | None = None, on_token=None) -> str:
-    """An instruct model's answer to {"instruction": ..., "input": ...} (`tinygpt chat` on a
-    Hugging Face folder): the instruction (and input, on the next lines) as the user's turn,
-    rendered by the folder's chat template with the assistant's turn opened, tokenized without
-    adding special tokens (the template writes them, as transformers' apply_chat_template
-    tokenizes), continued until the end-of-text token."""
-    import numpy as np
-
-    from tinygpt import backend
-    from tinygpt.generate import generate
-
-    content = entry["instruction"] + (f"\n\n{entry['input']}" if entry.get("input") else "")
-    ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": content}]), add_special_tokens=False)
-    context = model.cfg["context_length"]
-    if len(ids) >= context:
-        raise ValueError(f"the prompt has {len(ids)} tokens but context_length is {context}: no room for a response")
-    out = generate(model, np.array([ids]), min(max_new_tokens, context - len(ids)), context, temperature=temperature,
-                   top_k=top_k, eos_id=tokenizer.eot_token, on_token=on_token)
-    return tokenizer.decode([int(t) for t in backend.to_host(out)[0, len(ids):]], skip_special_tokens=True)

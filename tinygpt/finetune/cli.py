@@ -148,7 +148,7 @@ def _finetune_instruct(args, start: Start) -> int:
 def _chat(args) -> int:
     import tinygpt as tg
     from tinygpt.checkpoint import load_language_model
-    from tinygpt.finetune.instruct import generate_response
+    from tinygpt.finetune.instruct import generate_response, template_response
     from tinygpt.finetune.lora import merge_lora
     from tinygpt.generate import StreamPrinter
 
@@ -156,7 +156,6 @@ def _chat(args) -> int:
 
     respond = generate_response
     if is_llama_folder(args.checkpoint):  # a Hugging Face Llama/Qwen3 folder: its own chat template
-        from tinygpt.hf_tokenizer import template_response
         from tinygpt.pretrained import load_model_and_tokenizer
 
         (model, tokenizer), respond = load_model_and_tokenizer(args.checkpoint, args.device), template_response

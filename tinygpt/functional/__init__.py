@@ -17,22 +17,23 @@ the math below.
     activations.py   gelu, softmax, log_softmax, silu, swiglu
     dropout.py       dropout
     attention.py     scaled_dot_product_attention (grouped-query too, through gqa.py's repeat_heads)
+    flash_attention.py  flash_attention: the same attention in tiles, in O(T) memory (the lesson)
     rope.py          rope (rotary position embeddings)
     loss.py          cross_entropy
 """
-from tinygpt.functional.activations import GELU, LogSoftmax, Softmax, gelu, log_softmax, softmax
+from tinygpt.functional.activations import GELU, LogSoftmax, SiLU, Softmax, SwiGLU, gelu, log_softmax, silu, softmax, swiglu
 from tinygpt.functional.attention import ScaledDotProductAttention, future_mask, scaled_dot_product_attention
 from tinygpt.functional.dropout import Dropout, dropout
+from tinygpt.functional.flash_attention import FlashAttention, flash_attention
+from tinygpt.functional.gqa import RepeatHeads, repeat_heads
 from tinygpt.functional.linear import Embedding, Linear, embedding, linear
 from tinygpt.functional.loss import CrossEntropy, cross_entropy
-from tinygpt.functional.norms import LayerNorm, layer_norm
-from tinygpt.functional.activations import SiLU, SwiGLU, silu, swiglu
-from tinygpt.functional.gqa import RepeatHeads, repeat_heads
-from tinygpt.functional.norms import RMSNorm, rms_norm
+from tinygpt.functional.norms import LayerNorm, RMSNorm, layer_norm, rms_norm
 from tinygpt.functional.rope import Rope, rope
 
 __all__ = ["Linear", "linear", "Embedding", "embedding", "LayerNorm", "layer_norm", "GELU", "gelu",
            "Softmax", "softmax", "LogSoftmax", "log_softmax", "Dropout", "dropout",
            "ScaledDotProductAttention", "scaled_dot_product_attention", "future_mask",
            "CrossEntropy", "cross_entropy",
-           "RMSNorm", "rms_norm", "Rope", "rope", "SiLU", "silu", "SwiGLU", "swiglu", "RepeatHeads", "repeat_heads"]
+           "RMSNorm", "rms_norm", "Rope", "rope", "SiLU", "silu", "SwiGLU", "swiglu", "RepeatHeads", "repeat_heads",
+           "FlashAttention", "flash_attention"]
