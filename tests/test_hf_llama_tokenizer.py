@@ -120,11 +120,12 @@ def llama_folder(folder):
 
 
 def test_chat_on_a_folder_prompts_with_its_template_as_transformers_tokenizes_it(llama_folder, monkeypatch, capsys):
-    import tinygpt.generate
+    import tinygpt.finetune.instruct
     from tinygpt.cli import main
 
-    prompts, generate = [], tinygpt.generate.generate
-    monkeypatch.setattr(tinygpt.generate, "generate", lambda model, ids, *a, **k: prompts.append(ids) or generate(model, ids, *a, **k))
+    prompts, generate = [], tinygpt.finetune.instruct.generate
+    monkeypatch.setattr(tinygpt.finetune.instruct, "generate",
+                        lambda model, ids, *a, **k: prompts.append(ids) or generate(model, ids, *a, **k))
     assert main(["chat", "--checkpoint", str(llama_folder), "Name a color.", "--input", "one word",
                  "--max-new-tokens", "4"]) == 0
     theirs = transformers.AutoTokenizer.from_pretrained(llama_folder)
