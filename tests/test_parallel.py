@@ -3,6 +3,8 @@ products (threads.matmul), the sort-based scatter-add of the embedding kernel, a
 autograd engine keeping fresh gradient arrays without copies. Speed is measured in
 benchmarks/, never here; these tests pin that the fast paths give the same numbers as the
 plain ones (tests/test_kernels.py compares every kernel with its plain op)."""
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -60,16 +62,28 @@ def test_split_matmul_equals_one_product(two_threads, m, k, n):
     np.testing.assert_allclose(two_threads.matmul(a, b), a @ b, rtol=1e-12, atol=1e-12)
 
 
-def test_blas_runs_on_one_thread_only_while_blocks_run(two_threads):
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    blas = threadpoolctl.ThreadpoolController().select(user_api="blas")
-    if not blas.lib_controllers:
+def test_blas_runs_on_one_thread_only_while_blocks_run():
+    """In a fresh process: BLAS's thread count is the process's, and earlier tests' threads
+    (a training loop beside inference, say) must not decide what this one reads."""
+    pytest.importorskip("threadpoolctl")
+    code = """if True:
+        import os
+        os.environ["TINYGPT_NUM_THREADS"] = "2"
+        import threadpoolctl
+        from tinygpt.kernels import threads
+        blas = threadpoolctl.ThreadpoolController().select(user_api="blas")
+        if not blas.lib_controllers:
+            raise SystemExit(3)
+        before = blas.lib_controllers[0].num_threads
+        inside = []
+        threads.run_blocks(lambda s: inside.append(blas.lib_controllers[0].num_threads), 4, 1)
+        assert set(inside) == {1}, inside
+        assert blas.lib_controllers[0].num_threads == before
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    if done.returncode == 3:
         pytest.skip("threadpoolctl finds no BLAS library to steer")
-    before = blas.lib_controllers[0].num_threads
-    inside = []
-    two_threads.run_blocks(lambda s: inside.append(blas.lib_controllers[0].num_threads), 4, 1)
-    assert set(inside) == {1}
-    assert blas.lib_controllers[0].num_threads == before
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("index", [[3, 1, 3, 0, 3], [9, 9, 0, 0, 2], [4]])
@@ -131,3 +145,4 @@ def test_retained_graph_gradients_are_copied_so_a_second_backward_adds_correctly
     y.backward(retain_graph=True)
     y.backward()
     np.testing.assert_array_equal(w.grad.numpy(), [4.0, 4.0, 4.0])
+

@@ -27,6 +27,9 @@ _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_threads = 0
 _worker = threading.local()
 _blas: list | None = None  # threadpoolctl controllers of the BLAS libraries NumPy loaded
+_blas_lock = threading.Lock()
+_blas_users = 0  # threads inside blas_threads now
+_blas_before: list = []  # the thread counts to put back when the last one leaves
 
 
 def num_threads() -> int:
@@ -104,8 +107,13 @@ def matmul(a, b):
 
 @contextlib.contextmanager
 def blas_threads(n: int):
-    """Hold NumPy's BLAS library to n threads per call inside the with-block."""
-    global _blas
+    """Hold NumPy's BLAS library to n threads per call inside the with-block.
+
+    The setting is the process's, not the thread's: when two threads run blocks at once (a
+    training loop beside inference), the first to enter sets it and the last to leave puts
+    back what was there before. (Each restoring its own 'before' would let one thread undo
+    the other's setting in the middle of its blocks, and could leave BLAS on one thread.)"""
+    global _blas, _blas_users, _blas_before
     if _blas is None:
         try:
             from threadpoolctl import ThreadpoolController
@@ -113,11 +121,17 @@ def blas_threads(n: int):
             _blas = ThreadpoolController().select(user_api="blas").lib_controllers
         except Exception:  # a BLAS threadpoolctl cannot steer: leave it as it is
             _blas = []
-    before = [lib.num_threads for lib in _blas]
-    for lib in _blas:
-        lib.set_num_threads(n)
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_before = [lib.num_threads for lib in _blas]
+            for lib in _blas:
+                lib.set_num_threads(n)
+        _blas_users += 1
     try:
         yield
     finally:
-        for lib, count in zip(_blas, before):
-            lib.set_num_threads(count)
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                for lib, count in zip(_blas, _blas_before):
+                    lib.set_num_threads(count)
