@@ -204,14 +204,14 @@ class EngineWatch:
     runs, however its module was loaded (an import around the guard, a file run by path)."""
 
     def __init__(self):
-        self.root, self.first = str(TINYGPT_DIR) + os.sep, None
-        self.allowed = (str(TINYGPT_DIR / "exercises" / "sheets") + os.sep, str(Path(__file__).resolve()))
+        self.first, self.seen = None, {}  # seen: code file -> its path inside tinygpt, or None
 
     def __call__(self, frame, event, arg):
         if event == "call" and self.first is None:
             filename = frame.f_code.co_filename
-            if filename.startswith(self.root) and not filename.startswith(self.allowed):
-                self.first = Path(filename).relative_to(TINYGPT_DIR.parent)
+            if filename not in self.seen:
+                self.seen[filename] = _tinygpt_file(filename)
+            self.first = self.seen[filename]
 
     def __enter__(self):
         sys.setprofile(self)
@@ -224,6 +224,20 @@ class EngineWatch:
         if self.first is not None:
             name = ".".join(self.first.with_suffix("").parts)
             raise LearnerStop(f"{path}: {ForbiddenImport(name, verb='runs the code of')}")
+
+
+def _tinygpt_file(filename: str) -> Path | None:
+    """tinygpt/... for a file of tinygpt's own (another copy of the package counts too: the
+    answer key loaded from a second checkout is still the answer key), None for anything else,
+    the sheets and this file included. A learner's own folder named tinygpt is not the package:
+    the file must also exist at the same place in this one."""
+    parts = Path(filename).parts
+    if "tinygpt" not in parts:
+        return None
+    inside = Path(*parts[len(parts) - parts[::-1].index("tinygpt"):])
+    if not inside.parts or inside.parts[:2] == ("exercises", "sheets") or inside == Path("exercises", "child.py"):
+        return None
+    return Path("tinygpt", inside) if (TINYGPT_DIR / inside).is_file() else None
 
 
 def run_backward(forward, backward, inputs: dict, dout, path: Path, reference=None, watch_engine=False,
