@@ -22,6 +22,7 @@ from tinygpt import backend, kernels
 from tinygpt.functional.flash_attention import flash_attention
 from tinygpt.kernels import cpu
 from tinygpt.kernels import cuda as ck
+from test_kernels import NumpyKernels
 
 # (lead, tq, tk, d, dv, causal)
 SHAPES = {
@@ -156,32 +157,10 @@ def test_tiled_attention_never_holds_the_t_by_t_matrix(mode, monkeypatch, which)
 # ============================================================================ cuda.py on the host
 
 
-class RowKernels:
-    """cuda.py's two row kernels in NumPy, each its docstring's formula."""
-
-    calls: list
-
-    def attention_softmax_(self, p, scale, causal):
-        self.calls.append("attention_softmax_")
-        assert p.flags.c_contiguous
-        tq, tk = p.shape[-2:]
-        s = p * scale
-        if causal:
-            s[..., np.arange(tk)[None, :] > np.arange(tq)[:, None] + (tk - tq)] = -np.inf
-        e = np.exp(s - s.max(axis=-1, keepdims=True))
-        p[...] = e / e.sum(axis=-1, keepdims=True)
-
-    def softmax_backward_(self, dp, p, scale):
-        self.calls.append("softmax_backward_")
-        assert dp.shape == p.shape and dp.flags.c_contiguous
-        dp[...] = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * scale
-
-
 @pytest.mark.parametrize("shape", ["T=7, 3 heads", "fewer queries than keys", "not causal, more queries than keys"])
 def test_cuda_tiled_glue_in_several_blocks_equals_the_untiled_op(mode, monkeypatch, shape):
     lead, tq, tk, d, dv, causal = SHAPES[shape]
-    stand_in = RowKernels()
-    stand_in.calls = []
+    stand_in = NumpyKernels()  # cuda.py's row kernels, each its docstring's formula in NumPy
     monkeypatch.setattr(ck, "attention_softmax_", stand_in.attention_softmax_)
     monkeypatch.setattr(ck, "softmax_backward_", stand_in.softmax_backward_)
     monkeypatch.setattr(ck, "ATTENTION_BLOCK_ELEMENTS", math.prod(lead) * tk * 2)  # blocks of 2 queries
@@ -197,8 +176,7 @@ def test_cuda_tiled_glue_in_several_blocks_equals_the_untiled_op(mode, monkeypat
 
 
 def test_cuda_kernel_keeps_each_rows_log_sum_exp(monkeypatch):
-    stand_in = RowKernels()
-    stand_in.calls = []
+    stand_in = NumpyKernels()  # cuda.py's row kernels, each its docstring's formula in NumPy
     monkeypatch.setattr(ck, "attention_softmax_", stand_in.attention_softmax_)
     monkeypatch.setattr(ck, "ATTENTION_BLOCK_ELEMENTS", 2 * 3 * 6 * 3)  # blocks of 3 queries
     q, k, v = _inputs((2, 3), 4, 6, 5, 5)
