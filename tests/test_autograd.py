@@ -227,3 +227,43 @@ def test_no_grad_in_one_thread_leaves_gradients_on_in_another():
     assert results["other"] is False and tg.is_grad_enabled() and y.requires_grad
     y.backward()
     np.testing.assert_allclose(host(x.grad), [2.0, 4.0])
+
+
+def test_the_graph_frees_an_intermediate_the_user_dropped_unless_an_op_saved_it():
+    """The graph holds nodes, not tensors (grads.GraphNode): an array no backward needs dies
+    with its tensor, as in PyTorch, while the gradient still flows through its node."""
+    import weakref
+
+    x = tg.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    h = x * 2.0
+    dropped = weakref.ref(h.data)
+    y = h + 1.0  # Add's backward needs neither input's values
+    kept = y * y  # Mul's backward needs both: it saves y's array, not y
+    saved = weakref.ref(y.data)
+    del h, y
+    assert dropped() is None
+    assert saved() is not None
+    kept.sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), 2 * 2 * (2 * np.array([1.0, 2.0, 3.0]) + 1))  # d/dx (2x+1)^2
+    assert saved() is None  # backward freed what Mul saved
+
+
+def test_a_hook_on_a_dropped_intermediate_still_runs_and_its_retained_grad_is_not_kept_alive(device):
+    x = tg.tensor([1.0, 2.0], requires_grad=True)
+    h = x * 3.0
+    seen = []
+    h.register_hook(lambda g: seen.append(host(g)) or g * 10.0)
+    y = (h * 1.0).sum()
+    del h
+    y.backward()
+    np.testing.assert_allclose(seen[0], [1.0, 1.0])
+    np.testing.assert_allclose(host(x.grad), [30.0, 30.0])
+
+
+def test_a_leaf_whose_data_is_replaced_gets_a_node_of_the_new_shape(device):
+    w = tg.tensor([1.0, 2.0], requires_grad=True)
+    (w * 2.0).sum().backward()
+    w.data = tg.tensor([1.0, 2.0, 3.0], device=device).data
+    w.grad = None
+    (w * 2.0).sum().backward()
+    np.testing.assert_allclose(host(w.grad), [2.0, 2.0, 2.0])

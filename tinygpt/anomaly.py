@@ -55,17 +55,18 @@ class detect_anomaly:
     def __exit__(self, *exc) -> None:
         self._watch.__exit__(*exc)
 
-    def on_forward(self, ctx, out: Tensor) -> None:
+    def on_forward(self, ctx, inputs: tuple, out: Tensor) -> None:
         take_origin(ctx)
         kept = saved_arrays(ctx)
-        # the saved inputs' versions now, their arrays (kept by the op anyway) and, for leaves, a checksum
-        ctx.versions_at_forward = [(i, t._version, t.data, _checksum(t.data) if t.is_leaf else None)
-                                   for i, t in enumerate(ctx.inputs)
+        # the saved inputs (kept here: the graph keeps only their nodes), their versions now, their
+        # arrays (kept by the op anyway) and, for leaves, a checksum
+        ctx.versions_at_forward = [(i, t, t._version, t.data, _checksum(t.data) if t.is_leaf else None)
+                                   for i, t in enumerate(inputs)
                                    if isinstance(t, Tensor) and any(_same_memory(a, t.data) for a in kept)]
         if _finite(out.data):
             return
         causes = [f"{name} {_describe_input(t)} already held {_count(t.data)}"
-                  for name, t in zip(input_names(ctx), ctx.inputs) if isinstance(t, Tensor) and not _finite(t.data)]
+                  for name, t in zip(input_names(ctx), inputs) if isinstance(t, Tensor) and not _finite(t.data)]
         cause = "; ".join(causes) if causes else ("every input was finite, so the op itself made it "
                                                    "(overflow, log or division by zero, inf - inf, ...)")
         raise AnomalyError(_report(ctx, f"the forward of {type(ctx).__name__} produced {_count(out.data)}", cause))
@@ -82,8 +83,8 @@ class detect_anomaly:
                                    f"holds {_count(o.data)}, but none of its ops produced it: it was returned by a "
                                    f"forward hook ({_hook_names(module)}) or made outside the graph in its forward")
 
-    def on_backward(self, node: Tensor, grad_output, grad_inputs: tuple, seconds: float) -> None:
-        ctx, name = node._ctx, type(node._ctx).__name__
+    def on_backward(self, node, grad_output, grad_inputs: tuple, seconds: float) -> None:
+        ctx, name = node.ctx, type(node.ctx).__name__
         self._check_versions(ctx)
         if not _finite(grad_output):
             raise AnomalyError(_report(ctx, f"the gradient arriving at the output of {name} holds {_count(grad_output)}",
@@ -98,8 +99,7 @@ class detect_anomaly:
     def _check_versions(self, ctx) -> None:
         """An AnomalyError if an input whose array the op saved was changed in place since its forward."""
         names = input_names(ctx)
-        for i, version, array, checksum in getattr(ctx, "versions_at_forward", ()):
-            t = ctx.inputs[i]
+        for i, t, version, array, checksum in getattr(ctx, "versions_at_forward", ()):
             if t.data is not array:  # a new array was assigned: the saved one is what the forward read
                 continue
             changes = t._version - version
@@ -162,16 +162,19 @@ def _count(a) -> str:
 
 
 def _describe_input(t) -> str:
+    """An input, a Tensor (in forward) or its GraphNode (in backward), as "(shape ..., made by ...)"."""
     if t is None:
         return ""
-    if not t.is_leaf:
-        op = type(t._ctx).__name__
-        origin = origin_of(t._ctx)
+    ctx = t._ctx if isinstance(t, Tensor) else t.ctx
+    if ctx is not None:
+        op, origin = type(ctx).__name__, origin_of(ctx)
         if origin is None:
             return f"(shape {t.shape}, made by {op} before detect_anomaly was entered)"
         return f"(shape {t.shape}, made by {op} at {origin.user_line})"
-    name = hooks.parameter_name(t)
-    kind = f"parameter {name}" if name else "a tensor that requires grad" if t.requires_grad else "data, or made outside the graph"
+    tensor = t if isinstance(t, Tensor) else t.tensor()
+    name = tensor is not None and hooks.parameter_name(tensor)
+    needs_grad = not isinstance(t, Tensor) or t.requires_grad  # a node exists only for a tensor that needs a gradient
+    kind = f"parameter {name}" if name else "a tensor that requires grad" if needs_grad else "data, or made outside the graph"
     return f"(shape {t.shape}, a leaf: {kind})"
 
 

@@ -7,10 +7,38 @@ backward (checking what it returns, and telling the observers), and the handles 
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any
 
 from tinygpt.backend import backend_of, is_array
 from tinygpt.graph_state import state
+
+
+class GraphNode:
+    """A tensor's place in the graph: everything backward needs of it except its data.
+
+    An op keeps the nodes of its inputs (`ctx.inputs`), not the input tensors. So when the
+    user's code lets go of a tensor (a model drops its residual sums and projections as soon
+    as the next line has used them), its array is freed at once, as in PyTorch, unless an op
+    saved that array for its backward (then the op holds the array, not the tensor). Were the
+    tensors kept instead, every intermediate of the forward would live until backward: about
+    a third of the arrays of a Llama block that no backward reads.
+
+    A tensor that requires grad gets its node when an op first consumes it (a leaf) or when
+    it is made (an op's output). The node shares the tensor's hooks, and reaches the tensor
+    itself only through a weak reference: its .grad receives the gradient if it is a leaf or
+    asked retain_grad(), and if it still exists (if nobody holds it, nobody can read .grad)."""
+
+    __slots__ = ("ctx", "shape", "dtype", "xp", "hooks", "tensor", "keeps_grad", "freed", "__weakref__")
+
+    def __init__(self, t, ctx):
+        self.ctx = ctx                          # the Function that made the tensor; None for a leaf
+        self.shape, self.dtype = t.shape, t.dtype
+        self.xp = backend_of(t.data)            # NumPy, CuPy or strict: for gradients that come back as scalars
+        self.hooks = t._hooks                   # the same dict as the tensor's: register_hook adds to both
+        self.tensor = weakref.ref(t)
+        self.keeps_grad = ctx is None           # a leaf; a non-leaf after retain_grad()
+        self.freed = False                      # backward ran through it and dropped what its op saved
 
 
 
@@ -31,7 +59,8 @@ def reverse_topological_order(output) -> list:
     """The nodes of output's graph, from output back to the leaves, each after all its consumers
     (so its gradient is complete when backward reaches it).
 
-    An iterative depth-first search, so graphs deeper than Python's recursion limit work."""
+    The nodes are GraphNodes (see above). An iterative depth-first search, so graphs deeper
+    than Python's recursion limit work."""
     order, visited = [], set()
     stack = [(output, False)]
     while stack:
@@ -41,12 +70,12 @@ def reverse_topological_order(output) -> list:
             continue
         if id(node) in visited:
             continue
-        if node._graph_freed and node is not output:
+        if node.freed and node is not output:
             raise RuntimeError("backward through a part of the graph that an earlier backward freed; use retain_graph=True in that earlier call")
         visited.add(id(node))
         stack.append((node, True))
-        if node._ctx is not None:
-            stack.extend((t, False) for t in node._ctx.inputs if t is not None and t.requires_grad and id(t) not in visited)
+        if node.ctx is not None:
+            stack.extend((t, False) for t in node.ctx.inputs if t is not None and id(t) not in visited)
     return order[::-1]
 
 
@@ -91,9 +120,9 @@ class GradientSums:
 
     def add_inputs(self, inputs, returned: tuple) -> None:
         """Add each input's gradient, as returned by the backward of the node popped last."""
-        for t, grad in zip(inputs, returned):
-            if t is not None and grad is not None and t.requires_grad:
-                self._add(t, grad, ours=self._is_new(grad, returned))
+        for node, grad in zip(inputs, returned):
+            if node is not None and grad is not None:
+                self._add(node, grad, ours=self._is_new(grad, returned))
 
     def _is_new(self, grad, returned: tuple) -> bool:
         if self.retain_graph or sum(r is grad for r in returned) > 1:
@@ -107,7 +136,7 @@ class GradientSums:
         if reduced is not grad:  # unbroadcast summed into a new array
             grad, ours = reduced, True
         if not is_array(grad):  # NumPy turns 0-d results into scalars; keep arrays of node's dtype
-            grad, ours = backend_of(node.data).asarray(grad, dtype=node.dtype), True
+            grad, ours = node.xp.asarray(grad, dtype=node.dtype), True
         key = id(node)
         if key not in self.sums:
             self.sums[key] = grad
@@ -129,7 +158,7 @@ def fits(grad_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
 def call_backward(node, grad) -> tuple:
     """The backward of the Function that made node, given dL/d(node): one gradient (or None)
     per input, each checked to fit its input's shape (up to broadcasting)."""
-    ctx = node._ctx
+    ctx = node.ctx
     started = time.perf_counter() if state.observers else 0.0
     grads = ctx.backward(ctx, grad)
     if not isinstance(grads, tuple):
@@ -138,7 +167,7 @@ def call_backward(node, grad) -> tuple:
     if len(grads) != len(ctx.inputs):
         raise RuntimeError(f"{name}.backward returned {len(grads)} gradients for {len(ctx.inputs)} inputs")
     for i, (t, g) in enumerate(zip(ctx.inputs, grads)):  # a Python number has no shape: one value
-        if t is not None and g is not None and t.requires_grad and not fits(tuple(getattr(g, "shape", ())), t.shape):
+        if t is not None and g is not None and not fits(tuple(getattr(g, "shape", ())), t.shape):
             got = f"a gradient of shape {tuple(g.shape)}" if hasattr(g, "shape") else f"a {type(g).__name__}, not an array,"
             raise RuntimeError(f"{name}.backward returned {got} for input {i} of shape {t.shape}")
     for observer in state.observers:

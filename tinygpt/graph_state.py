@@ -8,7 +8,8 @@ All are per thread, as PyTorch's grad mode is: inference under `no_grad` in one 
 not switch gradients off for a training loop in another, and a trace records only its own
 thread's nodes.
 
-An observer has on_forward(ctx, output) and on_backward(node, grad_output, grad_inputs, seconds).
+An observer has on_forward(ctx, inputs, output) (the input Tensors) and on_backward(node, grad_output,
+grad_inputs, seconds) (node: the output's GraphNode).
 The list is empty by default, so watching costs nothing when nobody watches.
 """
 from __future__ import annotations

@@ -1,11 +1,14 @@
 """Tensor and reverse-mode automatic differentiation.
 
 A Tensor holds an array (`.data`, NumPy or CuPy) and, when it was produced by an
-operation on tensors that require gradients, the `Function` object that made it
-(`._ctx`). Those objects form a graph from the inputs to the output. `backward()`
-walks it once in reverse topological order, asks each Function for the gradient of
-the loss with respect to its inputs given the gradient with respect to its output
-(the chain rule, one node at a time), and adds what arrives at each leaf to `.grad`.
+operation on tensors that require gradients, its place in the graph (`._node`, a
+GraphNode of grads.py): the `Function` object that made it and, through that Function's
+`inputs`, the nodes of the tensors it was made from. `backward()` walks that graph once
+in reverse topological order, asks each Function for the gradient of the loss with
+respect to its inputs given the gradient with respect to its output (the chain rule, one
+node at a time), and adds what arrives at each leaf to `.grad`. The graph holds nodes, not
+tensors: a tensor's array lives as long as the tensor (or an op that saved it), not as
+long as the graph.
 
 The small ops behind Tensor's operators (add, mul, reshape, ...) are in `ops.py`, each
 with its backward rule next to its forward; the big fused ops (layer norm, attention,
@@ -23,7 +26,7 @@ from typing import Any, Sequence
 
 from tinygpt import backend, dispatch, op_checks
 from tinygpt.backend import backend_of, device_of, is_array
-from tinygpt.grads import GradientSums, HookHandle, call_backward, reverse_topological_order
+from tinygpt.grads import GradientSums, GraphNode, HookHandle, call_backward, reverse_topological_order
 from tinygpt.graph_state import is_grad_enabled, no_grad, state  # noqa: F401 (part of tensor's API)
 
 
@@ -35,12 +38,16 @@ class Function:
 
     `ctx` is the Function instance: forward stores on it what backward needs
     (`ctx.save_for_backward(...)`, or plain attributes for small things), and backward
-    may skip inputs whose `ctx.needs_input_grad[i]` is False."""
+    may skip inputs whose `ctx.needs_input_grad[i]` is False. `ctx.inputs` holds the graph
+    nodes of the inputs that need a gradient (None for the others): where backward sends
+    each gradient it returns. It holds no input's data; an op that needs an input's array
+    in its backward saves that array."""
 
     def __init__(self, inputs: Sequence["Tensor | None"]):
-        self.inputs = inputs
         self.needs_input_grad = tuple([t is not None and t.requires_grad for t in inputs])
         self.requires_grad = state.grad_enabled and any(self.needs_input_grad)  # will backward run?
+        self.inputs = tuple([t._graph_node() if needs and self.requires_grad else None
+                             for t, needs in zip(inputs, self.needs_input_grad)])
         self.saved: tuple = ()
 
     def save_for_backward(self, *arrays) -> None:
@@ -75,18 +82,20 @@ class Function:
         data = op.forward(ctx, *arrays, **options)
         if not is_array(data):  # NumPy reductions return scalars; keep a 0-d array of the same dtype
             data = backend_of(first).asarray(data)
-        if ctx.requires_grad:  # the module the op sits in (hooks.py keeps the calls), for trace() and detect_anomaly()
+        out = Tensor(data, requires_grad=ctx.requires_grad)
+        if ctx.requires_grad:
+            out._node = GraphNode(out, ctx)
+            # the module the op sits in (hooks.py keeps the calls), for trace() and detect_anomaly()
             ctx.module_path = state.module_paths[-1] if state.module_paths else None
-        out = Tensor(data, requires_grad=ctx.requires_grad, _ctx=ctx if ctx.requires_grad else None)
         for observer in state.observers:
-            observer.on_forward(ctx, out)
+            observer.on_forward(ctx, inputs, out)
         return out
 
 
 class Tensor:
     """An n-dimensional array that can record the operations applied to it."""
 
-    def __init__(self, data: Any, requires_grad: bool = False, _ctx: Function | None = None):
+    def __init__(self, data: Any, requires_grad: bool = False):
         if not is_array(data):
             data = backend.make_array(data)
         if requires_grad and data.dtype.kind != "f":
@@ -95,9 +104,7 @@ class Tensor:
         self._version = 0  # how many times .data was assigned (w.data += 1 assigns): anomaly mode compares it
         self.requires_grad = requires_grad
         self.grad: Tensor | None = None
-        self._ctx = _ctx
-        self._graph_freed = False
-        self._retains_grad = False
+        self._node: GraphNode | None = None  # its place in the graph: set by the op that made it, or when first used
         self._hooks: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ properties
@@ -110,6 +117,8 @@ class Tensor:
     def data(self, array) -> None:
         self._data = array
         self._version += 1
+        if self._node is not None and self._node.ctx is None and not self._node.freed:
+            self._node = None  # a leaf: its next graph gets a node of the new shape (one made before keeps the old)
         for observer in state.observers:  # anomaly mode notes the line, to name it if a saved tensor changed
             if hasattr(observer, "on_data_assigned"):
                 observer.on_data_assigned(self)
@@ -137,6 +146,17 @@ class Tensor:
     @property
     def is_leaf(self) -> bool:
         return self._ctx is None
+
+    @property
+    def _ctx(self) -> Function | None:
+        """The Function that made this tensor (None for a leaf, and after backward freed it)."""
+        return None if self._node is None else self._node.ctx
+
+    def _graph_node(self) -> GraphNode:
+        """This tensor's node in the graph; a leaf gets one the first time an op consumes it."""
+        if self._node is None:
+            self._node = GraphNode(self, None)
+        return self._node
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -173,7 +193,8 @@ class Tensor:
 
     def retain_grad(self) -> "Tensor":
         """Keep `.grad` on this non-leaf tensor after backward (for inspection)."""
-        self._retains_grad = True
+        if self.requires_grad:
+            self._graph_node().keeps_grad = True
         return self
 
     # ------------------------------------------------------------------ backward
@@ -182,7 +203,7 @@ class Tensor:
 
         `grad` is dL/d(self); it defaults to 1 for a one-element tensor. The graph is
         freed as it is walked, so a second backward needs `retain_graph=True` the first time."""
-        if self._graph_freed:
+        if self._node is not None and self._node.freed:
             raise RuntimeError("backward through a graph that has already been freed: call backward(retain_graph=True) the first time to walk it twice")
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad (no input of its graph has requires_grad=True)")
@@ -196,19 +217,20 @@ class Tensor:
             if seed.shape != self.data.shape:
                 raise ValueError(f"backward(): gradient shape {tuple(seed.shape)} does not match tensor shape {self.shape}")
 
-        grads = GradientSums(self, seed, retain_graph)  # dL/d(node), summed; dL/d(self) = seed
-        for node in reverse_topological_order(self):  # 1. each node after all its consumers
+        root = self._graph_node()
+        grads = GradientSums(root, seed, retain_graph)  # dL/d(node), summed; dL/d(self) = seed
+        for node in reverse_topological_order(root):  # 1. each node after all its consumers
             if node not in grads:
                 continue  # no gradient reaches it
-            g = node._run_hooks(grads.pop(node))  # 2. dL/d(node), complete: hooks may replace it
-            if node.is_leaf or node._retains_grad:
-                node._accumulate_grad(grads.keepable(g))  # 3. a leaf adds it to its .grad
-            if node.is_leaf:
-                continue
+            g = _run_hooks(node.hooks, grads.pop(node))  # 2. dL/d(node), complete: hooks may replace it
+            if node.keeps_grad:
+                _keep_grad(node, grads.keepable(g))  # 3. a leaf adds it to its .grad
+            if node.ctx is None:
+                continue  # a leaf: no op to go through
             input_grads = call_backward(node, g)  # 4. the chain rule through the node's op
-            grads.add_inputs(node._ctx.inputs, input_grads)  # 5. each input's dL/d(input) += its part
+            grads.add_inputs(node.ctx.inputs, input_grads)  # 5. each input's dL/d(input) += its part
             if not retain_graph:  # free what backward saved, as soon as it is used
-                node._ctx, node._graph_freed = None, True
+                node.ctx, node.freed = None, True
 
     def register_hook(self, fn) -> HookHandle:
         """Call fn(grad) when the gradient of this tensor has been summed, before it is used
@@ -224,24 +246,6 @@ class Tensor:
         self._hooks[handle.id] = fn
         return handle
 
-    def _run_hooks(self, g):
-        """g after this tensor's hooks, in the order they were registered. Each hook gets a copy
-        of its own (the engine may share g with a sibling, as Add passes one gradient to both
-        inputs): writing into it in place changes the gradient used from here on, as
-        returning a new one does, and never another tensor's gradient."""
-        for fn in list(self._hooks.values()):
-            mine = Tensor(g.copy())
-            result = fn(mine)
-            if isinstance(result, Tensor):
-                result = result.data
-            g = mine.data if result is None else backend.hook_replacement(result, g, fn)
-        return g
-
-    def _accumulate_grad(self, g) -> None:
-        if self.grad is None:
-            self.grad = Tensor(g)
-        else:
-            self.grad.data += g
 
     # ------------------------------------------------------------------ operators
     def _lift(self, other) -> "Tensor":
@@ -336,6 +340,31 @@ class Tensor:
     def masked_fill(self, mask, value: float) -> "Tensor":
         """`value` where `mask` is True, this tensor elsewhere."""
         return where(mask, value, self)
+
+
+def _run_hooks(hooks: dict, g):
+    """g after a tensor's hooks, in the order they were registered. Each hook gets a copy of
+    its own (the engine may share g with a sibling, as Add passes one gradient to both
+    inputs): writing into it in place changes the gradient used from here on, as returning a
+    new one does, and never another tensor's gradient."""
+    for fn in list(hooks.values()):
+        mine = Tensor(g.copy())
+        result = fn(mine)
+        if isinstance(result, Tensor):
+            result = result.data
+        g = mine.data if result is None else backend.hook_replacement(result, g, fn)
+    return g
+
+
+def _keep_grad(node: GraphNode, g) -> None:
+    """Add g to the .grad of node's tensor (a leaf, or one that asked retain_grad), if it still exists."""
+    t = node.tensor()
+    if t is None:
+        return
+    if t.grad is None:
+        t.grad = Tensor(g)
+    else:
+        t.grad.data += g
 
 
 def _count(shape: tuple[int, ...], axis) -> int:

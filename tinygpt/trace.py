@@ -104,10 +104,12 @@ class Trace:
         self.modules: dict[str, ModuleStats] = {}
         self.module_outputs: dict[str, list] = {}  # module path -> per call, the node that made its output (or None)
         self._grads: dict = {}                   # node index or leaf name -> gradient array (keep_grads)
-        self._node_of: dict[int, tuple] = {}     # id(tensor) -> (weakref, node index)
-        self._leaf_of: dict[int, tuple] = {}     # id(tensor) -> (weakref, leaf index)
-        self._waiting: dict[int, tuple] = {}     # id(tensor) -> (weakref, [(consumer, input position)])
-        self._outputs: dict[int, tuple] = {}     # id(module output) -> (weakref, [(module path, call)])
+        # keyed by id(GraphNode) (see grads.py), each with a weak reference to the node, to tell
+        # a node from a later one that got the same id
+        self._node_of: dict[int, tuple] = {}     # -> (weakref, node index)
+        self._leaf_of: dict[int, tuple] = {}     # a leaf's -> (weakref, leaf index)
+        self._waiting: dict[int, tuple] = {}     # -> (weakref, [(consumer, input position)])
+        self._outputs: dict[int, tuple] = {}     # a module output's -> (weakref, [(module path, call)])
         self._watch, self._ended = None, False
 
     def __enter__(self) -> "Trace":
@@ -122,7 +124,7 @@ class Trace:
         self._watch.__exit__(*exc)
         self._ended = True
         for ref, index in self._leaf_of.values():
-            t = ref()
+            t = ref() and ref().tensor()
             if t is not None and t.grad is not None:
                 leaf = self.leaves[index]
                 leaf.grad_norm, leaf.grad_min, leaf.grad_max, leaf.grad_zeros = grad_stats(t.grad.data)
@@ -130,8 +132,9 @@ class Trace:
                     self._grads[leaf.name or f"leaf:{index}"] = t.grad.data.copy()
 
     # ------------------------------------------------------------------ observer
-    def on_forward(self, ctx, out: Tensor) -> None:
+    def on_forward(self, ctx, inputs: tuple, out: Tensor) -> None:
         origin = take_origin(ctx)
+        ctx.input_shapes = [None if t is None else t.shape for t in inputs]  # the graph keeps only the nodes of some
         name = type(ctx).__name__
         if name == "GELU":
             (x,) = ctx.saved
@@ -148,10 +151,11 @@ class Trace:
         calls = self.module_outputs.setdefault(path, [])
         calls.append(None)
         if isinstance(output, Tensor) and output.requires_grad:  # its node fills in calls[-1] when backward runs it
-            ref, waiting = self._outputs.get(id(output), (None, None))
-            if ref is None or ref() is not output:
+            node = output._graph_node()
+            ref, waiting = self._outputs.get(id(node), (None, None))
+            if ref is None or ref() is not node:
                 waiting = []
-                self._outputs[id(output)] = (weakref.ref(output), waiting)
+                self._outputs[id(node)] = (weakref.ref(node), waiting)
             waiting.append((path, len(calls) - 1))
         if isinstance(output, Tensor) and output.dtype.kind == "f" and output.size:
             stats = self._stats(path, type(module).__name__)
@@ -160,15 +164,16 @@ class Trace:
             stats.add("out_mean", float(output.data.mean().item()))
             stats.add("out_std", float(output.data.std().item()))
 
-    def on_backward(self, node: Tensor, grad_output, grad_inputs: tuple, seconds: float) -> None:
-        ctx, index = node._ctx, len(self.nodes)
+    def on_backward(self, node, grad_output, grad_inputs: tuple, seconds: float) -> None:
+        ctx, index = node.ctx, len(self.nodes)
         origin = origin_of(ctx)  # None: the forward ran before the trace, only its module path was noted
         module, op_line, user_line = ((origin.module, origin.op_line, origin.user_line) if origin
                                       else (getattr(ctx, "module_path", None), None, None))
         norm, low, high, zeros = grad_stats(grad_output)
         inputs = [self._input(t, index, i) for i, t in enumerate(ctx.inputs)]
         self.nodes.append(Node(index, type(ctx).__name__, module, node.shape, str(node.dtype),
-                               [None if t is None else t.shape for t in ctx.inputs], inputs, norm, low, high, zeros,
+                               getattr(ctx, "input_shapes", [None if t is None else t.shape for t in ctx.inputs]),
+                               inputs, norm, low, high, zeros,
                                saved_bytes(ctx), seconds, op_line, user_line, origin is not None))
         if self.keep_grads:
             self._grads[index] = grad_output.copy()
@@ -182,15 +187,17 @@ class Trace:
             for path, call in waiting:
                 self.module_outputs[path][call] = index
 
-    def _input(self, t: Tensor | None, consumer: int, position: int):
-        """How input `position` of node `consumer` is recorded; a node is filled in when it runs."""
-        if t is None or not t.requires_grad:
+    def _input(self, t, consumer: int, position: int):
+        """How input `position` (a GraphNode, or None) of node `consumer` is recorded; a node is
+        filled in when it runs."""
+        if t is None:
             return None
-        if t.is_leaf:
+        if t.ctx is None:  # a leaf
             ref, leaf = self._leaf_of.get(id(t), (None, None))
             if ref is None or ref() is not t:
                 leaf = len(self.leaves)
-                self.leaves.append(Leaf(leaf, hooks.parameter_name(t), t.shape))
+                tensor = t.tensor()
+                self.leaves.append(Leaf(leaf, tensor and hooks.parameter_name(tensor), t.shape))
                 self._leaf_of[id(t)] = (weakref.ref(t), leaf)
             return f"leaf:{leaf}"
         ref, consumers = self._waiting.get(id(t), (None, None))
@@ -209,8 +216,9 @@ class Trace:
     # ------------------------------------------------------------------ reading
     def record(self, t: Tensor) -> Node | None:
         """The record of the node that made tensor t, if backward ran it while tracing."""
-        ref, index = self._node_of.get(id(t), (None, None))
-        return self.nodes[index] if ref is not None and ref() is t else None
+        node = t._node
+        ref, index = self._node_of.get(id(node), (None, None))
+        return self.nodes[index] if ref is not None and ref() is node else None
 
     def grad_of(self, name: str, call: int | None = None):
         """The gradient kept by trace(keep_grads=True), as a host NumPy array: of the output of
