@@ -193,15 +193,27 @@ def _gpt_step():
     AdamW(model.parameters()).step()
 
 
+def _llama_step():
+    from tinygpt.llama import LlamaModel
+
+    tg.manual_seed(1)
+    model = LlamaModel({"vocab_size": 11, "context_length": 4, "emb_dim": 8, "n_heads": 2, "n_kv_heads": 1,
+                        "n_layers": 1, "hidden_dim": 12})
+    ids = np.arange(8).reshape(2, 4) % 11
+    F.cross_entropy(model(ids), (ids + 1) % 11).backward()
+
+
 def test_every_fused_op_routes_through_the_kernels_and_plain_mode_routes_none(mode, monkeypatch):
     spy = _Spy()
     monkeypatch.setattr(kernels, "module_of", lambda device: spy if device == "cpu" else None)
     mode("fast")
     _gpt_step()
-    assert set(spy.calls) == set(kernels.INTERFACE)  # a GPT training step uses every kernel
+    _llama_step()
+    assert set(spy.calls) == set(kernels.INTERFACE)  # a GPT and a Llama training step use every kernel
     spy.calls.clear()
     mode("plain")
     _gpt_step()
+    _llama_step()
     assert spy.calls == []
 
 
@@ -391,7 +403,7 @@ def _sources(kind):
 
 def test_every_elementwise_and_reduction_source_is_listed():
     assert {s.name for s in _sources(ck.ElementwiseSource)} == {"gelu_forward", "gelu_backward", "cross_entropy_backward",
-                                                                 "adamw_step"}
+                                                                 "adamw_step", "swiglu_forward", "swiglu_backward"}
     assert {s.name for s in _sources(ck.ReductionSource)} == {"layer_norm_grad_scale"}
 
 

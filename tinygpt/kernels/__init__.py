@@ -20,6 +20,7 @@ cpu.py and cuda.py have these functions (arrays in and out, no Tensors):
     layer_norm_forward(x2, scale, shift, eps)      -> y, xhat, rstd          (x2: [N, C])
     layer_norm_backward(g2, xhat, rstd, scale)     -> dx, dscale, dshift
     gelu_forward(x), gelu_backward(x, grad)
+    swiglu_forward(a, b), swiglu_backward(a, b, grad, need_a) -> da (None unless need_a), db
     dropout(x, p, seed)                            x * keep / (1 - p), the mask of backend.uniform
     attention_forward(q, k, v, causal, dropout_p, seed)            -> out, lse   (tiled; lse [..., Tq] float64)
     attention_backward(grad, q, k, v, lse, causal, dropout_p, seed, needs) -> dq, dk, dv
@@ -35,7 +36,7 @@ from __future__ import annotations
 import functools
 
 INTERFACE = ("matmul", "embedding_backward", "layer_norm_forward", "layer_norm_backward", "gelu_forward", "gelu_backward",
-             "dropout", "attention_forward", "attention_backward", "logsumexp_rows", "cross_entropy_backward", "adamw_step_")
+             "swiglu_forward", "swiglu_backward", "dropout", "attention_forward", "attention_backward", "logsumexp_rows", "cross_entropy_backward", "adamw_step_")
 
 @functools.cache
 def module_of(device: str):

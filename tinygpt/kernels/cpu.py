@@ -131,6 +131,48 @@ def gelu_backward(x, grad):
     return dx.reshape(x.shape)
 
 
+def _sigmoid_into(a, out):
+    """sigmoid(a) = 1 / (1 + exp(-a)) into out, as functional.sigmoid computes it: exp of -|a|
+    only, so it never overflows, and (1 or e) / (1 + e) by the sign of a."""
+    e = np.exp(-np.abs(a))
+    np.add(e, 1.0, out=out)
+    np.divide(np.where(a >= 0, 1.0, e), out, out=out)
+    return out
+
+
+def swiglu_forward(a, b):
+    a2, b2 = _rows(a), _rows(b)
+    y = np.empty_like(a2)
+
+    def block(s):  # y = a sigmoid(a) b
+        _sigmoid_into(a2[s], y[s])
+        y[s] *= a2[s]
+        y[s] *= b2[s]
+
+    run_rows(block, a2)
+    return y.reshape(a.shape)
+
+
+def swiglu_backward(a, b, grad, need_a: bool):
+    a2, b2, g2 = _rows(a), _rows(b), grad.reshape(_rows(a).shape)
+    grad_a = np.empty_like(a2) if need_a else None
+    grad_b = np.empty_like(a2)
+
+    def block(rows):
+        s = _sigmoid_into(a2[rows], np.empty_like(a2[rows]))
+        silu = np.multiply(a2[rows], s, out=grad_b[rows])
+        if need_a:  # dL/da = g b (s + silu (1 - s))
+            da = np.subtract(1.0, s, out=grad_a[rows])
+            da *= silu
+            da += s
+            da *= b2[rows]
+            da *= g2[rows]
+        silu *= g2[rows]  # dL/db = g silu(a)
+
+    run_rows(block, a2)
+    return (None if grad_a is None else grad_a.reshape(a.shape)), grad_b.reshape(a.shape)
+
+
 def dropout(x, p: float, seed: int):
     x2 = _rows(x)
     y = np.empty_like(x2)

@@ -27,8 +27,8 @@ from tinygpt.backend import backend_of
 from tinygpt.functional.dropout import drop_scale
 
 from tinygpt.kernels.cuda_sources import (ADAMW_STEP, CROSS_ENTROPY_BACKWARD, GELU_BACKWARD, GELU_FORWARD,  # noqa: F401
-                                             LAYER_NORM_GRAD_SCALE, ROW_KERNEL_NAMES, ROW_KERNEL_SOURCE,
-                                             ElementwiseSource, ReductionSource)
+                                             LAYER_NORM_GRAD_SCALE, ROW_KERNEL_NAMES, ROW_KERNEL_SOURCE, SWIGLU_BACKWARD,
+                                             SWIGLU_FORWARD, ElementwiseSource, ReductionSource)
 
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _MAX_THREADS = 256
@@ -182,6 +182,17 @@ def gelu_forward(x):
 def gelu_backward(x, grad):
     """dL/dx = grad * GELU'(x), elementwise."""
     return _elementwise(GELU_BACKWARD)(x, grad.astype(x.dtype, copy=False))
+
+
+def swiglu_forward(a, b):
+    """silu(a) * b, elementwise (see functional.SwiGLU)."""
+    return _elementwise(SWIGLU_FORWARD)(a, b.astype(a.dtype, copy=False))
+
+
+def swiglu_backward(a, b, grad, need_a: bool):
+    """(dL/da or None, dL/db) of y = silu(a) * b, elementwise."""
+    grad_a, grad_b = _elementwise(SWIGLU_BACKWARD)(a, b.astype(a.dtype, copy=False), grad.astype(a.dtype, copy=False))
+    return (grad_a if need_a else None), grad_b
 
 
 def layer_norm_forward(x2, scale, shift, eps: float):

@@ -48,6 +48,22 @@ GELU_BACKWARD = ElementwiseSource("T x, T g", "T dx", f"""
     dx = g * (T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * du_dx);
 """, "gelu_backward")
 
+SWIGLU_FORWARD = ElementwiseSource("T a, T b", "T y", """
+    // y = silu(a) b = a sigmoid(a) b;  sigmoid from exp(-|a|), which never overflows
+    const T e = exp(-fabs(a));
+    const T s = (a >= T(0) ? T(1) : e) / (T(1) + e);
+    y = a * s * b;
+""", "swiglu_forward")
+
+SWIGLU_BACKWARD = ElementwiseSource("T a, T b, T g", "T da, T db", """
+    // s = sigmoid(a), silu = a s:  dL/da = g b (s + silu (1 - s)),  dL/db = g silu
+    const T e = exp(-fabs(a));
+    const T s = (a >= T(0) ? T(1) : e) / (T(1) + e);
+    const T silu = a * s;
+    da = g * b * (s + silu * (T(1) - s));
+    db = g * silu;
+""", "swiglu_backward")
+
 CROSS_ENTROPY_BACKWARD = ElementwiseSource("T z, T lse, int64 t, T w, int64 V", "T dz", """
     // dz = (softmax(z) - onehot(t)) * w,  softmax(z) = exp(z - logsumexp(z));
     // element i of the [N, V] output sits in column i % V

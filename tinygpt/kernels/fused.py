@@ -96,6 +96,19 @@ class GELU(F.GELU):
 
 
 @dispatch.register
+class SwiGLU(F.SwiGLU):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return _on(a).swiglu_forward(a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved
+        return _on(a).swiglu_backward(a, b, grad, ctx.needs_input_grad[0])
+
+
+@dispatch.register
 class Dropout(F.Dropout):
     @staticmethod
     def forward(ctx, x, p, seed):
