@@ -267,3 +267,23 @@ def test_a_leaf_whose_data_is_replaced_gets_a_node_of_the_new_shape(device):
     w.grad = None
     (w * 2.0).sum().backward()
     np.testing.assert_allclose(host(w.grad), [2.0, 2.0, 2.0])
+
+
+def test_a_model_deep_copied_after_a_backward_is_a_model_of_leaves_that_trains_on_its_own():
+    import copy
+
+    from tinygpt.model import GPTModel
+
+    tg.manual_seed(0)
+    model = GPTModel({"vocab_size": 11, "context_length": 4, "emb_dim": 8, "n_heads": 2, "n_layers": 1,
+                      "drop_rate": 0.0, "qkv_bias": False})
+    ids = np.arange(8).reshape(2, 4) % 11
+    model(ids).sum().backward()  # every parameter now has a place in a (freed) graph
+    twin = copy.deepcopy(model)
+    assert all(p.is_leaf and p._node is None for p in twin.parameters())
+    before = [host(p.grad).copy() for p in model.parameters()]
+    twin(ids).sum().backward()
+    for p, g in zip(model.parameters(), before):
+        np.testing.assert_array_equal(host(p.grad), g)  # the original's gradients are untouched
+    for p, q in zip(model.parameters(), twin.parameters()):
+        np.testing.assert_allclose(host(q.grad), 2 * host(p.grad), rtol=1e-5)  # the copy's own, added to the copied ones

@@ -107,6 +107,11 @@ class Tensor:
         self._node: GraphNode | None = None  # its place in the graph: set by the op that made it, or when first used
         self._hooks: dict[int, Any] = {}
 
+    def __getstate__(self) -> dict:
+        """What copy.deepcopy and pickle keep: the data, requires_grad, .grad and hooks, but no
+        place in a graph (a copy is a leaf, as a copied model's parameters must be)."""
+        return {**self.__dict__, "_node": None}
+
     # ------------------------------------------------------------------ properties
     @property
     def data(self):
