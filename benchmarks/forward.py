@@ -8,9 +8,11 @@ GPT-2 124M (qkv bias, tied head: transformers' GPT2Config(), use_cache=False), f
 engine its own; the work does not depend on the values), the same random token ids, logits
 for every position. Each engine runs in its own process, started once per shape; the parent
 asks them for one forward at a time, in turn, so that anything else the machine does falls on
-all alike; each worker times its own call (wall clock). --profile then runs one more forward
-per engine with a per-op timer: tinygpt's Function.apply timed per op class (forward only,
-so every op is one call), torch's profiler on transformers' model (self CPU time per aten op).
+all alike; each worker times its own call (wall clock). Every worker starts with the same C
+allocator setting (--allocator, see allocator.py: by default freed memory stays in the
+process). --profile then runs one more forward per engine with a per-op timer: tinygpt's
+Function.apply timed per op class (forward only, so every op is one call), torch's profiler
+on transformers' model (self CPU time per aten op).
 
 Nothing here is run by the tests; results go to benchmarks/RESULTS.md.
 """
@@ -25,6 +27,8 @@ import time
 import traceback
 
 import numpy as np
+
+import allocator
 
 ENGINES = ("tinygpt", "transformers")
 
@@ -163,6 +167,8 @@ def main() -> None:
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--baseline", metavar="DIR", help="also run the tinygpt package of this checkout")
     parser.add_argument("--profile", action="store_true", help="then one forward per engine with a per-op timer")
+    parser.add_argument("--allocator", choices=allocator.MODES, default="keep",
+                        help="keep: every worker keeps its freed memory (default; see benchmarks/allocator.py)")
     args = parser.parse_args()
     engines = [e for e in args.engines.split(",") if e]
     if args.baseline:
@@ -171,6 +177,7 @@ def main() -> None:
           f"position; median of {args.repeats}, engines alternating, each in its own process; {os.cpu_count()} CPUs; "
           + ", ".join(f"{v}={os.environ.get(v, 'unset')}" for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
                                                                    "TINYGPT_NUM_THREADS")))
+    print(allocator.set_for_workers(args.allocator))
     for tokens in [int(t) for t in args.tokens.split(",")]:
         settings = {"batch": args.batch, "tokens": tokens, "baseline": args.baseline and os.path.abspath(args.baseline)}
         result = measure(engines, settings, args.repeats, args.profile, args.pause)

@@ -29,6 +29,8 @@ Matmul efficiency sets the step's useful arithmetic against what this machine's 
 CuPy on a GPU) reaches on the model's own matrix shapes: an engine at 80% spends most of its
 time in large matrix products, one at 30% loses most of it elsewhere.
 
+Every worker starts with the same C allocator setting (--allocator; see allocator.py: by
+default freed memory stays in the process, as in a loop that runs its steps back to back).
 Thread settings are left as they are; set OPENBLAS_NUM_THREADS / OMP_NUM_THREADS before the
 run to change them. Nothing here is run by the tests; results go to benchmarks/RESULTS.md.
 """
@@ -48,6 +50,7 @@ import traceback
 
 import numpy as np
 
+import allocator
 from tinygpt.model import GPT_PRESETS
 from tinygpt.files import atomic_write_text
 
@@ -321,6 +324,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pause", type=float, default=0.2,
                         help="seconds between steps, so that one engine's idling BLAS threads, which spin for a "
                              "moment after their last call, do not take cores from the next (default 0.2)")
+    parser.add_argument("--allocator", choices=allocator.MODES, default="keep",
+                        help="keep: every worker keeps its freed memory (default; see benchmarks/allocator.py)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--engines", default="tinygpt,torch", help=f"comma-separated, from {','.join(ENGINES)}")
@@ -435,9 +440,11 @@ def main() -> None:
 
     # Workers start before this process allocates anything: on Linux a child's ru_maxrss
     # starts at its parent's peak at the time it was started.
+    allocator_line = allocator.set_for_workers(args.allocator)
     workers = [Worker(engine, cfg, settings) for engine in args.engines]
     about = {w.engine: w.receive("ready") for w in workers}
     print_header(cfg, args, about)
+    print(allocator_line)
     times, losses = run_rounds(workers, args.warmup, args.repeats, args.pause)
     memory = {w.engine: w.ask("finish", "memory") for w in workers}
     for w in workers:
@@ -474,7 +481,8 @@ def main() -> None:
         report = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
                   "machine": {"arch": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
                               **{v: os.environ.get(v) for v in THREAD_VARIABLES}},
-                  "config": cfg, "settings": {**settings, "warmup": args.warmup, "repeats": args.repeats},
+                  "config": cfg,
+                  "settings": {**settings, "warmup": args.warmup, "repeats": args.repeats, "allocator": args.allocator},
                   "adamw": ADAMW, "step_flops": flops, "gemm": gemm, "engines": results, "tinygpt_over_torch": ratios,
                   "notes": notes}
         atomic_write_text(args.json, json.dumps(report, indent=2))
