@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
+import platform
 import shutil
 import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -164,6 +167,36 @@ def test_a_data_parallel_shard_draws_its_rows_part_of_the_whole_batch_mask(mode,
     for a, b in zip(part[1:], whole[1:]):  # the input gradients hold the masks
         np.testing.assert_allclose(a, b[2:], **_tol(np.float64))
     assert backend.mask_start((5, 3, 4)) == 0  # the with-block leaves no trace
+
+
+_BIG_ARRAY_IN_THE_HEAP = """
+import numpy as np
+import tinygpt as tg
+from tinygpt import kernels
+
+def in_heap(array):  # glibc's heap is one mapping; a big array outside it got a mapping of its own
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith("[heap]"):
+            low, high = (int(x, 16) for x in line.split()[0].split("-"))
+            return low <= array.ctypes.data < high
+    return False
+
+before = in_heap(np.ones(1 << 24, np.float32))  # 64 MB, freed at once
+kernels.module_of("cpu")
+print(before, in_heap(np.ones(1 << 24, np.float32)))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_cpu_kernels_keep_freed_memory_in_the_process():
+    """Once the CPU kernels load, a 64 MB array comes from the heap (freed memory is kept for
+    the next arrays) instead of a mapping of its own that is unmapped when it is freed; in a
+    fresh process, since the setting is the process's."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    result = subprocess.run([sys.executable, "-c", _BIG_ARRAY_IN_THE_HEAP], capture_output=True, text=True, env=environ,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]
 
 
 # ============================================================================ the switch

@@ -10,7 +10,8 @@ against the plain op:
               backward(ctx, grad), computed by the array functions of the device's module:
     cpu.py    NumPy, blocked: rows split into cache-sized blocks on a thread pool, BLAS held
               to one thread while they run, matrix products split across the threads
-              (threads.py holds that machinery).
+              (threads.py holds that machinery; memory.py keeps freed memory in the process
+              for the next step's arrays).
     cuda.py   CuPy: one fused CUDA kernel per op direction instead of a chain of launches.
 
 cpu.py and cuda.py have these functions (arrays in and out, no Tensors):
@@ -42,8 +43,9 @@ INTERFACE = ("matmul", "embedding_backward", "layer_norm_forward", "layer_norm_b
 def module_of(device: str):
     """kernels.cpu or kernels.cuda, imported on first use (CuPy only when a GPU is asked for)."""
     if device == "cpu":
-        from tinygpt.kernels import cpu
+        from tinygpt.kernels import cpu, memory
 
+        memory.keep_freed_memory()  # a step's big arrays reuse the memory the last one freed (see memory.py)
         return cpu
     from tinygpt.kernels import cuda
 
