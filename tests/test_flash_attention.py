@@ -2,11 +2,13 @@
 
   - the lesson op, functional/flash_attention.py, with blocks smaller than T;
   - the CPU kernel behind the fast scaled_dot_product_attention, with blocks of 3 queries on
-    two threads, dropout included (its masks are drawn block by block), and as one batched block;
+    two threads, dropout included (its masks are drawn block by block), with and without the
+    max-shift of the exponent, and as one batched block;
   - that neither keeps anything of size Tq x Tk (tracemalloc sees NumPy's allocations);
   - cuda.py's tiled glue on NumPy stand-ins for its row kernels.
 Shapes are awkward on purpose: T not a multiple of the block, T = 1, one head, fewer queries
-than keys (a KV cache), 2-D inputs, causal and not.
+than keys (a KV cache), 2-D inputs, causal and not, grouped-query k and v (1 kv head, and
+fewer kv heads than query heads), which no kernel may repeat to keep.
 """
 from __future__ import annotations
 
@@ -20,11 +22,11 @@ import tinygpt as tg
 import tinygpt.functional as F
 from tinygpt import backend, kernels
 from tinygpt.functional.flash_attention import flash_attention
-from tinygpt.kernels import cpu
+from tinygpt.kernels import cpu, cpu_attention
 from tinygpt.kernels import cuda as ck
 from test_kernels import NumpyKernels
 
-# (lead, tq, tk, d, dv, causal)
+# (lead, tq, tk, d, dv, causal[, kv heads]): lead ends with the query heads
 SHAPES = {
     "T=7, 3 heads": ((2, 3), 7, 7, 5, 4, True),
     "T=1": ((1, 2), 1, 1, 3, 3, True),
@@ -33,6 +35,9 @@ SHAPES = {
     "one query, 9 keys (decoding)": ((1, 4), 1, 9, 3, 3, True),
     "not causal, more queries than keys": ((2, 2), 6, 4, 3, 5, False),
     "2-D": ((), 5, 5, 2, 2, True),
+    "6 heads on 2 kv heads, T=7": ((2, 6), 7, 7, 3, 4, True, 2),
+    "4 heads on 1 kv head, fewer queries than keys": ((1, 4), 4, 9, 2, 3, True, 1),
+    "3 heads on 1 kv head, not causal": ((2, 3), 5, 4, 3, 2, False, 1),
 }
 
 
@@ -43,9 +48,11 @@ def mode():
     tg.set_kernels(before)
 
 
-def _inputs(lead, tq, tk, d, dv, seed=0):
+def _inputs(lead, tq, tk, d, dv, causal=None, kv_heads=None, seed=0):
+    """q, k, v; k and v with kv_heads heads in place of lead's last axis when given."""
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal(s) for s in (lead + (tq, d), lead + (tk, d), lead + (tk, dv))]
+    kv_lead = lead if kv_heads is None else lead[:-1] + (kv_heads,)
+    return [rng.standard_normal(s) for s in (lead + (tq, d), kv_lead + (tk, d), kv_lead + (tk, dv))]
 
 
 def _run(fn, inputs, dtype):
@@ -74,26 +81,33 @@ def _assert_same(ours, reference, dtype):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_plain_flash_attention_equals_the_untiled_op(mode, shape, block):
     mode("plain")
-    lead, tq, tk, d, dv, causal = SHAPES[shape]
-    inputs = _inputs(lead, tq, tk, d, dv)
+    lead, tq, tk, d, dv, causal, *_ = SHAPES[shape]
+    inputs = _inputs(*SHAPES[shape])
     tiled = _run(lambda q, k, v: flash_attention(q, k, v, causal=causal, block_size=block), inputs, np.float64)
     _assert_same(tiled, _run(_untiled(causal), inputs, np.float64), np.float64)
 
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of 3 queries on two threads, never one batched block: many blocks side by side."""
+    """Blocks of 3 queries on two threads, never one batched block: many blocks side by side,
+    forward tasks of one kv head (a head's blocks are tasks of their own)."""
     monkeypatch.setenv("TINYGPT_NUM_THREADS", "2")
-    monkeypatch.setattr(cpu, "attention_query_rows", lambda tk: 3)
-    monkeypatch.setattr(cpu, "SMALL_ATTENTION", 0)
+    monkeypatch.setattr(cpu_attention, "attention_query_rows", lambda tk: 3)
+    monkeypatch.setattr(cpu_attention, "SMALL_ATTENTION", 0)
+    monkeypatch.setattr(cpu_attention, "TASK_SCORES", 1)
 
 
+@pytest.mark.parametrize("shift", ["when needed", "always"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.4])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cpu_tiled_kernel_equals_the_untiled_op(mode, small_blocks, shape, dropout_p, dtype):
-    lead, tq, tk, d, dv, causal = SHAPES[shape]
-    inputs, fn = _inputs(lead, tq, tk, d, dv), _untiled(causal, dropout_p)
+def test_cpu_tiled_kernel_equals_the_untiled_op(mode, small_blocks, monkeypatch, shape, dropout_p, dtype, shift):
+    """"always": every block subtracts its rows' max (forward) or log-sum-exp (backward) before
+    exp, the path scores too large for exp take; the inputs here never need it."""
+    if shift == "always":
+        monkeypatch.setattr(cpu_attention, "NO_SHIFT_LIMIT", {np.dtype(np.float32): 0.0, np.dtype(np.float64): 0.0})
+    causal = SHAPES[shape][5]
+    inputs, fn = _inputs(*SHAPES[shape]), _untiled(causal, dropout_p)
     mode("plain")
     reference = _run(fn, inputs, dtype)
     mode("fast")
@@ -103,8 +117,8 @@ def test_cpu_tiled_kernel_equals_the_untiled_op(mode, small_blocks, shape, dropo
 @pytest.mark.parametrize("dropout_p", [0.0, 0.4])
 def test_cpu_kernel_as_one_batched_block_equals_the_untiled_op(mode, dropout_p):
     """Small problems (a decoding step) run all sequences in one block."""
-    inputs, fn = _inputs((2, 3), 2, 6, 4, 4), _untiled(True, dropout_p)
-    assert 2 * 3 * 2 * 6 <= cpu.SMALL_ATTENTION
+    inputs, fn = _inputs((2, 6), 2, 6, 4, 4, kv_heads=3), _untiled(True, dropout_p)
+    assert 2 * 6 * 2 * 6 <= cpu_attention.SMALL_ATTENTION
     mode("plain")
     reference = _run(fn, inputs, np.float64)
     mode("fast")
@@ -121,9 +135,9 @@ def test_cpu_kernel_in_float32_with_scores_near_1e4_rebuilds_rows_that_add_up_to
     k = rng.integers(-2, 3, size=(1, 2, 40, 4)).astype(np.float32)
     k[..., 0] = 100.0
     v, g = rng.standard_normal(k.shape).astype(np.float32), rng.standard_normal(k.shape).astype(np.float32)
-    _, lse = cpu.attention_forward(q, k, v, False, 0.0, 0)
+    out, lse = cpu.attention_forward(q, k, v, False, 0.0, 0)
     assert lse.dtype == np.float64 and np.abs(lse).min() > 5000
-    dq, _, _ = cpu.attention_backward(g, q, k, v, lse, False, 0.0, 0, (True, True, True))
+    dq, _, _ = cpu.attention_backward(g, q, k, v, out, lse, False, 0.0, 0, (True, True, True))
     assert np.abs(dq[..., 0]).max() < 2e-3
 
 
@@ -157,15 +171,16 @@ def test_tiled_attention_never_holds_the_t_by_t_matrix(mode, monkeypatch, which)
 # ============================================================================ cuda.py on the host
 
 
-@pytest.mark.parametrize("shape", ["T=7, 3 heads", "fewer queries than keys", "not causal, more queries than keys"])
+@pytest.mark.parametrize("shape", ["T=7, 3 heads", "fewer queries than keys", "not causal, more queries than keys",
+                                   "6 heads on 2 kv heads, T=7", "3 heads on 1 kv head, not causal"])
 def test_cuda_tiled_glue_in_several_blocks_equals_the_untiled_op(mode, monkeypatch, shape):
-    lead, tq, tk, d, dv, causal = SHAPES[shape]
+    lead, tq, tk, d, dv, causal, *_ = SHAPES[shape]
     stand_in = NumpyKernels()  # cuda.py's row kernels, each its docstring's formula in NumPy
     monkeypatch.setattr(ck, "attention_softmax_", stand_in.attention_softmax_)
     monkeypatch.setattr(ck, "softmax_backward_", stand_in.softmax_backward_)
     monkeypatch.setattr(ck, "ATTENTION_BLOCK_ELEMENTS", math.prod(lead) * tk * 2)  # blocks of 2 queries
     monkeypatch.setattr(kernels, "module_of", lambda device: ck)
-    inputs = _inputs(lead, tq, tk, d, dv)
+    inputs = _inputs(*SHAPES[shape])
     mode("fast")
     routed = _run(_untiled(causal), inputs, np.float64)
     blocks = -(-tq // 2)  # forward: a softmax per block; backward: the softmax again, then its backward
@@ -173,6 +188,17 @@ def test_cuda_tiled_glue_in_several_blocks_equals_the_untiled_op(mode, monkeypat
     monkeypatch.undo()
     mode("plain")
     _assert_same(routed, _run(_untiled(causal), inputs, np.float64), np.float64)
+
+
+@pytest.mark.parametrize("mode_name", ["fast", "plain"])
+def test_grouped_query_attention_keeps_only_the_unrepeated_k_and_v(mode, mode_name):
+    """Each kv head is read by its group of query heads in place: what the op keeps for
+    backward holds k and v with their 2 heads, no array of the 6 heads they serve."""
+    mode(mode_name)
+    q, k, v = (tg.tensor(a, requires_grad=True) for a in _inputs((1, 6), 3, 5, 4, 3, kv_heads=2))
+    saved = F.scaled_dot_product_attention(q, k, v)._ctx.saved
+    assert saved[1].shape == (1, 2, 5, 4) and saved[2].shape == (1, 2, 5, 3)
+    assert not any(a.shape in ((1, 6, 5, 4), (1, 6, 5, 3)) for a in saved)  # k or v repeated to 6 heads
 
 
 def test_cuda_kernel_keeps_each_rows_log_sum_exp(monkeypatch):
@@ -204,11 +230,12 @@ def _run_on(fn, inputs, dtype, device):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", ["T=7, 3 heads", "fewer queries than keys", "not causal, more queries than keys", "2-D"])
+@pytest.mark.parametrize("shape", ["T=7, 3 heads", "fewer queries than keys", "not causal, more queries than keys", "2-D",
+                                   "6 heads on 2 kv heads, T=7"])
 def test_cuda_tiled_kernel_in_several_blocks_equals_the_plain_op_on_the_gpu(mode, monkeypatch, shape, dtype):
-    lead, tq, tk, d, dv, causal = SHAPES[shape]
+    lead, tq, tk, d, dv, causal, *_ = SHAPES[shape]
     monkeypatch.setattr(ck, "ATTENTION_BLOCK_ELEMENTS", max(1, math.prod(lead)) * tk * 2)  # blocks of 2 queries
-    inputs, fn = _inputs(lead, tq, tk, d, dv), _untiled(causal)
+    inputs, fn = _inputs(*SHAPES[shape]), _untiled(causal)
     mode("plain")
     reference = _run_on(fn, inputs, dtype, "cuda")
     mode("fast")

@@ -244,7 +244,7 @@ def test_trace_names_the_llama_modules_of_each_backward_node():
     with tg.trace(keep_grads=True) as t:
         F.cross_entropy(model(ids).reshape(-1, 37), ids.reshape(-1)).backward()
     ops = {(n.op, n.module) for n in t.nodes}
-    assert ("Rope", "trf_blocks.1.att") in ops and ("RepeatHeads", "trf_blocks.0.att") in ops
+    assert ("Rope", "trf_blocks.1.att") in ops and ("ScaledDotProductAttention", "trf_blocks.0.att") in ops
     assert ("RMSNorm", "trf_blocks.0.att.k_norm") in ops and ("SwiGLU", "trf_blocks.1.ff") in ops
     assert t.grad_of("trf_blocks.0.att.q_norm").shape == (1, 4, 5, 4)  # [B, H, T, D]: before RoPE
 

@@ -78,18 +78,34 @@ def _torch_attention(torch, q, k, v, causal):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
-@case("gqa_attention", max_examples=75, examples=[
-    {"batch": 2, "kv_heads": 1, "group": 3, "tk": 4, "tq": 4, "d": 3, "dv": 2, "causal": True},  # one kv head
-    {"batch": 1, "kv_heads": 2, "group": 2, "tk": 4, "tq": 2, "d": 3, "dv": 3, "causal": True}])  # queries behind a cache
-def gqa_attention(pick):
-    """q (B, H, Tq, D) against k, v (B, H_kv, Tk, D) with H = group * H_kv; D odd is allowed here."""
+def _gqa_attention(pick, dropout_p: float):
+    """q (B, H, Tq, D) against k, v (B, H_kv, Tk, D) with H = group * H_kv; D odd is allowed here.
+    The op reads each kv head for its group in place (no repeat_heads before it)."""
     batch, kv_heads, group = pick.dim("batch", high=2), pick.dim("kv_heads", high=2), pick.dim("group", high=3)
     causal, tk = pick.booleans(name="causal"), pick.dim("tk", high=4)
     tq, d, dv = pick.dim("tq", high=tk if causal else 3), pick.dim("d", high=3), pick.dim("dv", high=3)
     heads = kv_heads * group
     inputs = pick.leaves((batch, heads, tq, d), (batch, kv_heads, tk, d), (batch, kv_heads, tk, dv))
-    return ((lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal)), inputs,
-            lambda torch, q, k, v: _torch_attention(torch, q, k, v, causal))
+    reference = (lambda torch, q, k, v: _torch_attention(torch, q, k, v, causal)) if dropout_p == 0.0 else None
+    return ((lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=causal, dropout_p=dropout_p)), inputs,
+            reference)
+
+
+@case("gqa_attention", max_examples=75, examples=[
+    {"batch": 2, "kv_heads": 1, "group": 3, "tk": 4, "tq": 4, "d": 3, "dv": 2, "causal": True},  # one kv head
+    {"batch": 1, "kv_heads": 2, "group": 2, "tk": 4, "tq": 2, "d": 3, "dv": 3, "causal": True},  # queries behind a cache
+    {"batch": 2, "kv_heads": 2, "group": 1, "tk": 3, "tq": 3, "d": 2, "dv": 3, "causal": True},  # H_kv == H
+    {"batch": 1, "kv_heads": 1, "group": 2, "tk": 3, "tq": 4, "d": 3, "dv": 2, "causal": False}])
+def gqa_attention(pick):
+    return _gqa_attention(pick, dropout_p=0.0)
+
+
+@case("gqa_attention_dropout", max_examples=40, examples=[
+    {"batch": 1, "kv_heads": 1, "group": 3, "tk": 4, "tq": 4, "d": 2, "dv": 2, "causal": True},
+    {"batch": 2, "kv_heads": 2, "group": 2, "tk": 3, "tq": 2, "d": 3, "dv": 2, "causal": True}])
+def gqa_attention_dropout(pick):
+    """Dropout on a group's weights: each query head draws its own part of the mask."""
+    return _gqa_attention(pick, dropout_p=0.4)
 
 
 @case("swiglu", max_examples=60, examples=[{"shape": (2, 5)}])

@@ -140,7 +140,7 @@ class Trace:
             (x,) = ctx.saved
             tail = (abs(x) > GELU_TAIL).mean()
             self._stats(origin.module, name).add("gelu_tail", float(tail.item()))
-        elif name == "ScaledDotProductAttention" and len(ctx.saved) == 4:  # under no_grad the fast op keeps nothing
+        elif name == "ScaledDotProductAttention" and len(ctx.saved) >= 4:  # under no_grad the fast op keeps nothing
             probs = attention_probs(ctx)  # [B, H, Tq, Tk]
             xp = backend_of(probs)
             entropy = -(probs * xp.log(xp.maximum(probs, 1e-30))).sum(axis=-1)  # [B, H, Tq]
@@ -300,10 +300,12 @@ def attention_probs(ctx):
     """P = softmax(Q K^T / sqrt(D)) of an attention op that ran: the plain op keeps P itself;
     the fast (tiled) one keeps each query's log-sum-exp of the scores instead, and
     P = exp(S - lse) on the keys it may see (0 on future keys when causal)."""
-    q, k, _, kept = ctx.saved
+    q, k, _, kept = ctx.saved[:4]
     if kept.ndim == q.ndim:
         return kept
     xp = backend_of(q)
+    if q.ndim > 2:  # grouped-query attention: kv head j serves query heads j n ... j n + n - 1
+        k = xp.repeat(k, q.shape[-3] // k.shape[-3], axis=-3)
     scores = q @ xp.swapaxes(k, -1, -2) * (1.0 / math.sqrt(q.shape[-1]))  # [B,H,Tq,D] @ [B,H,D,Tk]
     probs = xp.exp(scores - kept[..., None])
     return xp.where(future_mask(xp, *probs.shape[-2:]), 0.0, probs) if ctx.causal else probs

@@ -13,7 +13,7 @@ import math
 
 from tinygpt import op_checks
 from tinygpt.backend import backend_of
-from tinygpt.functional.gqa import repeat_heads
+from tinygpt.functional.gqa import repeat_kv, sum_groups
 from tinygpt.tensor import Function, Tensor
 
 
@@ -72,6 +72,10 @@ class FlashAttention(Function):
     FlashAttention-2 runs the key blocks in the outer loop, as here: a GPU thread block then
     owns dK_j and dV_j while the query blocks stream past, and adds into dQ_i.
 
+    Grouped-query attention (k, v with fewer heads) is as in ScaledDotProductAttention: the
+    tiles run on the kv heads repeated to every query head, and a kv head's gradient is the
+    sum of its group's.
+
     Memory: q, k, v, out and L are kept; each tile makes [..., Bq, Bk] arrays and drops them.
     Dropout is left out of the lesson; the fast kernels draw a tile's part of the mask from
     its place in the random stream (backend.uniform's start), so they give the dropout masks
@@ -83,6 +87,8 @@ class FlashAttention(Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, block_size):
         xp = backend_of(q)
+        ctx.group = q.shape[-3] // k.shape[-3] if q.ndim > 2 else 1  # n query heads per kv head
+        k_h, v_h = repeat_kv(k, ctx.group), repeat_kv(v, ctx.group)  # [..., H_kv, Tk, D] -> [..., H, Tk, D]
         (*lead, tq, _), tk, dv = q.shape, k.shape[-2], v.shape[-1]
         scale = 1.0 / math.sqrt(q.shape[-1])
         dtype = xp.result_type(q.dtype, k.dtype, v.dtype)
@@ -94,38 +100,39 @@ class FlashAttention(Function):
             for keys in _blocks(tk, block_size):
                 if not _visible(rows, keys, tq, tk, causal):
                     break  # this key block and every later one are in the future of all these queries
-                s = _block_scores(xp, q, k, rows, keys, causal, scale)
+                s = _block_scores(xp, q, k_h, rows, keys, causal, scale)
                 m_new = xp.maximum(m, s.max(axis=-1, keepdims=True))
                 rescale, p = xp.exp(m - m_new), xp.exp(s - m_new)
                 l = l * rescale + p.sum(axis=-1, keepdims=True)
-                a = a * rescale + p @ v[..., keys, :]  # [..., bq, bk] @ [..., bk, Dv]
+                a = a * rescale + p @ v_h[..., keys, :]  # [..., bq, bk] @ [..., bk, Dv]
                 m = m_new
             out[..., rows, :] = a / l
             lse[..., rows] = (m + xp.log(l))[..., 0]
         ctx.causal, ctx.block_size, ctx.scale = causal, block_size, scale
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse)  # k, v unrepeated
         return out
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved
         xp = backend_of(grad)
+        k_h, v_h = repeat_kv(k, ctx.group), repeat_kv(v, ctx.group)
         tq, tk = q.shape[-2], k.shape[-2]
-        grad_q, grad_k, grad_v = xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)
+        grad_q, grad_k, grad_v = xp.zeros_like(q), xp.zeros_like(k_h), xp.zeros_like(v_h)
         d = (grad * out).sum(axis=-1)  # D_i = rowsum(dP * P) = g_i . out_i: [..., Tq]
         for keys in _blocks(tk, ctx.block_size):
             for rows in _blocks(tq, ctx.block_size):
                 if not _visible(rows, keys, tq, tk, ctx.causal):
                     continue
-                s = _block_scores(xp, q, k, rows, keys, ctx.causal, ctx.scale)
+                s = _block_scores(xp, q, k_h, rows, keys, ctx.causal, ctx.scale)
                 p = xp.exp(s - lse[..., rows, None])  # the forward's probabilities, rebuilt
                 g = grad[..., rows, :]
                 grad_v[..., keys, :] += _swap(xp, p) @ g  # [..., bk, bq] @ [..., bq, Dv]
-                dp = g @ _swap(xp, v[..., keys, :])  # [..., bq, Dv] @ [..., Dv, bk]
+                dp = g @ _swap(xp, v_h[..., keys, :])  # [..., bq, Dv] @ [..., Dv, bk]
                 ds = p * (dp - d[..., rows, None]) * ctx.scale
-                grad_q[..., rows, :] += ds @ k[..., keys, :]
+                grad_q[..., rows, :] += ds @ k_h[..., keys, :]
                 grad_k[..., keys, :] += _swap(xp, ds) @ q[..., rows, :]
-        return grad_q, grad_k, grad_v
+        return grad_q, sum_groups(grad_k, ctx.group), sum_groups(grad_v, ctx.group)
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, block_size: int = 64) -> Tensor:
@@ -133,8 +140,6 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, block_
     block_size queries x block_size keys (see FlashAttention): the memory of forward and
     backward grows with T, not T^2."""
     op_checks.attention(q, k, v, causal, 0.0)
-    if q.ndim > 2 and k.shape[-3] != q.shape[-3]:  # grouped-query attention, as in scaled_dot_product_attention
-        k, v = repeat_heads(k, q.shape[-3] // k.shape[-3]), repeat_heads(v, q.shape[-3] // v.shape[-3])
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"flash_attention: block_size must be a positive integer, got {block_size!r}")
     return FlashAttention.apply(q, k, v, causal=causal, block_size=block_size)

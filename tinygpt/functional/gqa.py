@@ -26,12 +26,24 @@ class RepeatHeads(Function):
     @staticmethod
     def forward(ctx, x, repeats):
         ctx.repeats = repeats
-        return backend_of(x).repeat(x, repeats, axis=-3)  # [..., H_kv, T, D] -> [..., H_kv * n, T, D]
+        return repeat_kv(x, repeats)
 
     @staticmethod
     def backward(ctx, grad):
-        *lead, heads, t, d = grad.shape
-        return grad.reshape(*lead, heads // ctx.repeats, ctx.repeats, t, d).sum(axis=-3)  # sum over each group
+        return sum_groups(grad, ctx.repeats)
+
+
+def repeat_kv(x, n: int):
+    """The array step of RepeatHeads: [..., H_kv, T, D] -> [..., n H_kv, T, D], each head n times in a row."""
+    return backend_of(x).repeat(x, n, axis=-3) if n > 1 else x
+
+
+def sum_groups(grad, n: int):
+    """Its backward: [..., n H_kv, T, D] -> [..., H_kv, T, D], the n gradients of each group summed."""
+    if n == 1:
+        return grad
+    *lead, heads, t, d = grad.shape
+    return grad.reshape(*lead, heads // n, n, t, d).sum(axis=-3)  # sum over each group
 
 
 def repeat_heads(x: Tensor, repeats: int) -> Tensor:

@@ -108,6 +108,22 @@ def _query_blocks(q_shape, tk: int, dropout_p: float) -> list[tuple[int, int]]:
     return [(i0, min(i0 + rows, tq)) for i0 in range(0, tq, rows)]
 
 
+def _grouped(q, k, v):
+    """Views in which each kv head meets its group of query heads by broadcasting (grouped-query
+    attention, n = H / H_kv; n = 1 without it): q [..., H, Tq, D] as [..., H_kv, n, Tq, D], k and
+    v [..., H_kv, Tk, *] as [..., H_kv, 1, Tk, *]. No repeated copy of k or v is made to keep."""
+    if q.ndim < 3:
+        return q, k, v
+    kv_heads = k.shape[-3]
+    grouped_q = q.reshape(*q.shape[:-3], kv_heads, q.shape[-3] // kv_heads, *q.shape[-2:])
+    return grouped_q, k[..., None, :, :], v[..., None, :, :]
+
+
+def _summed_over_group(a, q):
+    """A gradient made per query head, [..., H_kv, n, Tk, *], summed into its kv head."""
+    return a.sum(axis=-3) if q.ndim >= 3 else a
+
+
 def _block_probs(q, k, i0: int, i1: int, causal: bool):
     """(P, kend): the softmax probabilities of queries i0:i1 against the keys they may see,
     k[..., :kend, :], by one batched product and the softmax row kernel in place. The row
@@ -121,21 +137,23 @@ def _block_probs(q, k, i0: int, i1: int, causal: bool):
 
 
 def attention_forward(q, k, v, causal: bool, dropout_p: float, seed: int):
-    """(out, lse): out as functional.ScaledDotProductAttention, computed in blocks of queries so
-    that the scores never take more than one block's memory; lse [..., Tq] (float64) the
-    log-sum-exp of each query's scores, kept for inspection (tinygpt trace): the backward
-    reruns the softmax row kernel on each block's scores, which gives the forward's P exactly."""
+    """(out, lse): out as functional.ScaledDotProductAttention (k, v with H_kv heads, H_kv
+    dividing H), computed in blocks of queries so that the scores never take more than one
+    block's memory; lse [..., Tq] (float64) the log-sum-exp of each query's scores, kept for
+    inspection (tinygpt trace): the backward reruns the softmax row kernel on each block's
+    scores, which gives the forward's P exactly."""
     xp = backend_of(q)
     dtype = xp.result_type(q.dtype, k.dtype, v.dtype)
-    out = xp.empty((*q.shape[:-1], v.shape[-1]), dtype=dtype)
-    lse = xp.empty(q.shape[:-1], dtype=xp.float64)
+    q_g, k_g, v_g = _grouped(q, k, v)
+    out = xp.empty((*q_g.shape[:-1], v.shape[-1]), dtype=dtype)
+    lse = xp.empty(q_g.shape[:-1], dtype=xp.float64)
     for i0, i1 in _query_blocks(q.shape, k.shape[-2], dropout_p):
-        p, kend = _block_probs(q, k, i0, i1, causal)
-        lse[..., i0:i1] = _log_sum_exp(q[..., i0:i1, :], k[..., :kend, :], p)
+        p, kend = _block_probs(q_g, k_g, i0, i1, causal)
+        lse[..., i0:i1] = _log_sum_exp(q_g[..., i0:i1, :], k_g[..., :kend, :], p)
         if dropout_p > 0.0:
-            p = dropout(p, dropout_p, seed)
-        out[..., i0:i1, :] = p @ v[..., :kend, :]  # [..., Bq, kend] @ [..., kend, Dv]
-    return out, lse
+            p = dropout(p, dropout_p, seed)  # [..., H_kv, n, Tq, Tk] is [..., H, Tq, Tk] in C order: the same mask
+        out[..., i0:i1, :] = p @ v_g[..., :kend, :]  # [..., Bq, kend] @ [..., kend, Dv]
+    return out.reshape(*q.shape[:-1], v.shape[-1]), lse.reshape(q.shape[:-1])
 
 
 def _log_sum_exp(q, k, p):
@@ -143,35 +161,39 @@ def _log_sum_exp(q, k, p):
     well conditioned), s_j = q . k_j / sqrt(D) recomputed in float64."""
     xp = backend_of(q)
     j = p.argmax(axis=-1)[..., None]  # [..., Bq, 1]
+    k = xp.broadcast_to(k, (*j.shape[:-2], *k.shape[-2:]))  # a group's shared kv head, for each query head
     k_j = xp.take_along_axis(k, xp.broadcast_to(j, (*j.shape[:-1], k.shape[-1])), axis=-2)  # [..., Bq, D]
     s_j = (q.astype(xp.float64) * k_j).sum(axis=-1) / math.sqrt(q.shape[-1])
     return s_j - xp.log(xp.take_along_axis(p, j, axis=-1)[..., 0].astype(xp.float64))
 
 
-def attention_backward(grad, q, k, v, lse, causal: bool, dropout_p: float, seed: int, needs):
+def attention_backward(grad, q, k, v, out, lse, causal: bool, dropout_p: float, seed: int, needs):
     """(dq, dk, dv), block by block: each block's probabilities recomputed, the softmax
-    backward and the score scale in one row kernel, in place."""
+    backward and the score scale in one row kernel, in place (which computes rowsum(dP * P)
+    itself: out and lse are not needed). A kv head's gradients sum its group's."""
     xp = backend_of(q)
     need_q, need_k, need_v = needs
-    grad_q = xp.empty_like(q) if need_q else None
+    q_g, k_g, v_g = _grouped(q, k, v)
+    grad_g = grad.reshape(q_g.shape[:-1] + grad.shape[-1:])
+    grad_q = xp.empty_like(q_g) if need_q else None
     grad_k = xp.zeros_like(k) if need_k else None
     grad_v = xp.zeros_like(v) if need_v else None
     for i0, i1 in _query_blocks(q.shape, k.shape[-2], dropout_p):
-        p, kend = _block_probs(q, k, i0, i1, causal)
-        g = grad[..., i0:i1, :]
+        p, kend = _block_probs(q_g, k_g, i0, i1, causal)
+        g = grad_g[..., i0:i1, :]
         dropped = p if dropout_p == 0.0 else dropout(p, dropout_p, seed)
         if need_v:
-            grad_v[..., :kend, :] += xp.swapaxes(dropped, -1, -2) @ g
-        dscores = g @ xp.swapaxes(v[..., :kend, :], -1, -2)  # dL/dP, through the dropout mask
+            grad_v[..., :kend, :] += _summed_over_group(xp.swapaxes(dropped, -1, -2) @ g, q)
+        dscores = g @ xp.swapaxes(v_g[..., :kend, :], -1, -2)  # dL/dP, through the dropout mask
         if dropout_p > 0.0:
             dscores = dropout(dscores, dropout_p, seed)
         dscores = xp.ascontiguousarray(dscores)
         softmax_backward_(dscores, p, 1.0 / math.sqrt(q.shape[-1]))
         if need_q:
-            grad_q[..., i0:i1, :] = dscores @ k[..., :kend, :]
+            grad_q[..., i0:i1, :] = dscores @ k_g[..., :kend, :]
         if need_k:
-            grad_k[..., :kend, :] += xp.swapaxes(dscores, -1, -2) @ q[..., i0:i1, :]
-    return grad_q, grad_k, grad_v
+            grad_k[..., :kend, :] += _summed_over_group(xp.swapaxes(dscores, -1, -2) @ q_g[..., i0:i1, :], q)
+    return None if grad_q is None else grad_q.reshape(q.shape), grad_k, grad_v
 
 
 def gelu_forward(x):
