@@ -39,9 +39,10 @@ SMALL_ATTENTION = 1 << 16  # scores (sequences x H x Tq x Tk) up to which attent
 TASK_SCORES = 1 << 19  # scores per forward task: a task takes as many heads as fit (at small T one head is too
                        # small a task: each NumPy call costs microseconds whatever its size)
 
-# |s| below which exp(s) is a normal number with room to sum Tk of them: 40 for float32
-# (exp(40) = 2.4e17, exp(-40) = 4e-18), 300 for float64.
-NO_SHIFT_LIMIT = {np.dtype(np.float32): 40.0, np.dtype(np.float64): 300.0}
+# |s| below which exp(s) needs no shift: exp(+-30) = 1e13, 1e-13 in float32 leave room for sums
+# of Tk of them, and for the backward's row factor exp(-L) >= exp(-30 - log Tk) times a
+# gradient to stay a normal number; float64 has room up to 300.
+NO_SHIFT_LIMIT = {np.dtype(np.float32): 30.0, np.dtype(np.float64): 300.0}
 
 
 def _uniform(shape, seed: int, start: int):
@@ -130,7 +131,8 @@ class _AttentionTiles:
         than leave every thread a task (a batch of one sequence still uses every core)."""
         rows = self.blocks[0][1] - self.blocks[0][0]
         per_head = len(self.index) * len(self.blocks)  # tasks per kv head
-        per_task = min(TASK_SCORES // (self.group * rows * self.tk), self.kv_heads * per_head // num_threads() // per_head)
+        head_ranges = -(-num_threads() // per_head)  # at least this many, for a task per thread
+        per_task = min(TASK_SCORES // (self.group * rows * self.tk), self.kv_heads // head_ranges)
         tasks = [(u, j0, j1, i0, i1) for u in range(len(self.index)) for j0, j1 in self._head_ranges(per_task)
                  for i0, i1 in self.blocks]
         run_blocks(lambda s: [fn(*t) for t in tasks[s]], len(tasks), max(1, len(tasks) // (4 * num_threads())))
