@@ -16,7 +16,8 @@ the math below.
     norms.py         layer_norm, rms_norm
     activations.py   gelu, softmax, log_softmax, silu, swiglu
     dropout.py       dropout
-    attention.py     scaled_dot_product_attention (grouped-query too, through gqa.py's repeat_heads)
+    attention.py     scaled_dot_product_attention (grouped-query too: k, v with fewer heads, each read by its group)
+    gqa.py           repeat_heads: the group's sharing as an op of its own (the lesson), and its array steps
     flash_attention.py  flash_attention: the same attention in tiles, in O(T) memory (the lesson)
     rope.py          rope (rotary position embeddings)
     loss.py          cross_entropy
