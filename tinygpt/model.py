@@ -17,6 +17,7 @@ import numbers
 from collections.abc import Mapping
 
 from tinygpt import backend, nn
+from tinygpt.kernels import decode
 from tinygpt.tensor import Tensor
 
 GPT_CONFIG_124M = {
@@ -86,6 +87,8 @@ class GPTModel(nn.Module):
         if end > self.cfg["context_length"]:
             what = f"input has {ids.shape[1]} tokens" + (f" after {start} cached ones" if start else "")
             raise ValueError(f"{what} but context_length is {self.cfg['context_length']}")
+        if cache is not None and decode.applies(self, ids):  # a generated token: the same math on arrays
+            return Tensor(decode.gpt_step(self, ids, cache))
         positions = backend.get_backend(self.pos_emb.weight.device).xp.arange(start, end)
         x = self.tok_emb(ids) + self.pos_emb(positions)  # [B,T,C] + [T,C]
         x = self.drop_emb(x)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from types import MappingProxyType
 from typing import Iterator
 
@@ -18,6 +19,13 @@ from tinygpt.creation import ones, zeros
 from tinygpt.tensor import Tensor
 
 _NO_HOOKS = MappingProxyType({})  # read-only: register_*_hook gives a module its own dict
+_HOOKED: "weakref.WeakSet[Module]" = weakref.WeakSet()  # every live module that has ever had a hook
+
+
+def any_hooks() -> bool:
+    """Whether any module has a hook now. Only modules that have ever had one are asked, so
+    in a process without hooks this costs nothing (kernels/decode.py asks it every token)."""
+    return any(m._forward_hooks or m._backward_hooks for m in _HOOKED)
 
 
 class Parameter(Tensor):
@@ -54,6 +62,7 @@ class Module:
     def register_forward_hook(self, fn) -> "hooks.HookHandle":
         """Call fn(module, inputs, output) after each forward; a value it returns replaces the
         output. Returns a handle whose remove() takes the hook off."""
+        _HOOKED.add(self)
         return hooks.add_hook(self.__dict__.setdefault("_forward_hooks", {}), fn)
 
     def register_full_backward_hook(self, fn) -> "hooks.HookHandle":
@@ -62,6 +71,7 @@ class Module:
         need no gradient); a tuple it returns replaces grad_inputs (of a module with several
         inputs that require grad, only the one whose gradient arrived last can be replaced:
         tinygpt's ops have one output each). Returns a handle with remove()."""
+        _HOOKED.add(self)
         return hooks.add_hook(self.__dict__.setdefault("_backward_hooks", {}), fn)
 
     # ------------------------------------------------------------------ traversal
@@ -167,7 +177,7 @@ class Sequential(Module):
         return sum(1 for v in vars(self).values() if isinstance(v, Module))
 
     def __iter__(self) -> Iterator[Module]:
-        return (getattr(self, str(i)) for i in range(len(self)))
+        return (v for v in vars(self).values() if isinstance(v, Module))  # "0", "1", ... in the order they were set
 
     def forward(self, x):
         for m in self:
@@ -340,13 +350,19 @@ class LayerCache:
         self.length = 0
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Tensors of all the keys and values so far [B, H, cached + t, D], the new k and v [B, H, t, D] included."""
+        k_all, v_all = self.write(k.data, v.data)
+        return Tensor(k_all), Tensor(v_all)
+
+    def write(self, k, v):
+        """append() on arrays: one slice assignment each into the preallocated arrays; returns views."""
         start, end = self.length, self.length + k.shape[2]
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} tokens; appending {k.shape[2]} to {start} would overflow it")
-        self.k[:, :, start:end] = k.data
-        self.v[:, :, start:end] = v.data
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
         self.length = end
-        return Tensor(self.k[:, :, :end]), Tensor(self.v[:, :, :end])
+        return self.k[:, :, :end], self.v[:, :, :end]
 
     @property
     def nbytes(self) -> int:
