@@ -11,6 +11,8 @@ its default, PyTorch's scaled_dot_product_attention). The weights are random (sp
 depend on them), the tokens the same for both. Decoding: greedy, batch 1, a 16-token prompt,
 --decode new tokens with the KV cache (tinygpt's generate; transformers' generate).
 
+Every worker starts with the same C allocator setting (--allocator, default keep: glibc keeps
+freed memory in the process; see benchmarks/allocator.py for why this machine needs it).
 Each engine runs in its own process (`--worker NAME`), so each peak resident set size
 (ru_maxrss, including the interpreter and imports, shown apart) is its own; the parent runs
 them one after the other, tinygpt first, and prints a table. Results go to
@@ -27,6 +29,8 @@ import sys
 import time
 
 import numpy as np
+
+import allocator
 
 
 def peak_rss_mb() -> float:
@@ -126,10 +130,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--worker", choices=["tinygpt", "torch"])
+    parser.add_argument("--allocator", choices=allocator.MODES, default="keep",
+                        help="keep: every worker keeps its freed memory (default; see benchmarks/allocator.py)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps((run_tinygpt if args.worker == "tinygpt" else run_torch)(args)))
         return
+    print(allocator.set_for_workers(args.allocator))
     results = {}
     for name in ("tinygpt", "torch"):
         command = [sys.executable, __file__, "--worker", name] + sys.argv[1:]

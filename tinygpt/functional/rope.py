@@ -50,9 +50,7 @@ class Rope(Function):
     @staticmethod
     def forward(ctx, x, positions, frequencies):
         xp = backend_of(x)
-        angles = positions[..., None].astype(x.dtype) * frequencies  # [T] or [B, T] -> [..., T, D/2]
-        if angles.ndim == 3:  # one row of positions per sequence: [B, T, D/2] -> [B, 1, T, D/2], shared by the heads
-            angles = angles[:, None]
+        angles = rope_angles(positions, frequencies, x.dtype)
         angles = xp.concatenate([angles, angles], axis=-1)  # [..., T, D]: pair i turns by angle i in both halves
         cos, sin = xp.cos(angles), xp.sin(angles)
         ctx.save_for_backward(cos, sin)
@@ -62,6 +60,13 @@ class Rope(Function):
     def backward(ctx, grad):
         cos, sin = ctx.saved
         return grad * cos - rotate_half(backend_of(grad), grad) * sin
+
+
+def rope_angles(positions, frequencies, dtype):
+    """The angle of each pair at each position, positions * frequencies: [T] -> [T, D/2], or
+    [B, T] -> [B, 1, T, D/2] (one row of positions per sequence, shared by its heads)."""
+    angles = positions[..., None].astype(dtype) * frequencies
+    return angles[:, None] if angles.ndim == 3 else angles
 
 
 def rope_frequencies(xp, head_dim: int, theta: float, scaling: dict | None, dtype):

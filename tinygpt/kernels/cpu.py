@@ -84,6 +84,59 @@ def layer_norm_backward(g2, xhat, rstd, scale):
     return grad_x, partial_scale.sum(axis=0), partial_shift.sum(axis=0)
 
 
+def rms_norm_forward(x2, w, eps: float):
+    dtype = np.result_type(x2.dtype, w.dtype)  # as x * w would give
+    xhat, y = np.empty(x2.shape, dtype=dtype), np.empty(x2.shape, dtype=dtype)
+    rstd = np.empty((x2.shape[0], 1), dtype=dtype)
+
+    def block(s):
+        np.multiply(x2[s], x2[s], out=y[s])
+        rstd[s] = 1.0 / np.sqrt(y[s].mean(axis=-1, keepdims=True) + eps)
+        np.multiply(x2[s], rstd[s], out=xhat[s])
+        np.multiply(xhat[s], w, out=y[s])
+
+    run_rows(block, x2)
+    return y, xhat, rstd
+
+
+def rms_norm_backward(g2, xhat, rstd, w):
+    grad_x = np.empty_like(xhat)
+    rows = rows_per_block(xhat.shape[1])
+    partial_w = np.zeros((-(-xhat.shape[0] // rows), xhat.shape[1]), dtype=xhat.dtype)  # one row per block
+
+    def block(s):  # dx = rstd (dxhat - xhat mean(dxhat xhat)), dxhat = g w
+        partial_w[s.start // rows] = (g2[s] * xhat[s]).sum(axis=0)
+        dxhat = g2[s] * w
+        np.multiply(dxhat, xhat[s], out=grad_x[s])
+        np.multiply(xhat[s], grad_x[s].mean(axis=-1, keepdims=True), out=grad_x[s])
+        np.subtract(dxhat, grad_x[s], out=grad_x[s])
+        grad_x[s] *= rstd[s]
+
+    run_blocks(block, xhat.shape[0], rows)
+    return grad_x, partial_w.sum(axis=0)
+
+
+def rope(x, cos, sin):
+    """Each pair (x1, x2) = (x[..., i], x[..., i + D/2]) of x [..., T, D] turned by its angle:
+    (x1 cos - x2 sin, x2 cos + x1 sin), with cos and sin [..., T, D/2] broadcasting against x's
+    halves. The backward is the same call with -sin (see functional.Rope)."""
+    half = x.shape[-1] // 2
+    lead = x.reshape(-1, *x.shape[-2:]) if cos.ndim < x.ndim else None  # cos the same for every [T, D] slice
+    y = np.empty(x.shape, dtype=np.result_type(x.dtype, cos.dtype))  # C order: its reshape below is a view
+    xs, ys = (x, y) if lead is None else (lead, y.reshape(lead.shape))
+
+    def block(s):
+        x1, x2, y1, y2 = xs[s, ..., :half], xs[s, ..., half:], ys[s, ..., :half], ys[s, ..., half:]
+        c, n = (cos, sin) if lead is not None else (cos[s], sin[s])
+        np.multiply(x1, c, out=y1)
+        y1 -= x2 * n
+        np.multiply(x2, c, out=y2)
+        y2 += x1 * n
+
+    run_blocks(block, xs.shape[0], max(1, rows_per_block(xs[0].size)))
+    return y
+
+
 def _tanh_u(x, x_sq):
     """tanh(u), u = SQRT_2_OVER_PI x (1 + GELU_CUBIC x^2), computed in place in x_sq = x * x."""
     x_sq *= GELU_CUBIC

@@ -206,6 +206,29 @@ def gelu_backward(x, grad):
     return _elementwise(GELU_BACKWARD)(x, grad.astype(x.dtype, copy=False))
 
 
+def rms_norm_forward(x2, w, eps: float):
+    """(y, xhat, rstd) for rows x2 [N, C] (see functional.RMSNorm), as CuPy array operations
+    (no fused kernel yet)."""
+    xp = backend_of(x2)
+    rstd = 1.0 / xp.sqrt((x2 * x2).mean(axis=-1, keepdims=True) + eps)
+    xhat = x2 * rstd
+    return xhat * w, xhat, rstd
+
+
+def rms_norm_backward(g2, xhat, rstd, w):
+    """(dL/dx, dL/dw) of rms_norm_forward (see functional.RMSNorm), as CuPy array operations."""
+    dxhat = g2 * w
+    return rstd * (dxhat - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)), (g2 * xhat).sum(axis=0)
+
+
+def rope(x, cos, sin):
+    """Each pair (x[..., i], x[..., i + D/2]) turned by its angle (see kernels.cpu.rope), as
+    CuPy array operations."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return backend_of(x).concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
 def swiglu_forward(a, b):
     """silu(a) * b, elementwise (see functional.SwiGLU)."""
     return _elementwise(SWIGLU_FORWARD)(a, b.astype(a.dtype, copy=False))
