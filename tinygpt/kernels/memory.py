@@ -15,7 +15,7 @@ trimming of the heap): the next arrays of the same sizes reuse the same memory, 
 allocator's cache does. The price is that the process holds on to its peak memory until it
 exits. It is called when the CPU kernels load, unless the environment already sets glibc's
 own variables for this (MALLOC_MMAP_MAX_ or MALLOC_TRIM_THRESHOLD_: e.g.
-MALLOC_TRIM_THRESHOLD_=131072 keeps glibc's default behaviour).
+MALLOC_TRIM_THRESHOLD_=131072, glibc's default threshold, keeps it handing memory back).
 """
 from __future__ import annotations
 
