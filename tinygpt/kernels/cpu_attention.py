@@ -34,8 +34,10 @@ from tinygpt.functional.attention import future_mask
 from tinygpt.functional.dropout import drop_scale
 from tinygpt.kernels.threads import num_threads, run_blocks
 
-SMALL_ATTENTION = 1 << 16  # scores (sequences x H x Tq x Tk) up to which attention is one task on one thread
-                           # (a decoding step: one query per head)
+SMALL_ATTENTION = 1 << 18  # scores (sequences x H x Tq x Tk) up to which attention is one task on one thread: a
+                           # decoding step, and a batch-1 forward up to T = 128, where BLAS's own threads still spin
+                           # on the cores after the projections before it (threads.matmul) and two pool threads
+                           # lose to one (0.9 against 1.3 ms at T = 128 after a 128-row product)
 TASK_SCORES = 1 << 19  # scores per forward task: a task takes as many heads as fit (at small T one head is too
                        # small a task: each NumPy call costs microseconds whatever its size)
 
