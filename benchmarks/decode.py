@@ -15,8 +15,10 @@ time) as tokens/s; a decoding step also does
 attention, norms and Python, so ~90 % of it is the goal.
 
 Each engine runs in its own process (the roofline in the tinygpt one, on the model's own
-weight arrays); rounds alternate the engines, so whatever else the machine does falls on all
-alike. Reported: the median over rounds and the best round (closest to a quiet machine).
+weight arrays), all started with the same C allocator setting (--allocator, default keep: see
+benchmarks/allocator.py); rounds alternate the engines, so whatever else the machine does
+falls on all alike. Reported: the median over rounds and the best round (closest to a quiet
+machine).
 Nothing here is run by the tests; results go to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -31,6 +33,8 @@ import time
 import traceback
 
 import numpy as np
+
+import allocator
 
 ENGINES = ("tinygpt", "roofline", "transformers")  # roofline: the better of two runs, BLAS on 1 thread and on its default
 CONFIG = {"qkv_bias": True, "tie_weights": True, "drop_rate": 0.0}
@@ -140,7 +144,10 @@ def main() -> None:
     parser.add_argument("--baseline", metavar="DIR", help="also run the tinygpt package of this checkout")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--allocator", choices=allocator.MODES, default="keep",
+                        help="keep: every worker keeps its freed memory (default; see benchmarks/allocator.py)")
     args = parser.parse_args()
+    print(allocator.set_for_workers(args.allocator))
     engines = [e for e in args.engines.split(",") if e] + (["baseline"] if args.baseline else [])
     settings = {"device": args.device, "prompt": np.random.default_rng(0).integers(0, 50257, (1, 10)),
                 "baseline": args.baseline and os.path.abspath(args.baseline)}
