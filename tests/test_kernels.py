@@ -624,16 +624,3 @@ def test_tf32_is_opt_in_and_full_precision_restores_the_previous_setting():
         cuda.allow_tf32(False)
         assert linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_DEFAULT
         assert linalg.get_compute_type(np.float64) != linalg.COMPUTE_TYPE_TF32
-
-
-@pytest.mark.parametrize("positions_per_row", [False, True])
-def test_cpu_rope_turns_every_pair_whatever_the_layout_of_its_input(positions_per_row):
-    """kernels.cpu.rope on a strided input (a gradient arriving from a transposing op): each pair
-    (x_i, x_{i+D/2}) turned by its angle, written into the array returned."""
-    gen = np.random.default_rng(3)
-    x = gen.standard_normal((2, 5, 3, 4)).transpose(0, 2, 1, 3)  # [B, H, T, D], not C-contiguous
-    angles = gen.standard_normal((2, 1, 5, 2) if positions_per_row else (5, 2))
-    cos, sin = np.cos(angles), np.sin(angles)
-    x1, x2 = x[..., :2], x[..., 2:]
-    expected = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    np.testing.assert_allclose(cpu.rope(x, cos, sin), expected, rtol=1e-12)

@@ -13,7 +13,7 @@ against the plain op:
               (threads.py holds that machinery; memory.py keeps freed memory in the process
               for the next step's arrays).
     cuda.py   CuPy: one fused CUDA kernel per op direction instead of a chain of launches
-              (RMSNorm and RoPE: CuPy array operations, for now).
+              (RMSNorm: CuPy array operations, for now).
 
 cpu.py and cuda.py have these functions (arrays in and out, no Tensors):
 
@@ -23,7 +23,6 @@ cpu.py and cuda.py have these functions (arrays in and out, no Tensors):
     layer_norm_backward(g2, xhat, rstd, scale)     -> dx, dscale, dshift
     rms_norm_forward(x2, w, eps)                   -> y, xhat, rstd          (x2: [N, C]; w: weight or 1 + weight)
     rms_norm_backward(g2, xhat, rstd, w)           -> dx, dw
-    rope(x, cos, sin)                              each pair of x [..., T, D] turned; cos, sin [..., T, D/2]
     gelu_forward(x), gelu_backward(x, grad)
     swiglu_forward(a, b), swiglu_backward(a, b, grad, need_a) -> da (None unless need_a), db
     dropout(x, p, seed)                            x * keep / (1 - p), the mask of backend.uniform
@@ -42,7 +41,7 @@ from __future__ import annotations
 import functools
 
 INTERFACE = ("matmul", "embedding_backward", "layer_norm_forward", "layer_norm_backward", "gelu_forward", "gelu_backward",
-             "swiglu_forward", "swiglu_backward", "rms_norm_forward", "rms_norm_backward", "rope", "dropout", "attention_forward", "attention_backward", "logsumexp_rows", "cross_entropy_backward", "adamw_step_")
+             "swiglu_forward", "swiglu_backward", "rms_norm_forward", "rms_norm_backward", "dropout", "attention_forward", "attention_backward", "logsumexp_rows", "cross_entropy_backward", "adamw_step_")
 
 @functools.cache
 def module_of(device: str):

@@ -116,27 +116,6 @@ def rms_norm_backward(g2, xhat, rstd, w):
     return grad_x, partial_w.sum(axis=0)
 
 
-def rope(x, cos, sin):
-    """Each pair (x1, x2) = (x[..., i], x[..., i + D/2]) of x [..., T, D] turned by its angle:
-    (x1 cos - x2 sin, x2 cos + x1 sin), with cos and sin [..., T, D/2] broadcasting against x's
-    halves. The backward is the same call with -sin (see functional.Rope)."""
-    half = x.shape[-1] // 2
-    lead = x.reshape(-1, *x.shape[-2:]) if cos.ndim < x.ndim else None  # cos the same for every [T, D] slice
-    y = np.empty(x.shape, dtype=np.result_type(x.dtype, cos.dtype))  # C order: its reshape below is a view
-    xs, ys = (x, y) if lead is None else (lead, y.reshape(lead.shape))
-
-    def block(s):
-        x1, x2, y1, y2 = xs[s, ..., :half], xs[s, ..., half:], ys[s, ..., :half], ys[s, ..., half:]
-        c, n = (cos, sin) if lead is not None else (cos[s], sin[s])
-        np.multiply(x1, c, out=y1)
-        y1 -= x2 * n
-        np.multiply(x2, c, out=y2)
-        y2 += x1 * n
-
-    run_blocks(block, xs.shape[0], max(1, rows_per_block(xs[0].size)))
-    return y
-
-
 def _tanh_u(x, x_sq):
     """tanh(u), u = SQRT_2_OVER_PI x (1 + GELU_CUBIC x^2), computed in place in x_sq = x * x."""
     x_sq *= GELU_CUBIC

@@ -221,14 +221,6 @@ def rms_norm_backward(g2, xhat, rstd, w):
     return rstd * (dxhat - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)), (g2 * xhat).sum(axis=0)
 
 
-def rope(x, cos, sin):
-    """Each pair (x[..., i], x[..., i + D/2]) turned by its angle (see kernels.cpu.rope), as
-    CuPy array operations."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return backend_of(x).concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
 def swiglu_forward(a, b):
     """silu(a) * b, elementwise (see functional.SwiGLU)."""
     return _elementwise(SWIGLU_FORWARD)(a, b.astype(a.dtype, copy=False))

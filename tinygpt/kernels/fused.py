@@ -12,7 +12,6 @@ from tinygpt import functional as F
 from tinygpt import dispatch, graph_state, kernels
 from tinygpt.backend import backend_of, device_of
 from tinygpt.functional.loss import rows_and_targets
-from tinygpt.functional.rope import rope_angles
 
 
 def _on(x):
@@ -111,24 +110,6 @@ class RMSNorm(F.RMSNorm):
         xhat, rstd, w = ctx.saved
         grad_x, grad_w = _on(grad).rms_norm_backward(grad.reshape(xhat.shape), xhat, rstd, w)
         return grad_x.reshape(ctx.x_shape), grad_w
-
-
-@dispatch.register
-class Rope(F.Rope):
-    """Each pair turned in place of the plain op's concatenations; cos and sin kept at half width."""
-
-    @staticmethod
-    def forward(ctx, x, positions, frequencies):
-        xp = backend_of(x)
-        angles = rope_angles(positions, frequencies, x.dtype)
-        cos, sin = xp.cos(angles), xp.sin(angles)
-        ctx.save_for_backward(cos, sin)
-        return _on(x).rope(x, cos, sin)
-
-    @staticmethod
-    def backward(ctx, grad):
-        cos, sin = ctx.saved
-        return _on(grad).rope(grad, cos, -sin)  # the rotation back: R(a)^T = R(-a)
 
 
 @dispatch.register
