@@ -171,3 +171,14 @@ def test_a_lora_model_generates_through_its_adapters():
     _lora(model)
     ids = np.random.default_rng(5).integers(0, CFG["vocab_size"], (2, 4))
     assert np.array_equal(host(generate(model, ids, 10, 16)), host(generate(model, ids, 10, 16, use_cache=False)))
+
+
+@pytest.mark.parametrize("bad", [-1, CFG["vocab_size"]])
+def test_an_id_out_of_range_is_refused_in_one_line_as_through_the_modules(bad):
+    model = model_of({})
+    cache = model.new_cache(1)
+    with tg.no_grad():
+        model(np.zeros((1, 3), dtype=np.int64), cache)
+        with pytest.raises(IndexError, match=f"id {bad} is out of range"):
+            model(np.array([[bad]]), cache)
+    assert cache.length == 3

@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from tinygpt import backend, dispatch, nn
+from tinygpt import backend, dispatch, nn, op_checks
 from tinygpt.functional.activations import GELU_CUBIC, SQRT_2_OVER_PI
 from tinygpt.graph_state import state
 from tinygpt.kernels import module_of
@@ -67,6 +67,7 @@ def gpt_step(model, ids, cache):
     keys and values join the cache (GPTModel.forward with a cache, dropout off). Each sequence's
     one new position is a row: x is [B, C] throughout."""
     ids = backend.to_device(ids, model.tok_emb.weight.device)
+    op_checks.embedding(ids, model.tok_emb.weight)  # an id out of range: the modules' one line, not NumPy's wrap-around
     x = model.tok_emb.weight.data[ids[:, 0]] + model.pos_emb.weight.data[cache.length]  # [B, C] + [C]
     for block, layer in zip(model.trf_blocks, cache.layers):
         x = x + _attention(block.att, _layer_norm(block.norm1, x), layer)  # x + drop_shortcut(att(norm1(x)))
