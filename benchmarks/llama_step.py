@@ -1,7 +1,7 @@
 """The Llama family at the SmolLM2-135M shape: a training step and KV-cache decoding, tinygpt's
 LlamaModel next to transformers' LlamaForCausalLM running the same architecture.
 
-    python benchmarks/llama_step.py                       # B=4, T=256, float32: 1 warm-up + 2 steps each
+    python benchmarks/llama_step.py                       # B=4, T=256, float32: 2 rounds of 1 warm-up + 2 steps each
     python benchmarks/llama_step.py --steps 3 --decode 32
     python benchmarks/llama_step.py --preset llama-small --batch 2 --tokens 32 --steps 2   # a quick check
 
@@ -15,7 +15,7 @@ Every worker starts with the same C allocator setting (--allocator, default keep
 freed memory in the process; see benchmarks/allocator.py for why this machine needs it).
 Each engine runs in its own process (`--worker NAME`), so each peak resident set size
 (ru_maxrss, including the interpreter and imports, shown apart) is its own; the parent runs
-them one after the other, tinygpt first, and prints a table. Results go to
+them alternately (--rounds), and prints the medians. Results go to
 benchmarks/RESULTS.md; nothing here is run by the tests.
 """
 from __future__ import annotations
@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each engine, alternating")
     parser.add_argument("--worker", choices=["tinygpt", "torch"])
     parser.add_argument("--allocator", choices=allocator.MODES, default="keep",
                         help="keep: every worker keeps its freed memory (default; see benchmarks/allocator.py)")
@@ -137,23 +138,29 @@ def main() -> None:
         print(json.dumps((run_tinygpt if args.worker == "tinygpt" else run_torch)(args)))
         return
     print(allocator.set_for_workers(args.allocator))
-    results = {}
-    for name in ("tinygpt", "torch"):
-        command = [sys.executable, __file__, "--worker", name] + sys.argv[1:]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode:
-            sys.exit(f"the {name} worker failed:\n{done.stderr}")
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-    ours, theirs = results["tinygpt"], results["torch"]
-    print(f"{args.preset}, batch {args.batch} x {args.tokens} tokens, float32, {args.steps} timed steps after 1 warm-up")
-    for name, r in results.items():
-        print(f"  {name:<8} {r['parameters']:,} parameters; step median {statistics.median(r['times']):.2f} s "
-              f"(runs {', '.join(f'{t:.2f}' for t in r['times'])}); losses {', '.join(f'{x:.3f}' for x in r['losses'])}; "
-              f"peak RSS {r['peak_mb']:.0f} MB (after imports {r['after_imports_mb']:.0f}); "
-              f"decoding {r['decode_tokens_per_s']:.1f} tokens/s")
-    time_ratio = statistics.median(ours["times"]) / statistics.median(theirs["times"])
-    print(f"tinygpt / transformers: step time {time_ratio:.2f}, peak memory {ours['peak_mb'] / theirs['peak_mb']:.2f}, "
-          f"decoding speed {ours['decode_tokens_per_s'] / theirs['decode_tokens_per_s']:.2f}")
+    runs = {"tinygpt": [], "torch": []}
+    for _ in range(args.rounds):  # engines alternate, so a change in the machine's load falls on both
+        for name in runs:
+            command = [sys.executable, __file__, "--worker", name] + sys.argv[1:]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode:
+                sys.exit(f"the {name} worker failed:\n{done.stderr}")
+            runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(f"{args.preset}, batch {args.batch} x {args.tokens} tokens, float32, {args.rounds} rounds alternating, "
+          f"each {args.steps} timed steps after 1 warm-up")
+    summary = {}
+    for name, rounds in runs.items():
+        times = [t for r in rounds for t in r["times"]]
+        decode = statistics.median(r["decode_tokens_per_s"] for r in rounds)
+        peak = max(r["peak_mb"] for r in rounds)
+        summary[name] = (statistics.median(times), peak, decode)
+        r = rounds[0]
+        print(f"  {name:<8} {r['parameters']:,} parameters; step median {summary[name][0]:.2f} s "
+              f"(runs {', '.join(f'{t:.2f}' for t in times)}); losses {', '.join(f'{x:.3f}' for x in r['losses'])}; "
+              f"peak RSS {peak:.0f} MB (after imports {r['after_imports_mb']:.0f}); decoding {decode:.1f} tokens/s")
+    (ours, our_peak, our_rate), (theirs, their_peak, their_rate) = summary["tinygpt"], summary["torch"]
+    print(f"tinygpt / transformers: step time {ours / theirs:.2f}, peak memory {our_peak / their_peak:.2f}, "
+          f"decoding speed {our_rate / their_rate:.2f}")
 
 
 if __name__ == "__main__":

@@ -624,3 +624,17 @@ def test_tf32_is_opt_in_and_full_precision_restores_the_previous_setting():
         cuda.allow_tf32(False)
         assert linalg.get_compute_type(np.float32) == linalg.COMPUTE_TYPE_DEFAULT
         assert linalg.get_compute_type(np.float64) != linalg.COMPUTE_TYPE_TF32
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cpu_swiglu_at_huge_inputs_is_finite_silent_and_equals_the_plain_op(mode, dtype):
+    """The fast sigmoid lets exp(-a) overflow to inf for very negative a (1 / inf = 0, the right
+    limit); no warning may escape and nothing may differ from the plain op's overflow-free form."""
+    a = np.array([[-1e4, -800.0, -100.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 100.0, 800.0, 1e4]])
+    b = np.linspace(-2.0, 2.0, a.size).reshape(a.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain, fast = _plain_and_fast(F.swiglu, [a, b], dtype)
+    for x, y in zip(fast, plain):
+        assert np.isfinite(x).all()
+        np.testing.assert_allclose(x, y, **_tol(dtype))

@@ -163,12 +163,13 @@ def gelu_backward(x, grad):
 
 
 def _sigmoid_into(a, out):
-    """sigmoid(a) = 1 / (1 + exp(-a)) into out, as functional.sigmoid computes it: exp of -|a|
-    only, so it never overflows, and (1 or e) / (1 + e) by the sign of a."""
-    e = np.exp(-np.abs(a))
-    np.add(e, 1.0, out=out)
-    np.divide(np.where(a >= 0, 1.0, e), out, out=out)
-    return out
+    """sigmoid(a) = 1 / (1 + exp(-a)) into out. For a < -88 (float32) exp(-a) overflows to inf
+    and 1 / inf = 0 is the right limit, so the overflow is allowed rather than avoided: the plain
+    op's overflow-free form (exp of -|a|, then a choice by sign) measured 7x slower here."""
+    with np.errstate(over="ignore"):
+        np.exp(np.negative(a, out=out), out=out)
+    out += 1.0
+    return np.divide(1.0, out, out=out)
 
 
 def swiglu_forward(a, b):
