@@ -199,6 +199,13 @@ def test_generate_fills_one_preallocated_cache_with_the_prompt_then_one_token_pe
     assert all(c["tokens"] <= CTX for c in calls)  # the window slides past the context: no overflow
 
 
+def test_a_model_without_blocks_generates_as_without_the_cache(device):
+    model = tiny_model({**CFG, "n_layers": 0})
+    ids = prompt(2, 3)
+    cached = host(generate(model, ids, CTX + 4, CTX))
+    assert np.array_equal(cached, host(generate(model, ids, CTX + 4, CTX, use_cache=False)))
+
+
 def test_the_cache_prints_its_shape_fill_and_bytes():
     model = tiny_model()
     cache = model.new_cache(3, 10)

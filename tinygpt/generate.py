@@ -107,6 +107,8 @@ def generate(model, idx, max_new_tokens: int, context_size: int, temperature: fl
     model.eval()
     try:
         cache = model.new_cache(batch, context_size) if use_cache else None
+        if cache is not None and not cache.layers:  # a model of no blocks has nothing to cache (and no length to keep)
+            cache = None
         logits = model(out[:, max(0, end - context_size):end], cache=cache).data[:, -1]
         finished = xp.zeros(batch, dtype=bool)
         for step in range(max_new_tokens):
