@@ -5,7 +5,7 @@ Why a second route: at batch 1 a decoding step reads every weight once (494 MB f
 to produce one row of each product, so its limit is memory bandwidth (benchmarks/decode.py
 times that limit: one gemv per weight matrix, about 17 ms on the 2-core test machine).
 Through the modules the step also makes ~250 small op calls (module calls, dispatch, checks,
-Tensor creation, the tiled attention kernel's bookkeeping): about 5 ms more per token. Here a
+Tensor creation, the tiled attention kernel's bookkeeping): 5-7 ms more per token. Here a
 block is two layer norms, six one-row products, one query's attention over the cache and a
 GELU, each sequence's new position a row [B, C] throughout (no reshapes to [B, 1, C]).
 
