@@ -1,6 +1,7 @@
 """tg.trace(): every backward node exactly once, after all its consumers, with the gradient
 statistics retain_grad() gives, module paths from forward time, forward statistics, and
 DOT / JSON / HTML views that parse."""
+import contextlib
 import json
 import math
 import re
@@ -210,7 +211,10 @@ def test_a_trace_entered_twice_counts_once_or_is_refused():
     assert len(t.nodes) == once and state.observers == []
 
 
-def test_forward_statistics_gelu_tails_output_moments_and_uniform_attention_entropy():
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_forward_statistics_gelu_tails_output_moments_and_uniform_attention_entropy(grad):
+    """The same statistics whether or not the forward records a graph (under no_grad the ops keep
+    nothing: the trace reads their inputs)."""
     model, x, y = _model_and_batch()
     model.trf_blocks[0].ff.layers[0].weight.data *= 20  # push GELU inputs into the flat tails
     for block in model.trf_blocks:  # all-zero queries: every query attends uniformly to its i+1 keys
@@ -219,7 +223,7 @@ def test_forward_statistics_gelu_tails_output_moments_and_uniform_attention_entr
     seen = {}
     model.trf_blocks[0].ff.layers[1].register_forward_hook(lambda m, i, o: seen.update(gelu_in=i[0].numpy()))
     model.trf_blocks[1].register_forward_hook(lambda m, i, o: seen.update(block_out=o.numpy()))
-    with tg.trace() as t:
+    with tg.trace() as t, (contextlib.nullcontext() if grad else tg.no_grad()):
         model(x)
     tail = np.mean(np.abs(seen["gelu_in"]) > 3)
     assert 0.05 < tail < 1 and t.modules["trf_blocks.0.ff.layers.1"].gelu_tail == pytest.approx(tail)

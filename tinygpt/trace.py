@@ -137,11 +137,11 @@ class Trace:
         ctx.input_shapes = [None if t is None else t.shape for t in inputs]  # the graph keeps only the nodes of some
         name = type(ctx).__name__
         if name == "GELU":
-            (x,) = ctx.saved
-            tail = (abs(x) > GELU_TAIL).mean()
+            tail = (abs(inputs[0].data) > GELU_TAIL).mean()
             self._stats(origin.module, name).add("gelu_tail", float(tail.item()))
-        elif name == "ScaledDotProductAttention" and len(ctx.saved) >= 4:  # under no_grad the fast op keeps nothing
-            probs = attention_probs(ctx)  # [B, H, Tq, Tk]
+        elif name == "ScaledDotProductAttention":
+            # [B, H, Tq, Tk], from what the op kept, or afresh under no_grad (it keeps nothing then)
+            probs = attention_probs(ctx) if len(ctx.saved) >= 4 else _probs_of(inputs[0].data, inputs[1].data, ctx.causal)
             xp = backend_of(probs)
             entropy = -(probs * xp.log(xp.maximum(probs, 1e-30))).sum(axis=-1)  # [B, H, Tq]
             per_head = backend.to_host(entropy.mean(axis=(0, 2))).tolist()
@@ -309,6 +309,18 @@ def attention_probs(ctx):
     scores = q @ xp.swapaxes(k, -1, -2) * (1.0 / math.sqrt(q.shape[-1]))  # [B,H,Tq,D] @ [B,H,D,Tk]
     probs = xp.exp(scores - kept[..., None])
     return xp.where(future_mask(xp, *probs.shape[-2:]), 0.0, probs) if ctx.causal else probs
+
+
+def _probs_of(q, k, causal: bool):
+    """softmax(Q K^T / sqrt(D)) computed from q and k, future keys hidden when causal."""
+    xp = backend_of(q)
+    if q.ndim > 2:  # grouped-query attention, as in attention_probs
+        k = xp.repeat(k, q.shape[-3] // k.shape[-3], axis=-3)
+    scores = q @ xp.swapaxes(k, -1, -2) * (1.0 / math.sqrt(q.shape[-1]))
+    if causal:
+        scores = xp.where(future_mask(xp, *scores.shape[-2:]), -xp.inf, scores)
+    probs = xp.exp(scores - scores.max(axis=-1, keepdims=True))
+    return probs / probs.sum(axis=-1, keepdims=True)
 
 
 def grad_stats(g) -> tuple[float, float, float, float]:
