@@ -114,6 +114,26 @@ def test_cpu_tiled_kernel_equals_the_untiled_op(mode, small_blocks, monkeypatch,
     _assert_same(_run(fn, inputs, dtype), reference, dtype)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cpu_kernel_drawing_the_dropout_mask_again_equals_the_untiled_op(mode, small_blocks, monkeypatch, shape):
+    """The forward keeps its dropout mask as bits for backward when they are small (every shape
+    above); past that, backward draws it again from its place in the random stream."""
+    monkeypatch.setattr(cpu_attention, "_keeps_mask", lambda q, tk, dropout_p: False)
+    inputs, fn = _inputs(*SHAPES[shape]), _untiled(SHAPES[shape][5], 0.4)
+    mode("plain")
+    reference = _run(fn, inputs, np.float64)
+    mode("fast")
+    _assert_same(_run(fn, inputs, np.float64), reference, np.float64)
+
+
+def test_dropout_mask_is_kept_as_bits_only_while_they_take_no_more_memory_than_q():
+    q = np.zeros((1, 12, 4, 64), dtype=np.float32)  # 256 bytes a query: bits of up to 2048 keys
+    assert cpu_attention._keeps_mask(q, 2048, 0.1) and not cpu_attention._keeps_mask(q, 2049, 0.1)
+    assert not cpu_attention._keeps_mask(q, 256, 0.0)
+    _, _, mask = cpu.attention_forward(q, q, q, True, 0.1, 0)
+    assert mask.shape == (1, 12, 4, 1) and mask.dtype == np.uint8
+
+
 @pytest.mark.parametrize("dropout_p", [0.0, 0.4])
 def test_cpu_kernel_as_one_batched_block_equals_the_untiled_op(mode, dropout_p):
     """Small problems (a decoding step) run all sequences in one block."""
@@ -135,9 +155,9 @@ def test_cpu_kernel_in_float32_with_scores_near_1e4_rebuilds_rows_that_add_up_to
     k = rng.integers(-2, 3, size=(1, 2, 40, 4)).astype(np.float32)
     k[..., 0] = 100.0
     v, g = rng.standard_normal(k.shape).astype(np.float32), rng.standard_normal(k.shape).astype(np.float32)
-    out, lse = cpu.attention_forward(q, k, v, False, 0.0, 0)
-    assert lse.dtype == np.float64 and np.abs(lse).min() > 5000
-    dq, _, _ = cpu.attention_backward(g, q, k, v, out, lse, False, 0.0, 0, (True, True, True))
+    out, lse, mask = cpu.attention_forward(q, k, v, False, 0.0, 0)
+    assert lse.dtype == np.float64 and np.abs(lse).min() > 5000 and mask is None
+    dq, _, _ = cpu.attention_backward(g, q, k, v, out, lse, mask, False, 0.0, 0, (True, True, True))
     assert np.abs(dq[..., 0]).max() < 2e-3
 
 
@@ -198,7 +218,7 @@ def test_grouped_query_attention_keeps_only_the_unrepeated_k_and_v(mode, mode_na
     q, k, v = (tg.tensor(a, requires_grad=True) for a in _inputs((1, 6), 3, 5, 4, 3, kv_heads=2))
     saved = F.scaled_dot_product_attention(q, k, v)._ctx.saved
     assert saved[1].shape == (1, 2, 5, 4) and saved[2].shape == (1, 2, 5, 3)
-    assert not any(a.shape in ((1, 6, 5, 4), (1, 6, 5, 3)) for a in saved)  # k or v repeated to 6 heads
+    assert not any(a.shape in ((1, 6, 5, 4), (1, 6, 5, 3)) for a in saved if a is not None)  # k or v repeated to 6 heads
 
 
 def test_cuda_kernel_keeps_each_rows_log_sum_exp(monkeypatch):
@@ -206,7 +226,7 @@ def test_cuda_kernel_keeps_each_rows_log_sum_exp(monkeypatch):
     monkeypatch.setattr(ck, "attention_softmax_", stand_in.attention_softmax_)
     monkeypatch.setattr(ck, "ATTENTION_BLOCK_ELEMENTS", 2 * 3 * 6 * 3)  # blocks of 3 queries
     q, k, v = _inputs((2, 3), 4, 6, 5, 5)
-    _, lse = ck.attention_forward(q, k, v, True, 0.0, 0)
+    _, lse, _ = ck.attention_forward(q, k, v, True, 0.0, 0)
     s = np.where(F.future_mask(np, 4, 6), -np.inf, q @ np.swapaxes(k, -1, -2) / math.sqrt(5))
     m = s.max(axis=-1)
     np.testing.assert_allclose(lse, m + np.log(np.exp(s - m[..., None]).sum(axis=-1)), rtol=1e-12)

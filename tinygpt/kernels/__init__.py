@@ -26,9 +26,9 @@ cpu.py and cuda.py have these functions (arrays in and out, no Tensors):
     gelu_forward(x), gelu_backward(x, grad)
     swiglu_forward(a, b), swiglu_backward(a, b, grad, need_a) -> da (None unless need_a), db
     dropout(x, p, seed)                            x * keep / (1 - p), the mask of backend.uniform
-    attention_forward(q, k, v, causal, dropout_p, seed)            -> out, lse   (tiled; lse [..., Tq] float64;
-                                                                      k, v may have H_kv heads, H_kv dividing H)
-    attention_backward(grad, q, k, v, out, lse, causal, dropout_p, seed, needs) -> dq, dk, dv
+    attention_forward(q, k, v, causal, dropout_p, seed)            -> out, lse, mask   (tiled; lse [..., Tq] float64;
+                                            k, v may have H_kv heads, H_kv dividing H; mask: dropout bits or None)
+    attention_backward(grad, q, k, v, out, lse, mask, causal, dropout_p, seed, needs) -> dq, dk, dv
     logsumexp_rows(z)                              [N, V] -> [N]
     cross_entropy_backward(z, lse, t, weight)      (softmax(z) - onehot(t)) * weight
     adamw_step_(w, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step_size, rsqrt_correction)

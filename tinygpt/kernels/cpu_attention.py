@@ -123,6 +123,12 @@ class _AttentionTiles:
         keep = numbers[..., :kend] >= self.dropout_p
         return keep.reshape(*keep.shape[:-3], j1 - j0, self.group * (i1 - i0), kend)
 
+    def kept(self, mask, u: int, j0: int, j1: int, i0: int, i1: int, kend: int):
+        """keep's mask for the same task, read from the bits the forward kept (attention_forward)."""
+        bits = mask[self.index[u]][..., j0 * self.group:j1 * self.group, i0:i1, :-(-kend // 8)]
+        keep = np.unpackbits(bits, axis=-1, count=kend).view(bool)  # [..., g n, rows, kend]
+        return keep.reshape(*keep.shape[:-3], j1 - j0, self.group * (i1 - i0), kend)
+
     def _head_ranges(self, per_task: int) -> list[tuple[int, int]]:
         per_task = self.kv_heads if self.whole else max(1, min(self.kv_heads, per_task))
         return [(j0, min(j0 + per_task, self.kv_heads)) for j0 in range(0, self.kv_heads, per_task)]
@@ -176,17 +182,27 @@ def _scores(qs, k, tiles: _AttentionTiles, i0: int, i1: int):
     return s, kend
 
 
+def _keeps_mask(q, tk: int, dropout_p: float) -> bool:
+    """Whether the forward keeps its dropout mask for backward, as bits: when they take no more
+    memory than q (Tk / 8 bytes a query against D x 4 in float32: up to Tk = 2048 for heads of
+    64), so that attention's memory still grows with T; beyond, backward draws the mask again.
+    Drawing is most of dropout's cost (about 2 ns a number; unpacking the bits 0.06)."""
+    return dropout_p > 0.0 and -(-tk // 8) <= q.shape[-1] * q.itemsize
+
+
 def attention_forward(q, k, v, causal: bool, dropout_p: float, seed: int):
-    """(out, lse): out as functional.ScaledDotProductAttention, k and v with H_kv heads
+    """(out, lse, mask): out as functional.ScaledDotProductAttention, k and v with H_kv heads
     (H_kv dividing q's H); lse [..., H, Tq] (float64) the log-sum-exp of each query's scaled
-    scores, from which attention_backward rebuilds P."""
+    scores, from which attention_backward rebuilds P; mask the dropout mask as bits
+    [..., H, Tq, Tk / 8] (uint8, rows of keys in a query's past), or None (see _keeps_mask)."""
     if q.ndim == 2:  # (T, D) inputs: one head
-        out, lse = attention_forward(q[None], k[None], v[None], causal, dropout_p, seed)
-        return out[0], lse[0]
+        out, lse, mask = attention_forward(q[None], k[None], v[None], causal, dropout_p, seed)
+        return out[0], lse[0], None if mask is None else mask[0]
     dtype = np.result_type(q.dtype, k.dtype, v.dtype)
     scale = dtype.type(1.0 / math.sqrt(q.shape[-1]))
     out = heads_last((*q.shape[:-1], v.shape[-1]), dtype)
     lse = np.empty(q.shape[:-1], dtype=np.float64)
+    mask = np.zeros((*q.shape[:-1], -(-k.shape[-2] // 8)), np.uint8) if _keeps_mask(q, k.shape[-2], dropout_p) else None
     tiles = _AttentionTiles(q.shape, k.shape, causal, dropout_p, seed)
     bound = _score_bounds(q, k, scale)
 
@@ -206,6 +222,9 @@ def attention_forward(q, k, v, causal: bool, dropout_p: float, seed: int):
         keep = tiles.keep(u, j0, j1, i0, i1, kend)
         if keep is not None:
             p *= keep
+            if mask is not None:
+                bits = np.packbits(tiles.unstacked(keep, i0, i1), axis=-1)  # [..., g n, rows, kend / 8]
+                mask[at][..., heads, i0:i1, :bits.shape[-1]] = bits
         o = p @ v[at][..., j0:j1, :kend, :]  # [..., g, n rows, kend] @ [..., g, kend, Dv]
         o /= total
         if keep is not None:
@@ -213,7 +232,7 @@ def attention_forward(q, k, v, causal: bool, dropout_p: float, seed: int):
         out[at][..., heads, i0:i1, :] = tiles.unstacked(o, i0, i1)
 
     tiles.run_query_blocks(task)
-    return out, lse
+    return out, lse, mask
 
 
 def _probabilities(q, k, lse, bound, tiles: _AttentionTiles, u: int, j0: int, j1: int, i0: int, i1: int, scale):
@@ -235,16 +254,17 @@ def _probabilities(q, k, lse, bound, tiles: _AttentionTiles, u: int, j0: int, j1
     return qs, p, np.exp(shift - lse_rows), kend
 
 
-def attention_backward(grad, q, k, v, out, lse, causal: bool, dropout_p: float, seed: int, needs):
+def attention_backward(grad, q, k, v, out, lse, mask, causal: bool, dropout_p: float, seed: int, needs):
     """(dq, dk, dv), kv heads of one sequence per task (their key and value gradients add up
     over the query blocks and the group's query heads); each block's probabilities rebuilt
     from lse as P = P_c f (_probabilities). The row factor f is not multiplied into the
     [rows, kend] P_c but into the [rows, Dv] gradient and D that P meets, the backward being
     linear in them (g = dL/dout, D = rowsum(dP * P) = g . out, one number per query):
-        dV += (P_c f)^T g = P_c^T (f g),   dS = P_c f (dP - D) = P_c ((f g) V^T - f D)."""
+        dV += (P_c f)^T g = P_c^T (f g),   dS = P_c f (dP - D) = P_c ((f g) V^T - f D).
+    The dropout mask is read from the forward's bits when it kept them, else drawn again."""
     if q.ndim == 2:
-        grads = attention_backward(grad[None], q[None], k[None], v[None], out[None], lse[None], causal, dropout_p, seed,
-                                   needs)
+        grads = attention_backward(grad[None], q[None], k[None], v[None], out[None], lse[None],
+                                   None if mask is None else mask[None], causal, dropout_p, seed, needs)
         return tuple(None if g is None else g[0] for g in grads)
     need_q, need_k, need_v = needs
     dtype = np.result_type(q.dtype, k.dtype, v.dtype)
@@ -260,7 +280,7 @@ def attention_backward(grad, q, k, v, out, lse, causal: bool, dropout_p: float, 
         dk, dv = np.zeros(grad_k[at][..., j0:j1, :, :].shape, dtype), np.zeros(grad_v[at][..., j0:j1, :, :].shape, dtype)
         for i0, i1 in tiles.blocks:
             qs, p, factor, kend = _probabilities(q, k, lse, bound, tiles, u, j0, j1, i0, i1, scale)
-            keep = tiles.keep(u, j0, j1, i0, i1, kend)
+            keep = tiles.keep(u, j0, j1, i0, i1, kend) if mask is None else tiles.kept(mask, u, j0, j1, i0, i1, kend)
             g = tiles.stacked(grad[at], j0, j1, i0, i1)
             g *= (factor if keep is None else factor * drop_scale(dropout_p)).astype(dtype)  # f g (/ (1 - p))
             dv[..., :kend, :] += np.swapaxes(p if keep is None else p * keep, -1, -2) @ g

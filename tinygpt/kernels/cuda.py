@@ -137,11 +137,12 @@ def _block_probs(q, k, i0: int, i1: int, causal: bool):
 
 
 def attention_forward(q, k, v, causal: bool, dropout_p: float, seed: int):
-    """(out, lse): out as functional.ScaledDotProductAttention (k, v with H_kv heads, H_kv
-    dividing H), computed in blocks of queries so that the scores never take more than one
+    """(out, lse, None): out as functional.ScaledDotProductAttention (k, v with H_kv heads,
+    H_kv dividing H), computed in blocks of queries so that the scores never take more than one
     block's memory; lse [..., Tq] (float64) the log-sum-exp of each query's scores, kept for
     inspection (tinygpt trace): the backward reruns the softmax row kernel on each block's
-    scores, which gives the forward's P exactly."""
+    scores, which gives the forward's P exactly. No dropout mask is kept (None): the backward
+    draws it again, as cheap on a GPU as reading it."""
     xp = backend_of(q)
     dtype = xp.result_type(q.dtype, k.dtype, v.dtype)
     q_g, k_g, v_g = _grouped(q, k, v)
@@ -153,7 +154,7 @@ def attention_forward(q, k, v, causal: bool, dropout_p: float, seed: int):
         if dropout_p > 0.0:
             p = dropout(p, dropout_p, seed)  # [..., H_kv, n, Tq, Tk] is [..., H, Tq, Tk] in C order: the same mask
         out[..., i0:i1, :] = p @ v_g[..., :kend, :]  # [..., Bq, kend] @ [..., kend, Dv]
-    return out.reshape(*q.shape[:-1], v.shape[-1]), lse.reshape(q.shape[:-1])
+    return out.reshape(*q.shape[:-1], v.shape[-1]), lse.reshape(q.shape[:-1]), None
 
 
 def _log_sum_exp(q, k, p):
@@ -167,10 +168,10 @@ def _log_sum_exp(q, k, p):
     return s_j - xp.log(xp.take_along_axis(p, j, axis=-1)[..., 0].astype(xp.float64))
 
 
-def attention_backward(grad, q, k, v, out, lse, causal: bool, dropout_p: float, seed: int, needs):
+def attention_backward(grad, q, k, v, out, lse, mask, causal: bool, dropout_p: float, seed: int, needs):
     """(dq, dk, dv), block by block: each block's probabilities recomputed, the softmax
     backward and the score scale in one row kernel, in place (which computes rowsum(dP * P)
-    itself: out and lse are not needed). A kv head's gradients sum its group's."""
+    itself: out and lse are not needed, and mask is None). A kv head's gradients sum its group's."""
     xp = backend_of(q)
     need_q, need_k, need_v = needs
     q_g, k_g, v_g = _grouped(q, k, v)

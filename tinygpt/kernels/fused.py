@@ -143,21 +143,22 @@ class ScaledDotProductAttention(F.ScaledDotProductAttention):
     derives it): forward keeps each query's log-sum-exp [..., Tq] instead of the probabilities
     [..., Tq, Tk], backward rebuilds them block by block, so a step's memory grows with T, not
     T^2. Grouped-query k and v are read per group, never repeated. Kept: q, k, v, the
-    log-sum-exps and the output (which the next op holds anyway; backward's rowsum(dP * P) is
-    dL/dout . out). Under no_grad nothing is kept."""
+    log-sum-exps, the output (which the next op holds anyway; backward's rowsum(dP * P) is
+    dL/dout . out) and, when the kernel keeps it, the dropout mask as bits (else backward draws
+    it again from its seed). Under no_grad nothing is kept."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal, dropout_p, seed):
-        out, lse = _on(q).attention_forward(q, k, v, causal, dropout_p, seed)
+        out, lse, mask = _on(q).attention_forward(q, k, v, causal, dropout_p, seed)
         ctx.causal, ctx.dropout_p, ctx.seed = causal, dropout_p, seed
         if graph_state.state.grad_enabled and any(ctx.needs_input_grad):
-            ctx.save_for_backward(q, k, v, lse, out)
+            ctx.save_for_backward(q, k, v, lse, out, mask)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, lse, out = ctx.saved
-        return _on(grad).attention_backward(grad, q, k, v, out, lse, ctx.causal, ctx.dropout_p, ctx.seed,
+        q, k, v, lse, out, mask = ctx.saved
+        return _on(grad).attention_backward(grad, q, k, v, out, lse, mask, ctx.causal, ctx.dropout_p, ctx.seed,
                                             ctx.needs_input_grad[:3])
 
 
