@@ -15,12 +15,15 @@ one matrix of n x rows queries, so one product per block reads the shared keys o
 backward's dK = dS^T Q of that product already sums the group's gradients into the shared
 head. Nothing is repeated, and only the unrepeated k and v are kept.
 
-Where the time goes (B=1, T=1024, 12 heads of 64, one core): the four products of a block are
-three quarters; exp is most of the rest. So the elementwise work is cut to what the math needs:
-the score scale multiplies the [rows, D] queries, not the [rows, kend] scores; the softmax's
+Where the time goes (B=1, T=1024, 12 heads of 64, one core): the products are three quarters,
+exp most of the rest; at small blocks, NumPy's cost per call (microseconds, whatever the size).
+So a task batches several heads, and the elementwise work is cut to what the math needs: the
+score scale multiplies the [rows, D] queries, not the [rows, kend] scores; the softmax's
 division is done on the [rows, Dv] output; the max-shift of the exponent is skipped when no
-score can overflow exp (see _needs_shift); the backward's softmax term rowsum(dP * P) is
-dO . O, one number per query from the saved output (as in the lesson).
+score can overflow exp (_needs_shift); the backward's softmax term rowsum(dP * P) is dO . O,
+one number per query from the saved output (as in the lesson). With dropout, drawing the mask
+costs more than all that (about 2 ns a number): the forward keeps it as bits for the backward
+while they are small (_keeps_mask). benchmarks/RESULTS.md (issue 21) has the figures.
 """
 from __future__ import annotations
 
