@@ -189,7 +189,9 @@ def test_loading_onto_the_strict_device_gives_the_same_logits(tiny):
     strict = load_gpt2(folder, device="strict")
     assert strict.tok_emb.weight.device == "strict" and strict.trf_blocks[0].att.W_query.weight.device == "strict"
     assert tg.default_device() == "cpu"  # loading onto a device does not change the default
-    np.testing.assert_allclose(logits(strict), logits(on_cpu), rtol=1e-6, atol=1e-6)
+    # float32 through two implementations (strict runs the plain ops, the cpu the fast kernels):
+    # the tolerance of tests/test_kernels.py for float32
+    np.testing.assert_allclose(logits(strict), logits(on_cpu), rtol=2e-5, atol=2e-6)
 
 
 # --- config.json: every GPT2Config field honoured or refused -------------------------------------

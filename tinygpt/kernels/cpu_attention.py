@@ -162,7 +162,7 @@ def _needs_shift(bound, tiles: _AttentionTiles, u: int, j0: int, j1: int, i0: in
     |q_i|^2 max_j |k_j|^2 is below the limit squared, every exp(s) is a normal number and
     softmax(s) = exp(s) / sum exp(s) needs no max."""
     rows = bound[tiles.index[u]][..., j0 * tiles.group:j1 * tiles.group, i0:i1]
-    return bool(rows.max() >= NO_SHIFT_LIMIT[bound.dtype] ** 2)
+    return bool(rows.size and rows.max() >= NO_SHIFT_LIMIT[bound.dtype] ** 2)  # no rows (an empty batch): nothing to shift
 
 
 def _score_bounds(q, k, scale):
