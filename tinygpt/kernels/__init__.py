@@ -11,9 +11,11 @@ against the plain op:
     cpu.py    NumPy, blocked: rows split into cache-sized blocks on a thread pool, BLAS held
               to one thread while they run, matrix products split across the threads
               (threads.py holds that machinery; memory.py keeps freed memory in the process
-              for the next step's arrays).
+              for the next step's arrays; cpu_attention.py is the tiled attention).
     cuda.py   CuPy: one fused CUDA kernel per op direction instead of a chain of launches
-              (RMSNorm: CuPy array operations, for now).
+              (RMSNorm: CuPy array operations, for now; cuda_sources.py holds the sources).
+    decode.py one cached decoding step of the GPT on arrays, no graph: the same math as the
+              modules, without ~250 op calls a token (GPTModel.forward hands it the step).
 
 cpu.py and cuda.py have these functions (arrays in and out, no Tensors):
 
