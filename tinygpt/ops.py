@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from tinygpt import backend
 from tinygpt.backend import backend_of, device_of, is_array
-from tinygpt.tensor import Function
+from tinygpt.tensor import Function, Tensor
 
 
 def _broadcastable(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
@@ -199,6 +199,18 @@ class MatMul(Function):
         return grad_a, grad_b
 
 
+def reduced_count(shape: tuple[int, ...], axis) -> int:
+    """How many elements a reduction over `axis` (None: all, an int, or a tuple) takes into each result."""
+    if axis is None:
+        axis = range(len(shape))
+    elif isinstance(axis, int):
+        axis = (axis,)
+    count = 1
+    for a in axis:
+        count *= shape[a]
+    return count
+
+
 class Sum(Function):
     """y = sum of x over `axis`.   Each x element contributes once: dL/dx = dL/dy, broadcast back."""
 
@@ -265,6 +277,17 @@ class Transpose(Function):
     @staticmethod
     def backward(ctx, grad):
         return backend_of(grad).swapaxes(grad, *ctx.axes)
+
+
+def index_on_device(index, device: str):
+    """Tensors, lists and host arrays inside an index become arrays on `device`."""
+    if isinstance(index, tuple):
+        return tuple(index_on_device(i, device) for i in index)
+    if isinstance(index, Tensor):
+        index = index.data
+    if isinstance(index, list) or is_array(index):
+        return backend.to_device(index, device)
+    return index
 
 
 class GetItem(Function):

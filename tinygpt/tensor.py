@@ -296,7 +296,7 @@ class Tensor:
     def __ge__(self, other): return Tensor(self.data >= self._lift(other).data)
 
     def __getitem__(self, index) -> "Tensor":
-        return GetItem.apply(self, index=_index_on_device(index, self.device))
+        return GetItem.apply(self, index=index_on_device(index, self.device))
 
     def reshape(self, *shape) -> "Tensor":
         shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
@@ -325,13 +325,13 @@ class Tensor:
 
     def mean(self, axis=None, keepdims: bool = False) -> "Tensor":
         op_checks.reduction("mean", self.shape, axis)
-        return self.sum(axis, keepdims) * (1.0 / _count(self.shape, axis))
+        return self.sum(axis, keepdims) * (1.0 / reduced_count(self.shape, axis))
 
     def var(self, axis=None, keepdims: bool = False, ddof: int = 0) -> "Tensor":
         """Variance, biased (ddof=0) by default as in NumPy and layer norm."""
-        op_checks.variance(self.shape, axis, _count(self.shape, axis), ddof)
+        op_checks.variance(self.shape, axis, reduced_count(self.shape, axis), ddof)
         centered = self - self.mean(axis, keepdims=True)
-        return (centered * centered).sum(axis, keepdims) * (1.0 / (_count(self.shape, axis) - ddof))
+        return (centered * centered).sum(axis, keepdims) * (1.0 / (reduced_count(self.shape, axis) - ddof))
 
     def max(self, axis=None, keepdims: bool = False) -> "Tensor":
         op_checks.reduction("max", self.shape, axis)
@@ -372,28 +372,6 @@ def _keep_grad(node: GraphNode, g) -> None:
         t.grad.data += g
 
 
-def _count(shape: tuple[int, ...], axis) -> int:
-    if axis is None:
-        axis = range(len(shape))
-    elif isinstance(axis, int):
-        axis = (axis,)
-    count = 1
-    for a in axis:
-        count *= shape[a]
-    return count
-
-
-def _index_on_device(index, device: str):
-    """Tensors, lists and host arrays inside an index become arrays on `device`."""
-    if isinstance(index, tuple):
-        return tuple(_index_on_device(i, device) for i in index)
-    if isinstance(index, Tensor):
-        index = index.data
-    if isinstance(index, list) or is_array(index):
-        return backend.to_device(index, device)
-    return index
-
-
 # ====================================================================== joining and choosing (tg.tensor, zeros, ... are in creation.py)
 
 def cat(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
@@ -412,4 +390,4 @@ def where(cond, a, b) -> Tensor:
 
 
 from tinygpt.ops import (Add, Cast, Concatenate, Div, Exp, GetItem, Log, Max, MatMul, Mul, Neg, Pow,  # noqa: E402
-                         Reshape, Sqrt, Sub, Sum, Tanh, ToDevice, Transpose, Where)
+                         Reshape, Sqrt, Sub, Sum, Tanh, ToDevice, Transpose, Where, index_on_device, reduced_count)
