@@ -9,7 +9,7 @@ come from the same class. The docstrings of the plain ops have the math.
 from __future__ import annotations
 
 from tinygpt import functional as F
-from tinygpt import dispatch, graph_state, kernels
+from tinygpt import dispatch, kernels
 from tinygpt.backend import backend_of, device_of
 from tinygpt.functional.loss import rows_and_targets
 
@@ -151,8 +151,7 @@ class ScaledDotProductAttention(F.ScaledDotProductAttention):
     def forward(ctx, q, k, v, causal, dropout_p, seed):
         out, lse, mask = _on(q).attention_forward(q, k, v, causal, dropout_p, seed)
         ctx.causal, ctx.dropout_p, ctx.seed = causal, dropout_p, seed
-        if graph_state.state.grad_enabled and any(ctx.needs_input_grad):
-            ctx.save_for_backward(q, k, v, lse, out, mask)
+        ctx.save_for_backward(q, k, v, lse, out, mask)  # kept only when a backward will run
         return out
 
     @staticmethod
