@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import statistics
 import sys
 import time
@@ -32,6 +31,8 @@ import traceback
 import tracemalloc
 
 import numpy as np
+
+from workers import Worker
 
 ENGINES = ("tinygpt", "baseline", "tinygpt-untiled", "torch", "torch-book")
 
@@ -139,32 +140,19 @@ def worker(engine: str, settings: dict, t: int, conn) -> None:
         conn.send(("error", traceback.format_exc()))
 
 
-def ask(conn, engine: str, message: str | None = None):
-    if message is not None:
-        conn.send(message)
-    kind, payload = conn.recv()
-    if kind == "error":
-        raise RuntimeError(f"the {engine} worker failed:\n{payload}")
-    return payload
-
-
 def measure(engines: list[str], settings: dict, t: int, repeats: int) -> list[dict]:
-    context = multiprocessing.get_context("spawn")
-    workers = {}
+    workers, memory = {}, {}
     for engine in engines:  # one at a time, so that each memory figure is measured alone
-        conn, child = context.Pipe()
-        process = context.Process(target=worker, args=(engine, settings, t, child), daemon=True)
-        process.start()
-        workers[engine] = (conn, process, ask(conn, engine))
+        workers[engine] = Worker(engine, worker, engine, settings, t)
+        memory[engine] = workers[engine].receive()
     seconds = {e: [] for e in engines}
     for _ in range(repeats):
-        for engine, (conn, _, _) in workers.items():
-            seconds[engine].append(ask(conn, engine, "run"))
-    for conn, process, _ in workers.values():
-        conn.send("finish")
-        process.join()
+        for engine, w in workers.items():
+            seconds[engine].append(w.ask("run"))
+    for w in workers.values():
+        w.finish()
     return [{"tokens": t, "engine": e, "median_s": statistics.median(seconds[e]), "seconds": seconds[e],
-             "peak_extra_bytes": workers[e][2]} for e in engines]
+             "peak_extra_bytes": memory[e]} for e in engines]
 
 
 def main() -> None:

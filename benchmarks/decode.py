@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import statistics
 import sys
@@ -35,6 +34,7 @@ import traceback
 import numpy as np
 
 import allocator
+from workers import Worker
 
 ENGINES = ("tinygpt", "roofline", "transformers")  # roofline: the better of two runs, BLAS on 1 thread and on its default
 CONFIG = {"qkv_bias": True, "tie_weights": True, "drop_rate": 0.0}
@@ -129,13 +129,6 @@ def worker(engine: str, settings: dict, conn) -> None:
         conn.send(("error", traceback.format_exc()))
 
 
-def receive(conn, engine: str):
-    kind, payload = conn.recv()
-    if kind == "error":
-        raise RuntimeError(f"the {engine} worker failed:\n{payload}")
-    return payload
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--new-tokens", type=int, default=200)
@@ -151,26 +144,17 @@ def main() -> None:
     engines = [e for e in args.engines.split(",") if e] + (["baseline"] if args.baseline else [])
     settings = {"device": args.device, "prompt": np.random.default_rng(0).integers(0, 50257, (1, 10)),
                 "baseline": args.baseline and os.path.abspath(args.baseline)}
-    context = multiprocessing.get_context("spawn")
-    workers, about = {}, {}
-    for engine in [e for e in engines if e != "roofline"]:
-        conn, child = context.Pipe()
-        process = context.Process(target=worker, args=(engine, settings, child), daemon=True)
-        process.start()
-        child.close()
-        workers[engine] = (conn, process)
-        about[engine] = receive(conn, engine)
+    workers = {e: Worker(e, worker, e, settings) for e in engines if e != "roofline"}
+    about = {e: w.receive() for e, w in workers.items()}
     rates = {e: [] for e in engines}
     for round_ in range(args.rounds):
         for engine in engines:
-            conn = workers["tinygpt" if engine == "roofline" else engine][0]
-            conn.send(("roofline" if engine == "roofline" else "run", args.new_tokens))
-            rates[engine].append(args.new_tokens / receive(conn, engine))
+            w = workers["tinygpt" if engine == "roofline" else engine]
+            rates[engine].append(args.new_tokens / w.ask(("roofline" if engine == "roofline" else "run", args.new_tokens)))
             time.sleep(0.2)
         print(f"  round {round_ + 1}: " + ", ".join(f"{e} {r[-1]:.1f}" for e, r in rates.items()) + " tokens/s", flush=True)
-    for conn, process in workers.values():
-        conn.send("finish")
-        process.join()
+    for w in workers.values():
+        w.finish()
     medians = {e: statistics.median(r) for e, r in rates.items()}
     print(f"\ncached decoding, GPT-2 124M (qkv bias, tied head), batch 1, 10-token prompt, {args.new_tokens} new tokens, "
           f"greedy, {args.device}; {args.rounds} rounds alternating; {os.cpu_count()} CPUs")

@@ -19,7 +19,6 @@ Nothing here is run by the tests; results go to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ import traceback
 import numpy as np
 
 import allocator
+from workers import Worker
 
 ENGINES = ("tinygpt", "transformers")
 
@@ -124,37 +124,18 @@ def worker(engine: str, settings: dict, conn) -> None:
         conn.send(("error", traceback.format_exc()))
 
 
-def start_worker(engine: str, settings: dict):
-    context = multiprocessing.get_context("spawn")
-    conn, child = context.Pipe()
-    process = context.Process(target=worker, args=(engine, settings, child), daemon=True)
-    process.start()
-    child.close()
-    return conn, process
-
-
-def ask(conn, engine: str, message: str | None = None):
-    if message is not None:
-        conn.send(message)
-    kind, payload = conn.recv()
-    if kind == "error":
-        raise RuntimeError(f"the {engine} worker failed:\n{payload}")
-    return payload
-
-
 def measure(engines: list[str], settings: dict, repeats: int, profile: bool, pause: float) -> dict:
-    workers = {e: start_worker(e, settings) for e in engines}
-    for e, (conn, _) in workers.items():
-        ask(conn, e)
+    workers = {e: Worker(e, worker, e, settings) for e in engines}
+    for w in workers.values():
+        w.receive()
     times = {e: [] for e in engines}
     for _ in range(repeats):
-        for e, (conn, _) in workers.items():
-            times[e].append(ask(conn, e, "run"))
+        for e, w in workers.items():
+            times[e].append(w.ask("run"))
             time.sleep(pause)
-    profiles = {e: ask(conn, e, "profile") for e, (conn, _) in workers.items()} if profile else {}
-    for e, (conn, process) in workers.items():
-        conn.send("finish")
-        process.join()
+    profiles = {e: w.ask("profile") for e, w in workers.items()} if profile else {}
+    for w in workers.values():
+        w.finish()
     return {"times": times, "profiles": profiles}
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import multiprocessing
 import os
 import platform
 import resource
@@ -51,6 +50,7 @@ import traceback
 import numpy as np
 
 import allocator
+from workers import Worker
 from tinygpt.model import GPT_PRESETS
 from tinygpt.files import atomic_write_text
 
@@ -237,36 +237,6 @@ def worker(engine: str, cfg: dict, settings: dict, conn) -> None:
         conn.send(("error", traceback.format_exc()))
 
 
-class Worker:
-    """The parent's handle on one worker process."""
-
-    def __init__(self, engine: str, cfg: dict, settings: dict):
-        # "spawn" starts a fresh interpreter: nothing of this process (or of torch) is inherited.
-        # daemon: if the run fails, the other worker ends with this process instead of waiting.
-        context = multiprocessing.get_context("spawn")
-        self.engine = engine
-        self.conn, child_conn = context.Pipe()
-        self.process = context.Process(target=worker, args=(engine, cfg, settings, child_conn),
-                                       name=f"{engine} worker", daemon=True)
-        self.process.start()
-        child_conn.close()  # so that recv() fails, instead of waiting forever, if the worker dies
-
-    def receive(self, expected: str):
-        try:
-            kind, payload = self.conn.recv()
-        except EOFError:
-            raise RuntimeError(f"the {self.engine} worker died (exit code {self.process.exitcode}; "
-                               "out of memory? try a smaller --batch or --tokens)") from None
-        if kind == "error":
-            raise RuntimeError(f"the {self.engine} worker failed:\n{payload}")
-        assert kind == expected, (kind, expected)
-        return payload
-
-    def ask(self, message: str, expected: str):
-        self.conn.send(message)
-        return self.receive(expected)
-
-
 # ============================================================================ matmul throughput
 
 
@@ -441,7 +411,7 @@ def main() -> None:
     # Workers start before this process allocates anything: on Linux a child's ru_maxrss
     # starts at its parent's peak at the time it was started.
     allocator_line = allocator.set_for_workers(args.allocator)
-    workers = [Worker(engine, cfg, settings) for engine in args.engines]
+    workers = [Worker(engine, worker, engine, cfg, settings) for engine in args.engines]
     about = {w.engine: w.receive("ready") for w in workers}
     print_header(cfg, args, about)
     print(allocator_line)
